@@ -1,0 +1,96 @@
+"""Every metric the agent exports, in one place, on one registry per process.
+
+Names carry the ``modelcache_`` prefix and a unit suffix; label values are bounded (a source
+scheme, a result, a reason, a state): never a URI, a path, a key or a digest. The Grafana
+dashboard in ``dashboards/`` and the alert rules in ``deploy/`` use exactly these names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+#: bounded label values
+CACHE_RESULTS = ("hit", "miss", "fallback")
+MODEL_STATES = ("pulling", "ready", "failed")
+STORE_KINDS = ("used", "capacity", "cached", "dedup_saved", "reserved")
+SERVED_TO = ("pod", "peer")
+
+PULL_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+
+class Metrics:
+    """The agent's metric families, registered on a registry of their own."""
+
+    def __init__(self, node: str = "", version: str = "") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.info = Gauge(
+            "modelcache_agent_info", "The agent: its node and version (always 1).",
+            ["node", "version"], registry=r,
+        )
+        self.info.labels(node=node, version=version).set(1)
+        self.cache_requests = Counter(
+            "modelcache_cache_requests_total",
+            "Requests for a model, by result: hit (warm), miss (pulled), fallback (source).",
+            ["result"], registry=r,
+        )
+        self.pulled_bytes = Counter(
+            "modelcache_pulled_bytes_total",
+            "Bytes downloaded from model sources, by source scheme.",
+            ["scheme"], registry=r,
+        )
+        self.pull_duration = Histogram(
+            "modelcache_pull_duration_seconds",
+            "Time to pull a model (resolve, fetch, verify, publish), by scheme and result.",
+            ["scheme", "result"], buckets=PULL_BUCKETS, registry=r,
+        )
+        self.pull_failures = Counter(
+            "modelcache_pull_failures_total",
+            "Pulls that failed, by reason.",
+            ["reason"], registry=r,
+        )
+        self.served_bytes = Counter(
+            "modelcache_served_bytes_total",
+            "Bytes handed out, to pods (linked into mounts) and to peer agents.",
+            ["to"], registry=r,
+        )
+        self.store_bytes = Gauge(
+            "modelcache_store_bytes",
+            "The store: filesystem used and capacity, cached blob bytes, bytes saved by "
+            "dedup, bytes reserved for running pulls.",
+            ["kind"], registry=r,
+        )
+        self.store_blobs = Gauge(
+            "modelcache_store_blobs", "Distinct blobs in the store.", registry=r,
+        )
+        self.models = Gauge(
+            "modelcache_models", "Models known to the agent, by state.", ["state"], registry=r,
+        )
+        self.evictions = Counter(
+            "modelcache_evictions_total", "Models evicted, by reason.", ["reason"], registry=r,
+        )
+        self.evicted_bytes = Counter(
+            "modelcache_evicted_bytes_total",
+            "Bytes freed by eviction and garbage collection, by reason.",
+            ["reason"], registry=r,
+        )
+        self.dedup_hits = Counter(
+            "modelcache_dedup_hits_total",
+            "Files not downloaded because identical content was already stored.",
+            registry=r,
+        )
+        for result in CACHE_RESULTS:
+            self.cache_requests.labels(result=result)
+        for state in MODEL_STATES:
+            self.models.labels(state=state)
+        for kind in STORE_KINDS:
+            self.store_bytes.labels(kind=kind)
+        for to in SERVED_TO:
+            self.served_bytes.labels(to=to)
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,145 @@
+"""Settings: frozen dataclasses grouped by concern, read once at start-up, passed down.
+
+Every field has a default and says what it does. ``agent/config.py`` builds these from
+flags, environment and the config file; nothing reads the environment after start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    path: Path = Path("/var/lib/modelcache")
+    """Root of the content-addressed store on the node."""
+
+    high_watermark: float = 0.80
+    """Fraction of the store's filesystem in use at which eviction starts."""
+
+    low_watermark: float = 0.70
+    """Fraction of the store's filesystem in use at which eviction stops."""
+
+    quota_bytes: int | None = None
+    """Optional cap on the bytes the cache itself may hold (blobs), whatever the disk."""
+
+    min_free_inodes: float = 0.05
+    """Fraction of the filesystem's inodes that must stay free (evict below it)."""
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    connections_per_file: int = 6
+    """Parallel ranged connections for one large file."""
+
+    max_connections: int = 16
+    """Connections open at once across all pulls (bounds threads and sockets)."""
+
+    max_files: int = 4
+    """Files downloaded at once within one pull."""
+
+    segment_min_bytes: int = 64 * MiB
+    """Files smaller than twice this are fetched over a single connection."""
+
+    buffer_bytes: int = 1 * MiB
+    """Receive buffer per connection (reused: no new bytes object per chunk)."""
+
+    checkpoint_bytes: int = 256 * MiB
+    """Progress of a partial download is made durable (fdatasync + state) this often."""
+
+    retries: int = 8
+    """Attempts per segment before the pull fails (resets, 5xx, 429, short bodies)."""
+
+    backoff_base: float = 0.25
+    """First retry delay in seconds; doubles each attempt, with full jitter."""
+
+    backoff_max: float = 30.0
+    """Longest wait between attempts, also the cap on a server's Retry-After."""
+
+    connect_timeout: float = 15.0
+    """Seconds to establish a connection (TCP + TLS)."""
+
+    read_timeout: float = 60.0
+    """Seconds without a byte before a connection is considered stalled."""
+
+    max_redirects: int = 5
+    """Redirect hops followed; every hop is checked against the egress policy."""
+
+
+@dataclass(frozen=True)
+class EgressSettings:
+    allow_hosts: tuple[str, ...] = ()
+    """Hosts (``name``, ``name:port``, ``*.domain``, an IP or a CIDR) allowed even when
+    they resolve to loopback, link-local or private addresses."""
+
+    only_allowed_hosts: bool = False
+    """Refuse every host not in ``allow_hosts`` (strict allowlist), not just private ones."""
+
+    allow_schemes: tuple[str, ...] = ("hf", "s3", "oci", "http", "https", "model-registry", "file")
+    """Source schemes the agent accepts."""
+
+    allow_paths: tuple[Path, ...] = ()
+    """Directories under which ``file://`` references may read. Empty: ``file://`` refused."""
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    max_members: int = 100_000
+    """Members an archive or tar layer may hold."""
+
+    max_bytes: int = 2 * 1024 * GiB
+    """Total unpacked bytes one archive may produce."""
+
+    max_ratio: float = 200.0
+    """Unpacked bytes per compressed byte above which an archive is a bomb (beyond 1 MiB)."""
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    listen: str = "127.0.0.1:9400"
+    """Address of the admin HTTP API (``HOST:PORT``)."""
+
+    token_file: Path | None = None
+    """Standalone: a file holding the bearer token required for writes."""
+
+    max_wait: float = 600.0
+    """Longest ``?wait=`` a client may ask for, in seconds."""
+
+
+@dataclass(frozen=True)
+class WarmModel:
+    uri: str
+    """Reference of a model to keep warm."""
+
+    include: tuple[str, ...] = ()
+    """Include globs."""
+
+    pin: bool = False
+    """Never evict it."""
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    node_name: str = "localhost"
+    """The node this agent serves (standalone: the host name)."""
+
+    standalone: bool = True
+    """Run without a cluster: policy from the config file, token from a file."""
+
+    refresh_interval: float = 3600.0
+    """Seconds after which a mutable reference (branch, tag, URL) is resolved again."""
+
+    shutdown_grace: float = 20.0
+    """Seconds to let running pulls checkpoint before they are cancelled on SIGTERM."""
+
+    store: StoreSettings = field(default_factory=StoreSettings)
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    egress: EgressSettings = field(default_factory=EgressSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    warm: tuple[WarmModel, ...] = ()
+    """Models to prefetch at start (and pin, if marked)."""

@@ -1,0 +1,1 @@
+"""modelcache webhook: mutating admission that mounts cached models into pods."""
