@@ -290,8 +290,10 @@ def _parse_http(scheme: str, rest: str) -> tuple[str, str, str]:
     hostname = (parts.hostname or "").lower()
     if not hostname:
         raise InvalidReference(f"{scheme}:// URI has no host")
-    host = _check_host(hostname if port in (None, _DEFAULT_PORTS[scheme]) else f"{hostname}:{port}",
-                       f"{scheme}:// host", bracket_v6="[" in parts.netloc)
+    shown = f"[{hostname}]" if ":" in hostname else hostname
+    if port not in (None, _DEFAULT_PORTS[scheme]):
+        shown = f"{shown}:{port}"
+    host = _check_host(shown, f"{scheme}:// host")
     path = parts.path.lstrip("/")
     if not path or path.endswith("/"):
         raise InvalidReference(f"{scheme}:// URI must name a file, not a directory")
@@ -352,7 +354,7 @@ def _check_path_segments(path: str, what: str) -> None:
             raise InvalidReference(f"{what} contains {seg!r}")
 
 
-def _check_host(host: str, what: str, bracket_v6: bool = False) -> str:
+def _check_host(host: str, what: str) -> str:
     """Validate ``host[:port]``; return it lowercased with IPv6 in brackets."""
     host = host.lower()
     name, port = host, ""
@@ -364,7 +366,7 @@ def _check_host(host: str, what: str, bracket_v6: bool = False) -> str:
         if port and not port.startswith(":"):
             raise InvalidReference(f"{what} {host!r} is malformed")
         port = port[1:]
-    elif bracket_v6 or host.count(":") > 1:
+    elif host.count(":") > 1:
         name = host
     elif ":" in host:
         name, _, port = host.partition(":")
