@@ -177,7 +177,9 @@ def parse(uri: str, include: Iterable[str] | str | None = None) -> Reference:
     scheme, sep, rest = uri.partition("://")
     scheme = scheme.lower()
     if not sep:
-        raise InvalidReference(f"model URI {uri!r} has no scheme (expected one of {', '.join(SCHEMES)})")
+        raise InvalidReference(
+            f"model URI {uri!r} has no scheme (expected one of {', '.join(SCHEMES)})"
+        )
     if scheme not in SCHEMES:
         raise InvalidReference(f"unknown scheme {scheme!r} (expected one of {', '.join(SCHEMES)})")
     globs = parse_include(include)
@@ -207,7 +209,9 @@ def parse_include(include: Iterable[str] | str | None) -> tuple[str, ...]:
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in glob):
             raise InvalidReference(f"include glob {glob!r} contains a control character")
         if glob.startswith("/"):
-            raise InvalidReference(f"include glob {glob!r} is absolute; globs are relative to the model")
+            raise InvalidReference(
+                f"include glob {glob!r} is absolute; globs are relative to the model"
+            )
         if ".." in glob.split("/"):
             raise InvalidReference(f"include glob {glob!r} contains '..'")
         if glob.count("[") != glob.count("]"):
@@ -324,7 +328,7 @@ def _parse_registry(scheme: str, rest: str) -> tuple[str, str, str]:
 def _parse_file(scheme: str, rest: str) -> tuple[str, str, str]:
     if "?" in rest or "#" in rest:
         raise InvalidReference("file:// URI must not have a query or fragment")
-    host, slash, path = rest.partition("/")
+    host, _, path = rest.partition("/")
     if host not in ("", "localhost"):
         raise InvalidReference("file:// URI must name a local path (file:///PATH)")
     path = "/" + path

@@ -1,0 +1,204 @@
+"""Safe unpacking of archives and tar layers into the store.
+
+Members are never written through the file system by name: each regular member's bytes
+stream into a new blob (hashed while written), and the model tree is built later from
+checked names as hard links to blobs. So a member can never land outside the model's
+directory, and "symlink, then write through it" has nothing to write through. On top of
+that the archive is refused, with a message naming the member, when it holds:
+
+- a name that is absolute, has ``..``, NUL, control characters, or appears twice;
+- a symlink, a hard link, a device, a FIFO, or a sparse or unknown member type;
+- more members, more bytes, or a higher unpacked/compressed ratio than the limits allow
+  (a decompression bomb is stopped while it inflates, not after).
+
+Blocking: runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import stat
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import zstandard
+
+from agent.errors import ArchiveRejected, UnsafeName
+from agent.names import safe_relpath
+from agent.settings import ArchiveSettings
+from agent.store.ingest import BlobWriter
+from agent.store.local import Store
+from agent.store.trees import FileEntry
+
+log = logging.getLogger(__name__)
+CHUNK = 1024 * 1024
+WHITEOUT = ".wh."
+
+
+def kind_of(name: str) -> str | None:
+    """The archive kind a file name announces, if any."""
+    lower = name.lower()
+    for suffix, kind in ((".tar.gz", "tar.gz"), (".tgz", "tar.gz"), (".tar.zst", "tar.zst"),
+                         (".tar", "tar"), (".zip", "zip")):
+        if lower.endswith(suffix):
+            return kind
+    return None
+
+
+def unpack(path: Path, kind: str, root: str, store: Store,
+           settings: ArchiveSettings) -> list[FileEntry]:
+    """Unpack the archive at ``path`` into blobs; return the tree entries.
+
+    Only members under ``root`` (e.g. ``models``) are kept, with ``root/`` stripped.
+    """
+    budget = _Budget(path.stat().st_size, settings)
+    entries: list[FileEntry] = []
+    seen: set[str] = set()
+    root = root.strip("/")
+    with open(path, "rb") as raw:
+        for name, size, reader in _members(raw, kind, budget):
+            rel = _select(name, root)
+            if rel is None:
+                _skip(reader, size, budget)
+                continue
+            if rel in seen:
+                raise ArchiveRejected(f"archive member {name!r} appears twice")
+            seen.add(rel)
+            entries.append(_ingest(store, rel, size, reader, budget))
+    if not entries:
+        where = f" under {root}/" if root else ""
+        raise ArchiveRejected(f"archive holds no regular files{where}")
+    return entries
+
+
+class _Budget:
+    def __init__(self, compressed: int, settings: ArchiveSettings) -> None:
+        self.compressed = max(compressed, 1)
+        self.settings = settings
+        self.members = 0
+        self.total = 0
+
+    def member(self, name: str) -> None:
+        self.members += 1
+        if self.members > self.settings.max_members:
+            raise ArchiveRejected(
+                f"archive has more than {self.settings.max_members} members (at {name!r})")
+
+    def grow(self, n: int, name: str) -> None:
+        self.total += n
+        if self.total > self.settings.max_bytes:
+            raise ArchiveRejected(
+                f"archive unpacks to more than {self.settings.max_bytes} bytes (at {name!r})")
+        if self.total > CHUNK and self.total / self.compressed > self.settings.max_ratio:
+            raise ArchiveRejected(
+                f"archive expands more than {self.settings.max_ratio:g}x its size "
+                f"(at {name!r}): refused as a decompression bomb")
+
+
+def _members(raw: IO[bytes], kind: str, budget: _Budget
+             ) -> Iterator[tuple[str, int, IO[bytes]]]:
+    if kind == "zip":
+        yield from _zip_members(raw, budget)
+        return
+    stream: IO[bytes]
+    if kind == "tar.zst":
+        stream = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK)
+        mode = "r|"
+    elif kind == "tar.gz":
+        stream, mode = raw, "r|gz"
+    elif kind == "tar":
+        stream, mode = raw, "r|"
+    else:
+        raise ArchiveRejected(f"unknown archive kind {kind!r}")
+    try:
+        with tarfile.open(fileobj=stream, mode=mode) as tar:  # type: ignore[call-overload]
+            for member in tar:
+                budget.member(member.name)
+                if member.isdir() and member.name.strip("/") in ("", "."):
+                    continue
+                name = _check_name(member.name)
+                if member.isdir():
+                    continue
+                if member.issym() or member.islnk():
+                    raise ArchiveRejected(
+                        f"archive member {member.name!r} is a link (to {member.linkname!r}); "
+                        "links are refused")
+                if member.ischr() or member.isblk() or member.isfifo():
+                    raise ArchiveRejected(f"archive member {member.name!r} is a device or FIFO")
+                if not member.isreg() or member.issparse():
+                    raise ArchiveRejected(
+                        f"archive member {member.name!r} has an unsupported type")
+                reader = tar.extractfile(member)
+                if reader is None:
+                    raise ArchiveRejected(f"archive member {member.name!r} cannot be read")
+                yield name, member.size, reader
+    except (tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as e:
+        raise ArchiveRejected(f"archive is corrupt or truncated: {e}") from e
+
+
+def _zip_members(raw: IO[bytes], budget: _Budget) -> Iterator[tuple[str, int, IO[bytes]]]:
+    try:
+        with zipfile.ZipFile(raw) as zf:
+            for info in zf.infolist():
+                budget.member(info.filename)
+                name = _check_name(info.filename)
+                mode = info.external_attr >> 16
+                if info.is_dir():
+                    continue
+                if stat.S_ISLNK(mode):
+                    raise ArchiveRejected(f"archive member {info.filename!r} is a symlink")
+                if mode and not stat.S_ISREG(mode):
+                    raise ArchiveRejected(
+                        f"archive member {info.filename!r} is not a regular file")
+                if info.flag_bits & 0x1:
+                    raise ArchiveRejected(f"archive member {info.filename!r} is encrypted")
+                with zf.open(info) as reader:
+                    yield name, info.file_size, reader
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError,
+            NotImplementedError) as e:
+        raise ArchiveRejected(f"zip archive is corrupt or unsupported: {e}") from e
+
+
+def _check_name(name: str) -> str:
+    try:
+        return safe_relpath(name.rstrip("/") or name, what="archive member")
+    except UnsafeName as e:
+        raise ArchiveRejected(str(e)) from None
+
+
+def _select(name: str, root: str) -> str | None:
+    """The member's path in the model tree, or None if it is outside ``root``."""
+    base = name.rsplit("/", 1)[-1]
+    if base.startswith(WHITEOUT):
+        log.info("skipping OCI whiteout entry", extra={"member": name})
+        return None
+    if not root:
+        return name
+    if name.startswith(root + "/"):
+        return name[len(root) + 1:]
+    return None
+
+
+def _ingest(store: Store, rel: str, size: int, reader: IO[bytes],
+            budget: _Budget) -> FileEntry:
+    writer: BlobWriter = store.blob_writer()
+    try:
+        while chunk := reader.read(CHUNK):
+            budget.grow(len(chunk), rel)
+            writer.write(chunk)
+        sealed = writer.commit(store.blobs, size)
+    except BaseException:
+        writer.abort()
+        raise
+    store.note_blob(sealed.blake3, sealed.size)
+    return FileEntry(rel, sealed.size, sealed.blake3)
+
+
+def _skip(reader: IO[bytes], size: int, budget: _Budget) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := reader.read(CHUNK):
+            budget.grow(len(chunk), "(skipped)")

@@ -1,0 +1,176 @@
+"""Build :class:`AgentSettings` once at start-up from flags, environment and the config file.
+
+The config file (YAML, ``--config``) is validated against a JSON schema; every error names
+the field. Flags override the file; ``--allow-host`` and ``--allow-path`` add to it.
+
+.. code-block:: yaml
+
+    store: {path: /var/lib/modelcache, highWatermark: 0.8, lowWatermark: 0.7,
+            quotaBytes: 500000000000}
+    allowHosts: ["registry.internal:5000", "*.mirror.corp", "10.20.0.0/16"]
+    onlyAllowedHosts: false
+    allowPaths: [/mnt/seed]
+    refreshInterval: 3600
+    fetch: {connectionsPerFile: 6, maxConnections: 16, maxFiles: 4}
+    models:
+      - uri: hf://Qwen/Qwen2.5-0.5B@main
+        include: ["*.json", "*.safetensors"]
+        pin: true
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from agent.errors import InvalidInput
+from agent.reference import parse
+from agent.settings import (
+    AgentSettings,
+    ApiSettings,
+    EgressSettings,
+    FetchSettings,
+    StoreSettings,
+    WarmModel,
+)
+
+_POSITIVE_INT = {"type": "integer", "minimum": 1}
+_RATIO = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "store": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "path": {"type": "string", "minLength": 1},
+                "highWatermark": _RATIO,
+                "lowWatermark": _RATIO,
+                "quotaBytes": _POSITIVE_INT,
+                "minFreeInodes": {"type": "number", "minimum": 0, "maximum": 1},
+            },
+        },
+        "allowHosts": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "onlyAllowedHosts": {"type": "boolean"},
+        "allowSchemes": {"type": "array", "items": {
+            "enum": ["hf", "s3", "oci", "http", "https", "model-registry", "file"]}},
+        "allowPaths": {"type": "array", "items": {"type": "string", "pattern": "^/"}},
+        "refreshInterval": {"type": "number", "minimum": 0},
+        "fetch": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "connectionsPerFile": _POSITIVE_INT,
+                "maxConnections": _POSITIVE_INT,
+                "maxFiles": _POSITIVE_INT,
+                "retries": _POSITIVE_INT,
+            },
+        },
+        "models": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["uri"],
+                "properties": {
+                    "uri": {"type": "string", "minLength": 1},
+                    "include": {"type": "array", "items": {"type": "string"}},
+                    "pin": {"type": "boolean"},
+                },
+            },
+        },
+    },
+}
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read and validate a config file; raise :class:`InvalidInput` naming the problem."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise InvalidInput(f"cannot read config file {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise InvalidInput(f"config file {path} is not valid YAML: {e}") from e
+    try:
+        jsonschema.validate(data, SCHEMA)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise InvalidInput(f"config file {path}: {where}: {e.message}") from e
+    for i, model in enumerate(data.get("models", [])):
+        try:
+            parse(model["uri"], model.get("include"))
+        except InvalidInput as e:
+            raise InvalidInput(f"config file {path}: models/{i}/uri: {e}") from e
+    return data
+
+
+def agent_settings(args: argparse.Namespace) -> AgentSettings:
+    """Settings for ``modelcache agent`` from its parsed flags (and the config file)."""
+    cfg = load_config(Path(args.config)) if args.config else {}
+    store_cfg = cfg.get("store", {})
+    store = StoreSettings(
+        path=Path(args.store or store_cfg.get("path") or StoreSettings.path),
+        high_watermark=args.high_watermark or store_cfg.get("highWatermark",
+                                                            StoreSettings.high_watermark),
+        low_watermark=args.low_watermark or store_cfg.get("lowWatermark",
+                                                          StoreSettings.low_watermark),
+        quota_bytes=args.quota_bytes or store_cfg.get("quotaBytes"),
+        min_free_inodes=store_cfg.get("minFreeInodes", StoreSettings.min_free_inodes),
+    )
+    if store.low_watermark >= store.high_watermark:
+        raise InvalidInput(
+            f"low watermark {store.low_watermark} must be below the high watermark "
+            f"{store.high_watermark}")
+    egress = EgressSettings(
+        allow_hosts=(*cfg.get("allowHosts", ()), *(args.allow_host or ())),
+        only_allowed_hosts=cfg.get("onlyAllowedHosts", False),
+        allow_schemes=tuple(cfg.get("allowSchemes", EgressSettings.allow_schemes)),
+        allow_paths=tuple(Path(p) for p in (*cfg.get("allowPaths", ()),
+                                            *(args.allow_path or ()))),
+    )
+    fetch_cfg = cfg.get("fetch", {})
+    fetch = replace(
+        FetchSettings(),
+        **{field: fetch_cfg[name] for name, field in (
+            ("connectionsPerFile", "connections_per_file"), ("maxConnections", "max_connections"),
+            ("maxFiles", "max_files"), ("retries", "retries")) if name in fetch_cfg},
+    )
+    token_file = Path(args.token_file) if args.token_file else store.path / "admin-token"
+    api = ApiSettings(listen=args.listen, token_file=token_file)
+    warm = tuple(WarmModel(m["uri"], tuple(m.get("include", ())), bool(m.get("pin", False)))
+                 for m in cfg.get("models", ()))
+    node = args.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+    return AgentSettings(
+        node_name=node, standalone=args.standalone,
+        refresh_interval=float(cfg.get("refreshInterval", AgentSettings.refresh_interval)),
+        store=store, fetch=fetch, egress=egress, api=api, warm=warm,
+    )
+
+
+def add_agent_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--standalone", action="store_true",
+                   help="run without a cluster (node name from the host, token from a file)")
+    p.add_argument("--store", help="store directory (default /var/lib/modelcache)")
+    p.add_argument("--listen", default="127.0.0.1:9400", help="admin API address HOST:PORT")
+    p.add_argument("--token-file", help="bearer token for writes (created if missing; "
+                   "default STORE/admin-token)")
+    p.add_argument("--config", help="YAML config file (models to keep warm, allowlist, ...)")
+    p.add_argument("--allow-host", action="append", metavar="HOST[:PORT]",
+                   help="allow a host even on private/loopback addresses (repeatable)")
+    p.add_argument("--allow-path", action="append", metavar="DIR",
+                   help="allow file:// sources under DIR (repeatable)")
+    p.add_argument("--credentials-dir", metavar="DIR",
+                   help="standalone credentials: DIR/<name>/<key> files, like a Secret")
+    p.add_argument("--node-name", help="node name (default $NODE_NAME or the host name)")
+    p.add_argument("--high-watermark", type=float, help="start evicting at this used ratio")
+    p.add_argument("--low-watermark", type=float, help="stop evicting at this used ratio")
+    p.add_argument("--quota-bytes", type=int, help="cap on the cache's own bytes")
+    p.add_argument("--log-level", default="info")

@@ -1,0 +1,325 @@
+"""The egress policy: which sources the agent may reach, checked on every hop.
+
+- schemes: only those the admin allows;
+- hosts: any public host, plus the hosts the admin lists (``--allow-host``); loopback,
+  link-local (cloud metadata), private, CGNAT, multicast and reserved addresses are refused
+  unless their host or address is listed; with ``only_allowed_hosts`` every unlisted host is
+  refused;
+- every redirect hop is checked again, ``https`` never downgrades to ``http``, and
+  credentials are dropped when a redirect leaves the host they were meant for;
+- addresses are checked after DNS resolution and the connection goes to the checked address
+  (no second lookup that a rebinding DNS server could answer differently);
+- ``file://`` reads only under the admin's ``--allow-path`` directories, after resolving
+  symlinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from agent.errors import (
+    ModelcacheError,
+    NotAllowed,
+    SourceAuthError,
+    SourceError,
+    SourceNotFound,
+    TransientError,
+)
+from agent.reference import split_host_port
+from agent.settings import EgressSettings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+REDIRECTS = (301, 302, 303, 307, 308)
+#: headers that carry credentials: dropped when a redirect changes host
+CREDENTIAL_HEADERS = ("authorization", "cookie", "proxy-authorization", "x-amz-security-token")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A checked network endpoint: where a connection may go."""
+
+    scheme: str
+    host: str
+    port: int
+    addresses: tuple[str, ...]
+
+    @property
+    def authority(self) -> str:
+        name = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return name if self.port == default else f"{name}:{self.port}"
+
+
+class Egress:
+    """Applies :class:`EgressSettings` to URLs, addresses and paths."""
+
+    def __init__(self, settings: EgressSettings) -> None:
+        self.settings = settings
+        self._names: list[tuple[str, int | None]] = []
+        self._nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in settings.allow_hosts:
+            entry = entry.strip().lower()
+            if not entry:
+                continue
+            try:
+                self._nets.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+                continue
+            except ValueError:
+                pass
+            name, port = split_host_port(entry, 0)
+            self._nets_or_name(name, port or None)
+        self._paths = tuple(Path(p).resolve() for p in settings.allow_paths)
+
+    def _nets_or_name(self, name: str, port: int | None) -> None:
+        try:
+            addr = ipaddress.ip_address(name)
+        except ValueError:
+            self._names.append((name.rstrip("."), port))
+            return
+        if port is None:
+            self._nets.append(ipaddress.ip_network(addr))
+        else:
+            self._names.append((str(addr), port))
+
+    # --- checks --------------------------------------------------------------------------
+
+    def check_scheme(self, scheme: str) -> None:
+        if scheme not in self.settings.allow_schemes:
+            raise NotAllowed(f"source scheme {scheme}:// is not allowed on this agent")
+
+    def host_listed(self, host: str, port: int) -> bool:
+        """Whether the admin listed this host (by name, by name and port, or by pattern)."""
+        host = host.lower().rstrip(".")
+        for name, want_port in self._names:
+            if want_port is not None and want_port != port:
+                continue
+            if name == host or (name.startswith("*.") and host.endswith(name[1:])):
+                return True
+        return False
+
+    def address_listed(self, ip: IPAddress) -> bool:
+        ip = _unmap(ip)
+        return any(ip in net for net in self._nets)
+
+    def check_address(self, host: str, port: int, address: str) -> None:
+        """Refuse an address that is not public unless its host or address is listed."""
+        ip = _unmap(ipaddress.ip_address(address.split("%", 1)[0]))
+        if self.host_listed(host, port) or self.address_listed(ip):
+            return
+        if self.settings.only_allowed_hosts:
+            raise NotAllowed(f"host {host}:{port} is not in the agent's allowlist")
+        if not ip.is_global or ip.is_multicast:
+            kind = _kind(ip)
+            raise NotAllowed(
+                f"host {host}:{port} resolves to {kind} address {ip}; "
+                f"allow it with --allow-host {host}:{port} if it is a trusted mirror"
+            )
+
+    def check_url(self, url: str) -> tuple[str, str, int]:
+        """Check a URL's scheme and syntax; return (scheme, host, port). No DNS here."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise NotAllowed(f"URL scheme {scheme!r} is not allowed for downloads")
+        if parts.username or parts.password:
+            raise NotAllowed("URLs with embedded credentials are refused")
+        host = (parts.hostname or "").lower()
+        if not host:
+            raise NotAllowed("URL has no host")
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError as e:
+            raise NotAllowed(f"URL has an invalid port: {e}") from e
+        if self.settings.only_allowed_hosts and not self.host_listed(host, port):
+            try:
+                literal = ipaddress.ip_address(host)
+            except ValueError:
+                raise NotAllowed(f"host {host}:{port} is not in the agent's allowlist") from None
+            if not self.address_listed(literal):
+                raise NotAllowed(f"host {host}:{port} is not in the agent's allowlist")
+        return scheme, host, port
+
+    async def endpoint(self, url: str) -> Endpoint:
+        """Check a URL and resolve its host to addresses the policy allows."""
+        scheme, host, port = self.check_url(url)
+        addresses = await self.resolve(host, port)
+        return Endpoint(scheme, host, port, tuple(addresses))
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """Resolve ``host`` and return the allowed addresses; raise if none is allowed."""
+        try:
+            ipaddress.ip_address(host)
+            infos: list[Any] = [(0, 0, 0, "", (host, port))]
+        except ValueError:
+            loop = asyncio.get_running_loop()
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror as e:
+                raise TransientError(f"cannot resolve host {host}: {e.strerror}") from e
+        addresses: list[str] = []
+        for info in infos:
+            address = str(info[4][0])
+            self.check_address(host, port, address)  # any refused address refuses the host
+            if address not in addresses:
+                addresses.append(address)
+        if not addresses:
+            raise SourceError(f"host {host} has no address")
+        return addresses
+
+    def check_path(self, path: str) -> Path:
+        """Resolve a ``file://`` path and require it under an allowed directory."""
+        if not self._paths:
+            raise NotAllowed(
+                "file:// sources are disabled on this agent; the admin enables them with "
+                "--allow-path DIR"
+            )
+        real = Path(path).resolve()
+        for root in self._paths:
+            if real == root or root in real.parents:
+                return real
+        raise NotAllowed(f"path {path} is not under a directory allowed by --allow-path")
+
+    # --- HTTP (control plane) ------------------------------------------------------------
+
+    def session(self, **kwargs: Any) -> aiohttp.ClientSession:
+        """An aiohttp session whose DNS answers pass through this policy."""
+        connector = aiohttp.TCPConnector(resolver=PolicyResolver(self), limit=64,
+                                         ttl_dns_cache=30)
+        timeout = kwargs.pop("timeout", aiohttp.ClientTimeout(total=None, sock_connect=15,
+                                                              sock_read=60))
+        return aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                     auto_decompress=False, **kwargs)
+
+    async def request(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        max_redirects: int = 5,
+        **kwargs: Any,
+    ) -> aiohttp.ClientResponse:
+        """Send a request, following redirects by hand and checking each hop.
+
+        The caller owns the returned response (``async with`` or ``release()``).
+        """
+        hdrs = dict(headers or {})
+        first_host = urlsplit(url).netloc.lower()
+        for _ in range(max_redirects + 1):
+            scheme, host, port = self.check_url(url)
+            await self.resolve(host, port)
+            try:
+                resp = await session.request(method, url, headers=hdrs, allow_redirects=False,
+                                             **kwargs)
+            except NotAllowed:
+                raise
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                raise TransientError(f"{method} {shown_url(url)}: {describe_error(e)}") from e
+            if resp.status not in REDIRECTS:
+                return resp
+            location = resp.headers.get("Location")
+            resp.release()
+            if not location:
+                raise SourceError(f"redirect from {shown_url(url)} has no Location")
+            target = urljoin(url, location)
+            new_scheme = urlsplit(target).scheme.lower()
+            if scheme == "https" and new_scheme == "http":
+                raise NotAllowed(f"redirect from {shown_url(url)} downgrades https to http")
+            if urlsplit(target).netloc.lower() != first_host:
+                hdrs = strip_credentials(hdrs)
+            if resp.status == 303:
+                method = "GET"
+            url = target
+        raise SourceError(f"too many redirects (more than {max_redirects}) from {shown_url(url)}")
+
+
+class PolicyResolver(AbstractResolver):
+    """aiohttp resolver that refuses DNS answers the policy does not allow."""
+
+    def __init__(self, egress: Egress) -> None:
+        self._egress = egress
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        for r in results:
+            self._egress.check_address(host, port, r["host"])
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def strip_credentials(headers: Mapping[str, str]) -> dict[str, str]:
+    """Headers without anything that carries credentials."""
+    return {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
+
+
+def _unmap(ip: IPAddress) -> IPAddress:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _kind(ip: IPAddress) -> str:
+    if ip.is_loopback:
+        return "a loopback"
+    if ip.is_link_local:
+        return "a link-local"
+    if ip.is_multicast:
+        return "a multicast"
+    if ip.is_unspecified:
+        return "an unspecified"
+    if ip.is_private:
+        return "a private"
+    return "a non-public"
+
+
+def shown_url(url: str) -> str:
+    """A URL for messages: no query (presigned URLs carry signatures there)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def describe_error(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def status_error(status: int, url: str, retry_after: str | None = None) -> ModelcacheError:
+    """The error for an HTTP status from a source."""
+    if status in (401, 403):
+        return SourceAuthError(f"{url}: access denied ({status}); check the credentials")
+    if status == 404 or status == 410:
+        return SourceNotFound(f"{url}: not found ({status})")
+    if status == 429 or status >= 500 or status == 408:
+        return TransientError(f"{url}: server answered {status}", _retry_after(retry_after))
+    return SourceError(f"{url}: unexpected HTTP status {status}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None

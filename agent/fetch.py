@@ -1,0 +1,624 @@
+"""The fetch engine: moves a file's bytes from its source into the store, verified.
+
+One engine serves the agent and the init container's fallback. For each file:
+
+1. content the source already vouched for (sha256) and the store holds is not fetched;
+2. concurrent requests for the same content share one download (single flight);
+3. a large file is split into segments fetched over several connections at once (bounded
+   across the whole process), each a ranged GET into the partial file at its offset;
+4. the bytes land through reused buffers (``readinto``: no new bytes object per chunk) in
+   worker threads, so the event loop never waits on the network, the disk or the hash;
+5. resets, timeouts, 5xx, 429 and short bodies are retried with jittered exponential
+   backoff (``Retry-After`` honoured), resuming where the segment stopped;
+6. redirects are followed hop by hop under the egress policy, credentials dropped when
+   the host changes; a 401/403 renews the source's location (tokens, presigned URLs) once;
+7. the ingest hashes in order as bytes land and commits only after size and digest checks;
+   archives are unpacked safely from the verified download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import hashlib
+import http.client
+import logging
+import os
+import random
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import blake3
+
+from agent import archive
+from agent.egress import (
+    REDIRECTS,
+    Egress,
+    describe_error,
+    shown_url,
+    status_error,
+    strip_credentials,
+)
+from agent.errors import (
+    IntegrityError,
+    NoSpace,
+    NotAllowed,
+    SourceAuthError,
+    SourceError,
+    SourceNotFound,
+    TransientError,
+)
+from agent.settings import ArchiveSettings, FetchSettings
+from agent.sources.base import Credentials, Location, RemoteFile, Source
+from agent.store.ingest import Ingest, Segment
+from agent.store.local import Store
+from agent.store.trees import FileEntry
+
+log = logging.getLogger(__name__)
+USER_AGENT = "modelcache/0.1"
+
+ProgressFn = Callable[[int], None]
+
+
+class _RangeIgnored(SourceError):
+    """The server answered a ranged request with the whole body (or other content)."""
+
+
+class _Redirected(Exception):
+    def __init__(self, location: str) -> None:
+        self.location = location
+
+
+@dataclass
+class FetchStats:
+    """What one pull cost at the source."""
+
+    on_download: Callable[[int], None] | None = None
+    """Called (from worker threads) with every chunk of bytes received from a source."""
+    bytes_downloaded: int = 0
+    files_downloaded: int = 0
+    files_deduplicated: int = 0
+    bytes_deduplicated: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.bytes_downloaded += n
+        if self.on_download is not None:
+            self.on_download(n)
+
+
+class Fetcher:
+    """Downloads files into a :class:`Store`; one per process."""
+
+    def __init__(self, store: Store, egress: Egress, settings: FetchSettings,
+                 archive_settings: ArchiveSettings | None = None) -> None:
+        self.store = store
+        self.egress = egress
+        self.settings = settings
+        self.archive_settings = archive_settings or ArchiveSettings()
+        self._slots = asyncio.Semaphore(settings.max_connections)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=settings.max_connections + 2, thread_name_prefix="fetch")
+        self._pool = _ConnectionPool(settings)
+        self._inflight: dict[str, asyncio.Future[list[FileEntry]]] = {}
+
+    async def close(self) -> None:
+        self._pool.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- public --------------------------------------------------------------------------
+
+    async def fetch(self, source: Source, file: RemoteFile, credentials: Credentials | None,
+                    progress: ProgressFn, stats: FetchStats) -> list[FileEntry]:
+        """Fetch one remote file into the store; return the tree entries it produces
+        (one, or an archive's members)."""
+        if file.sha256 and not file.unpack:
+            found = await asyncio.to_thread(self.store.find_sha256, file.sha256)
+            if found is not None and (file.size is None or found[1] == file.size):
+                stats.files_deduplicated += 1
+                stats.bytes_deduplicated += found[1]
+                progress(found[1])
+                return [FileEntry(file.path, found[1], found[0], file.sha256)]
+        ref = ref_id(file)
+        while (running := self._inflight.get(ref)) is not None:
+            try:
+                entries = await asyncio.shield(running)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if running.cancelled() and task is not None and not task.cancelling():
+                    continue  # the leader was stopped, not us: take over
+                raise
+            progress(sum(e.size for e in entries))
+            if file.unpack:
+                return entries
+            return [FileEntry(file.path, e.size, e.blake3, e.sha256) for e in entries]
+        future: asyncio.Future[list[FileEntry]] = asyncio.get_running_loop().create_future()
+        self._inflight[ref] = future
+        try:
+            entries = await self._download(source, file, credentials, ref, progress, stats)
+        except Exception as e:
+            future.set_exception(e)
+            future.exception()  # marked retrieved: only waiters need it
+            raise
+        except BaseException:
+            future.cancel()
+            raise
+        else:
+            future.set_result(entries)
+            return entries
+        finally:
+            del self._inflight[ref]
+
+    # --- one file ------------------------------------------------------------------------
+
+    async def _download(self, source: Source, file: RemoteFile, credentials: Credentials | None,
+                        ref: str, progress: ProgressFn, stats: FetchStats) -> list[FileEntry]:
+        if file.url.startswith("file://"):
+            return await self._copy_local(file, progress, stats)
+        identity = {"url": shown_url(file.url), "size": file.size, "sha256": file.sha256,
+                    "etag": file.etag}
+        parts = self.settings.connections_per_file if file.size is not None else 1
+        restarted = False
+        while True:
+            ingest = await asyncio.to_thread(self.store.open_ingest, ref, identity)
+            try:
+                entries = await self._download_into(ingest, source, file, credentials, parts,
+                                                    progress, stats)
+            except _RangeIgnored:
+                # the server sent the whole body: start over on one connection, from byte 0
+                await asyncio.to_thread(ingest.discard)
+                if restarted:
+                    raise
+                log.info("server ignores byte ranges; fetching over one connection",
+                         extra={"path": file.path})
+                parts, restarted = 1, True
+                continue
+            except (IntegrityError, NoSpace, SourceNotFound, NotAllowed):
+                await asyncio.to_thread(ingest.discard)
+                raise
+            except BaseException:
+                await asyncio.to_thread(ingest.close)  # keep the partial for a resume
+                raise
+            stats.files_downloaded += 1
+            return entries
+
+    async def _download_into(self, ingest: Ingest, source: Source, file: RemoteFile,
+                             credentials: Credentials | None, parts: int,
+                             progress: ProgressFn, stats: FetchStats) -> list[FileEntry]:
+        segments = await asyncio.to_thread(ingest.plan, file.size, parts,
+                                           self.settings.segment_min_bytes)
+        resumed = ingest.resumed_bytes
+        if resumed:
+            log.info("resuming partial download",
+                     extra={"ref": ingest.ref, "path": file.path, "bytes_on_disk": resumed})
+            progress(resumed)
+        ingest.start_hasher()
+        location = _SharedLocation(source, file, credentials)
+        cancel = threading.Event()
+        tasks = [asyncio.create_task(self._segment(ingest, seg, file, location, cancel,
+                                                   progress, stats))
+                 for seg in segments if not seg.complete]
+        try:
+            await _gather_all(tasks)
+        except BaseException:
+            cancel.set()
+            raise
+        finally:
+            await _settle(tasks)
+        if file.size is None:
+            ingest.mark_complete()
+        if file.unpack:
+            sealed = await asyncio.to_thread(ingest.seal, file.size, file.sha256)
+            entries = await asyncio.to_thread(
+                archive.unpack, sealed.path, file.unpack, file.unpack_root, self.store,
+                self.archive_settings)
+            await asyncio.to_thread(ingest.discard)
+            return entries
+        sealed = await asyncio.to_thread(ingest.commit, self.store.blobs, file.size, file.sha256)
+        await asyncio.to_thread(self.store.note_blob, sealed.blake3, sealed.size, sealed.sha256)
+        return [FileEntry(file.path, sealed.size, sealed.blake3, sealed.sha256)]
+
+    async def _segment(self, ingest: Ingest, seg: Segment, file: RemoteFile,
+                       location: _SharedLocation, cancel: threading.Event,
+                       progress: ProgressFn, stats: FetchStats) -> None:
+        s = self.settings
+        attempt = 0
+        refreshed = False
+        while not seg.complete:
+            loc = await location.get()
+            before = seg.done
+            try:
+                endpoint = await self.egress.endpoint(loc.url)
+                async with self._slots:
+                    await self._in_thread(ingest, seg, loc, file, endpoint.addresses, cancel,
+                                          progress, stats)
+                if seg.end is None:
+                    return  # a stream of unknown length ends when the server closes it
+            except _Redirected as r:
+                await location.redirect(loc, r.location)
+                continue
+            except SourceAuthError:
+                if refreshed:
+                    raise
+                refreshed = True
+                await location.get(refresh=True)
+                continue
+            except TransientError as e:
+                if seg.done - before >= 1024 * 1024:
+                    attempt = 0  # it made progress: a fresh budget for the next failure
+                attempt += 1
+                if attempt >= s.retries:
+                    raise TransientError(
+                        f"{file.path}: giving up after {attempt} attempts: {e}") from e
+                delay = random.uniform(0, min(s.backoff_max, s.backoff_base * 2 ** attempt))
+                if e.retry_after is not None:
+                    delay = max(delay, min(e.retry_after, s.backoff_max))
+                log.info("retrying segment", extra={
+                    "path": file.path, "offset": seg.offset, "attempt": attempt,
+                    "delay": round(delay, 3), "error": str(e)})
+                await asyncio.sleep(delay)
+
+    async def _in_thread(self, ingest: Ingest, seg: Segment, loc: Location, file: RemoteFile,
+                         addresses: tuple[str, ...], cancel: threading.Event,
+                         progress: ProgressFn, stats: FetchStats) -> None:
+        """Run one attempt in a worker thread. If the task is cancelled, the thread is told
+        to stop (and its socket shut down) and awaited: no thread outlives its ingest."""
+        attempt = _Attempt()
+        future = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._run_segment, ingest, seg, loc, file, addresses, cancel,
+            attempt, progress, stats)
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancel.set()
+            attempt.abort()
+            with contextlib.suppress(BaseException):
+                await future
+            raise
+
+    # --- the blocking data path (worker threads) ------------------------------------------
+
+    def _run_segment(self, ingest: Ingest, seg: Segment, loc: Location, file: RemoteFile,
+                     addresses: tuple[str, ...], cancel: threading.Event, attempt: _Attempt,
+                     progress: ProgressFn, stats: FetchStats) -> None:
+        parts = urlsplit(loc.url)
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **loc.headers}
+        ranged = seg.end is not None or seg.done > 0
+        if seg.end is not None:
+            if seg.end == seg.start:
+                return  # an empty file: nothing to fetch
+            headers["Range"] = f"bytes={seg.offset}-{seg.end - 1}"
+        elif seg.done > 0:
+            headers["Range"] = f"bytes={seg.offset}-"
+        if ranged and file.etag and not file.etag.startswith("W/"):
+            headers["If-Range"] = file.etag
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        conn = self._pool.get(parts.scheme, parts.hostname or "", parts.port, addresses)
+        attempt.conn = conn
+        reusable = False
+        try:
+            try:
+                conn.request("GET", target, headers=headers)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                raise TransientError(f"{shown_url(loc.url)}: {describe_error(e)}") from e
+            status = resp.status
+            if status in REDIRECTS:
+                location = resp.getheader("Location") or ""
+                _drain(resp)
+                reusable = not resp.will_close
+                raise _Redirected(urljoin(loc.url, location))
+            if status not in (200, 206):
+                _drain(resp)
+                reusable = not resp.will_close
+                raise status_error(status, shown_url(loc.url), resp.getheader("Retry-After"))
+            whole = seg.start == 0 and (seg.end is None or seg.end == file.size)
+            if status == 200 and ranged and not (whole and seg.done == 0):
+                raise _RangeIgnored(
+                    f"{shown_url(loc.url)} ignored the byte range (or changed since it was "
+                    "listed); starting the file over")
+            if status == 206:
+                _check_content_range(resp.getheader("Content-Range"), seg, loc.url)
+            etag = resp.getheader("ETag")
+            if file.etag and etag and etag.strip() != file.etag.strip() and \
+                    not file.etag.startswith("W/"):
+                raise SourceError(
+                    f"{file.path} changed at the source while being pulled (ETag {etag} != "
+                    f"{file.etag}); pull again to resolve the new revision")
+            self._receive(resp, ingest, seg, cancel, progress, stats, loc.url)
+            reusable = not resp.will_close
+        finally:
+            attempt.conn = None
+            if reusable and not cancel.is_set():
+                self._pool.put(conn)
+            else:
+                conn.close()
+
+    def _receive(self, resp: http.client.HTTPResponse, ingest: Ingest, seg: Segment,
+                 cancel: threading.Event, progress: ProgressFn, stats: FetchStats,
+                 url: str) -> None:
+        buf = _buffers.get(self.settings.buffer_bytes)
+        every = self.settings.checkpoint_bytes
+        while True:
+            if cancel.is_set():
+                raise asyncio.CancelledError()
+            want = len(buf) if seg.end is None else min(len(buf), seg.end - seg.offset)
+            if want == 0:
+                break
+            try:
+                n = resp.readinto(buf[:want])
+            except (OSError, http.client.HTTPException) as e:
+                raise TransientError(f"{shown_url(url)}: {describe_error(e)}") from e
+            if not n:
+                break
+            ingest.write(seg, buf[:n])
+            stats.add(n)
+            progress(n)
+            ingest.maybe_checkpoint(every)
+        if seg.end is not None and not seg.complete:
+            raise TransientError(
+                f"{shown_url(url)}: short body, the connection ended at byte {seg.offset} of "
+                f"{seg.end}")
+
+    # --- local files (file://, seeds) ----------------------------------------------------
+
+    async def _copy_local(self, file: RemoteFile, progress: ProgressFn,
+                          stats: FetchStats) -> list[FileEntry]:
+        path = self.egress.check_path(urlsplit(file.url).path)
+
+        def copy() -> list[FileEntry]:
+            writer = self.store.blob_writer(file.sha256)
+            buf = memoryview(bytearray(self.settings.buffer_bytes))
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError as e:
+                writer.abort()
+                raise SourceNotFound(f"cannot read {path}: {e.strerror}") from e
+            try:
+                while n := os.readv(fd, [buf]):
+                    writer.write(buf[:n])
+                    stats.add(n)
+                    progress(n)
+                sealed = writer.commit(self.store.blobs, file.size)
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                os.close(fd)
+            self.store.note_blob(sealed.blake3, sealed.size, sealed.sha256)
+            return [FileEntry(file.path, sealed.size, sealed.blake3, sealed.sha256)]
+
+        entries = await asyncio.to_thread(copy)
+        stats.files_downloaded += 1
+        return entries
+
+
+class _Attempt:
+    """The connection of one attempt, so that another thread can abort it."""
+
+    def __init__(self) -> None:
+        self.conn: http.client.HTTPConnection | None = None
+
+    def abort(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+
+class _SharedLocation:
+    """A file's current location, shared by its segments: renewed once for all after a
+    401/403, and moved once for all after a redirect."""
+
+    def __init__(self, source: Source, file: RemoteFile, credentials: Credentials | None) -> None:
+        self._source = source
+        self._file = file
+        self._credentials = credentials
+        self._loc: Location | None = None
+        self._lock = asyncio.Lock()
+        self._hops = 0
+
+    async def get(self, refresh: bool = False) -> Location:
+        async with self._lock:
+            if self._loc is None or refresh:
+                self._loc = await self._source.locate(self._file, self._credentials,
+                                                      refresh=refresh)
+                self._hops = 0
+            return self._loc
+
+    async def redirect(self, old: Location, target: str) -> None:
+        async with self._lock:
+            if self._loc is not old:
+                return  # another segment already followed it
+            self._hops += 1
+            if self._hops > 5:
+                raise SourceError(f"too many redirects from {shown_url(old.url)}")
+            old_parts, new_parts = urlsplit(old.url), urlsplit(target)
+            if old_parts.scheme == "https" and new_parts.scheme != "https":
+                raise NotAllowed(f"redirect from {shown_url(old.url)} downgrades https")
+            headers = dict(old.headers)
+            if old_parts.netloc.lower() != new_parts.netloc.lower():
+                headers = strip_credentials(headers)
+            self._loc = Location(target, headers)
+
+
+class _ConnectionPool:
+    """Idle HTTP connections by endpoint, for the worker threads."""
+
+    def __init__(self, settings: FetchSettings) -> None:
+        self._settings = settings
+        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+        self._tls = ssl.create_default_context()
+
+    def get(self, scheme: str, host: str, port: int | None, addresses: tuple[str, ...]
+            ) -> http.client.HTTPConnection:
+        port = port or (443 if scheme == "https" else 80)
+        key = (scheme, host, port)
+        with self._lock:
+            idle = self._idle.get(key)
+            while idle:
+                conn = idle.pop()
+                if conn.sock is not None:
+                    return conn
+        s = self._settings
+        if scheme == "https":
+            return _PinnedHTTPS(host, port, addresses, s.connect_timeout, s.read_timeout,
+                                self._tls)
+        return _PinnedHTTP(host, port, addresses, s.connect_timeout, s.read_timeout)
+
+    def put(self, conn: http.client.HTTPConnection) -> None:
+        if conn.sock is None:
+            return
+        scheme = "https" if isinstance(conn, http.client.HTTPSConnection) else "http"
+        key = (scheme, conn.host, conn.port)
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self._settings.max_connections:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for c in conns:
+            c.close()
+
+
+def _connect(addresses: tuple[str, ...], port: int, connect_timeout: float,
+             read_timeout: float) -> socket.socket:
+    last: OSError | None = None
+    for address in addresses:
+        try:
+            sock = socket.create_connection((address, port), timeout=connect_timeout)
+        except OSError as e:
+            last = e
+            continue
+        sock.settimeout(read_timeout)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise last or OSError(errno.EHOSTUNREACH, "no address to connect to")
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """Connects to an address the egress policy already checked, not to a new lookup."""
+
+    def __init__(self, host: str, port: int, addresses: tuple[str, ...], connect_timeout: float,
+                 read_timeout: float) -> None:
+        super().__init__(host, port, timeout=read_timeout)
+        self._addresses = addresses
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+
+    def connect(self) -> None:
+        self.sock = _connect(self._addresses, self.port, self._connect_timeout,
+                             self._read_timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, addresses: tuple[str, ...], connect_timeout: float,
+                 read_timeout: float, context: ssl.SSLContext) -> None:
+        super().__init__(host, port, timeout=read_timeout, context=context)
+        self._addresses = addresses
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._context = context
+
+    def connect(self) -> None:
+        sock = _connect(self._addresses, self.port, self._connect_timeout, self._read_timeout)
+        try:
+            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+
+
+class _Buffers(threading.local):
+    """One reusable receive buffer per worker thread."""
+
+    def get(self, size: int) -> memoryview:
+        buf: memoryview | None = getattr(self, "buf", None)
+        if buf is None or len(buf) != size:
+            buf = memoryview(bytearray(size))
+            self.buf = buf
+        return buf
+
+
+_buffers = _Buffers()
+
+
+def _drain(resp: http.client.HTTPResponse, limit: int = 64 * 1024) -> None:
+    with contextlib.suppress(OSError, http.client.HTTPException):
+        resp.read(limit)
+
+
+def _check_content_range(value: str | None, seg: Segment, url: str) -> None:
+    """The server must send exactly the range we asked for."""
+    if not value or not value.startswith("bytes "):
+        raise TransientError(f"{shown_url(url)}: 206 without a valid Content-Range")
+    spec = value[6:].split("/", 1)[0]
+    start_s, _, end_s = spec.partition("-")
+    try:
+        start, end = int(start_s), int(end_s)
+    except ValueError:
+        raise TransientError(f"{shown_url(url)}: malformed Content-Range {value!r}") from None
+    want_end = (seg.end - 1) if seg.end is not None else None
+    if start != seg.offset or (want_end is not None and end != want_end):
+        raise TransientError(
+            f"{shown_url(url)}: wrong Content-Range {value!r} for bytes "
+            f"{seg.offset}-{'' if want_end is None else want_end}")
+
+
+def ref_id(file: RemoteFile) -> str:
+    """The partial download's name: by strong digest when known, else by where it comes
+    from and its change detector (a presigned URL's signature does not count)."""
+    if file.sha256:
+        return f"sha256-{file.sha256}"
+    ident = f"{shown_url(file.url)}\0{file.etag or ''}\0{file.size}\0{file.unpack or ''}"
+    return "src-" + blake3.blake3(ident.encode()).hexdigest()[:40]
+
+
+async def _gather_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for all tasks; on the first failure, cancel the rest and raise it."""
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    for t in done:
+        if not t.cancelled() and t.exception() is not None:
+            for p in pending:
+                p.cancel()
+            raise t.exception()  # type: ignore[misc]
+    if pending:
+        await asyncio.gather(*pending)
+
+
+async def _settle(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel and wait for every task (their threads stop at the next chunk)."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file (tests, tools)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+__all__ = ["FetchStats", "Fetcher", "ProgressFn", "ref_id"]

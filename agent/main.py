@@ -1,0 +1,139 @@
+"""The agent's composition root: builds everything once, runs it, shuts it down in order.
+
+SIGTERM -> not ready -> stop accepting -> running pulls checkpoint and stop (they resume at
+the next start) -> close clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from agent import __version__
+from agent.api import DEPS, Deps, make_app
+from agent.auth import Authenticator, TokenFileAuth
+from agent.credentials import CredentialsProvider, DirectoryCredentials
+from agent.egress import Egress
+from agent.errors import ModelcacheError
+from agent.fetch import Fetcher
+from agent.gc import Collector
+from agent.index import Index
+from agent.metrics import Metrics
+from agent.puller import Puller
+from agent.reference import parse, split_host_port
+from agent.settings import AgentSettings
+from agent.sources.base import Source
+from agent.sources.file import FileSource
+from agent.sources.http import HttpSource
+from agent.store.local import Store
+from agent.store.recovery import recover
+
+log = logging.getLogger(__name__)
+REFRESH_CHECK_SECONDS = 60.0
+
+
+def build_sources(egress: Egress, settings: AgentSettings) -> dict[str, Source]:
+    """One source object per scheme the agent can pull."""
+    http = HttpSource(egress)
+    return {"http": http, "https": http, "file": FileSource(egress)}
+
+
+async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
+                credentials: CredentialsProvider | None = None,
+                credentials_dir: Path | None = None) -> Deps:
+    """Recover the store and wire the agent's parts together (nothing is served yet)."""
+    store = Store(settings.store.path)
+    report = await asyncio.to_thread(recover, store)
+    log.info("store recovered", extra={
+        "path": str(store.root), "models": report.models, "blobs": report.blobs,
+        "resuming": len(report.intents), "removed_partials": report.removed_partials,
+        "removed_blobs": report.removed_blobs, "broken_models": report.broken_models})
+    metrics = Metrics(node=settings.node_name, version=__version__)
+    egress = Egress(settings.egress)
+    fetcher = Fetcher(store, egress, settings.fetch, settings.archive)
+    index = Index()
+    puller = Puller(store=store, fetcher=fetcher, sources=build_sources(egress, settings),
+                    index=index, egress=egress, settings=settings, metrics=metrics)
+    puller.load()
+    if auth is None:
+        assert settings.api.token_file is not None
+        auth = await asyncio.to_thread(TokenFileAuth.from_file, settings.api.token_file)
+    return Deps(settings=settings, store=store, index=index, puller=puller,
+                collector=Collector(store, index, metrics), metrics=metrics, auth=auth,
+                credentials=credentials or DirectoryCredentials(credentials_dir))
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: resume interrupted pulls, prefetch warm models, refresh."""
+    deps = app[DEPS]
+    tasks = [asyncio.create_task(_start_work(deps), name="start-work"),
+             asyncio.create_task(_refresh_loop(deps), name="refresh")]
+    yield
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _start_work(deps: Deps) -> None:
+    resumed = await deps.puller.resume(deps.credentials)
+    if resumed:
+        log.info("resumed interrupted pulls", extra={"keys": resumed})
+    for warm in deps.settings.warm:
+        try:
+            await deps.puller.ensure(parse(warm.uri, warm.include), pin=warm.pin, count=False)
+        except ModelcacheError as e:
+            log.error("cannot keep a configured model warm",
+                      extra={"uri": warm.uri, "error": str(e)})
+
+
+async def _refresh_loop(deps: Deps) -> None:
+    while True:
+        await asyncio.sleep(REFRESH_CHECK_SECONDS)
+        deps.puller.refresh_due()
+
+
+async def serve(deps: Deps, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
+    """Serve the admin API until ``stop`` is set, then shut down in order."""
+    app = make_app(deps)
+    app.cleanup_ctx.append(_background)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=deps.settings.shutdown_grace)
+    await runner.setup()
+    host, port = split_host_port(deps.settings.api.listen, 9400)
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+        deps.state.ready = True
+        log.info("agent ready", extra={"listen": deps.settings.api.listen,
+                                       "node": deps.settings.node_name,
+                                       "store": str(deps.store.root)})
+        if started is not None:
+            started.set()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        deps.state.ready = False
+        deps.state.stopping = True
+        await deps.puller.stop()
+        await runner.cleanup()
+        await deps.puller.fetcher.close()
+        for source in {id(s): s for s in deps.puller.sources.values()}.values():
+            with contextlib.suppress(Exception):
+                await source.close()
+        log.info("agent stopped")
+
+
+async def run(settings: AgentSettings, credentials_dir: Path | None = None) -> None:
+    """``modelcache agent``: build, serve until SIGTERM/SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    deps = await build(settings, credentials_dir=credentials_dir)
+    await serve(deps, stop)

@@ -1,0 +1,385 @@
+"""Pulls: resolve -> fetch -> verify -> publish, once per model however many ask.
+
+``ensure`` is idempotent: a ready model is a hit; a model being pulled is joined; anything
+else starts one pull task. A pull writes an intent first (``pulls/<key>.json``) so that after
+a crash or a restart it is resumed where its partial downloads stopped. A mutable reference
+is resolved again after the refresh interval; a new revision is published as a new tree and
+the old one stays for the pods that use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
+from typing import Any, Protocol
+
+from agent.egress import Egress
+from agent.errors import (
+    Conflict,
+    ModelcacheError,
+    NoSpace,
+    NotAllowed,
+    NotFound,
+    ShuttingDown,
+)
+from agent.fetch import Fetcher, FetchStats, ref_id
+from agent.index import FAILED, PULLING, READY, Index, Model
+from agent.metrics import Metrics
+from agent.names import check_unique, safe_relpath
+from agent.reference import Reference, parse
+from agent.settings import AgentSettings
+from agent.sources.base import Credentials, RemoteFile, Resolved, Source
+from agent.store.local import Store
+from agent.store.trees import FileEntry, Manifest
+
+log = logging.getLogger(__name__)
+INTENT_FLUSH_SECONDS = 1.0
+LAST_USED_FLUSH_SECONDS = 300.0
+
+
+class Reserver(Protocol):
+    """Holds disk space for a pull while it runs (eviction plugs in here)."""
+
+    def reserve(self, key: str, nbytes: int) -> contextlib.AbstractAsyncContextManager[None]:
+        ...
+
+
+class FreeSpaceReserver:
+    """Refuses a pull whose declared size does not fit in what is free minus what running
+    pulls have reserved."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.reserved: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, key: str, nbytes: int) -> AsyncIterator[None]:
+        usage = await asyncio.to_thread(self.store.usage)
+        held = sum(self.reserved.values())
+        if nbytes > usage.free_bytes - held:
+            raise NoSpace(
+                f"model {key} needs {nbytes} bytes; {usage.free_bytes} are free and "
+                f"{held} are reserved by running pulls")
+        self.reserved[key] = nbytes
+        try:
+            yield
+        finally:
+            self.reserved.pop(key, None)
+
+
+class _Progress:
+    """Bytes of a pull, counted from the fetch threads."""
+
+    def __init__(self, model: Model, metrics: Metrics | None, scheme: str) -> None:
+        self.model = model
+        self._lock = threading.Lock()
+        self._metric = metrics.pulled_bytes.labels(scheme=scheme) if metrics else None
+
+    def done(self, n: int) -> None:
+        with self._lock:
+            self.model.bytes_done += n
+
+    def downloaded(self, n: int) -> None:
+        if self._metric is not None:
+            self._metric.inc(n)
+
+
+class Puller:
+    def __init__(self, *, store: Store, fetcher: Fetcher, sources: Mapping[str, Source],
+                 index: Index, egress: Egress, settings: AgentSettings,
+                 metrics: Metrics | None = None, reserver: Reserver | None = None) -> None:
+        self.store = store
+        self.fetcher = fetcher
+        self.sources = dict(sources)
+        self.index = index
+        self.egress = egress
+        self.settings = settings
+        self.metrics = metrics
+        self.reserver = reserver or FreeSpaceReserver(store)
+        self._stopping = False
+        self._last_flush: dict[str, float] = {}
+
+    # --- start-up ------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Fill the index from the store's manifests (after recovery)."""
+        for manifest in self.store.manifests():
+            try:
+                ref = parse(manifest.uri, manifest.include)
+            except ModelcacheError:
+                log.warning("manifest has an unparsable URI", extra={"key": manifest.key})
+                continue
+            self.index.add(Model(ref, READY, manifest, manifest.size_bytes,
+                                 manifest.size_bytes, pinned=manifest.pinned,
+                                 last_used=manifest.last_used or manifest.created))
+
+    async def resume(self, credentials: Any = None) -> list[str]:
+        """Start again every pull a crash or a shutdown interrupted."""
+        resumed = []
+        for key, intent in (await asyncio.to_thread(self.store.intents)).items():
+            try:
+                ref = parse(intent["uri"], intent.get("include"))
+            except (ModelcacheError, KeyError):
+                await asyncio.to_thread(self.store.remove_intent, key)
+                continue
+            if ref.key != key:
+                await asyncio.to_thread(self.store.remove_intent, key)
+                continue
+            creds = None
+            if intent.get("credentials") and credentials is not None:
+                with contextlib.suppress(ModelcacheError):
+                    creds = await credentials.get(intent.get("namespace"), intent["credentials"])
+            await self.ensure(ref, credentials=creds, pin=bool(intent.get("pin")),
+                              credentials_name=intent.get("credentials"),
+                              namespace=intent.get("namespace"), count=False)
+            resumed.append(key)
+        return resumed
+
+    # --- API -----------------------------------------------------------------------------
+
+    async def ensure(self, ref: Reference, *, credentials: Credentials | None = None,
+                     pin: bool = False, credentials_name: str | None = None,
+                     namespace: str | None = None, count: bool = True) -> Model:
+        """Make sure the model is (or becomes) ready; return its record at once."""
+        if self._stopping:
+            raise ShuttingDown("the agent is shutting down")
+        if not ref.cached:
+            raise NotAllowed(f"{ref.scheme}:// references are mounted by the webhook, not cached")
+        self.egress.check_scheme(ref.scheme)
+        model = self.index.get(ref.key)
+        now = time.time()
+        if model is not None and model.state in (READY, PULLING):
+            if pin and not model.pinned:
+                await self.set_pinned(model, True)
+            if model.state == READY:
+                model.last_used = now
+                await self._flush_last_used(model)
+                if count and self.metrics:
+                    self.metrics.cache_requests.labels(result="hit").inc()
+                self._maybe_refresh(model, credentials)
+            return model
+        if count and self.metrics:
+            self.metrics.cache_requests.labels(result="miss").inc()
+        if model is None:
+            model = Model(ref, PULLING, pinned=pin, last_used=now)
+            self.index.add(model)
+        else:  # failed before: try again
+            model.state, model.error, model.bytes_done, model.started = PULLING, None, 0, now
+            model.pinned = model.pinned or pin
+            self.index.notify(model)
+        intent = {"uri": ref.uri, "include": list(ref.include), "pin": model.pinned,
+                  "credentials": credentials_name, "namespace": namespace,
+                  "started": now, "refs": [], "blobs": []}
+        model.intent = intent
+        model.task = asyncio.create_task(self._pull(model, credentials, intent),
+                                         name=f"pull-{ref.key}")
+        return model
+
+    async def set_pinned(self, model: Model, pinned: bool) -> None:
+        model.pinned = pinned
+        if model.manifest is not None:
+            model.manifest = replace(model.manifest, pinned=pinned)
+            await asyncio.to_thread(self.store.update_manifest, model.manifest)
+        self.index.notify(model)
+
+    async def remove(self, key: str, force: bool = False) -> Model:
+        """Evict a model (its blobs go at the next garbage collection)."""
+        model = self.index.get(key)
+        if model is None:
+            raise NotFound(f"model {key} is not in the store")
+        if model.in_use and not force:
+            raise Conflict(f"model {key} is in use ({', '.join(sorted(model.holders))}); "
+                           "use force to remove it anyway")
+        if model.task is not None and not model.task.done():
+            model.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await model.task
+        await asyncio.to_thread(self.store.remove_model, key)
+        await asyncio.to_thread(self.store.remove_intent, key)
+        self.index.remove(key)
+        return model
+
+    async def stop(self) -> None:
+        """Stop taking work; cancel running pulls (their partial data stays for a resume)."""
+        self._stopping = True
+        tasks = [m.task for m in self.index if m.task is not None and not m.task.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- the pull ------------------------------------------------------------------------
+
+    async def _pull(self, model: Model, credentials: Credentials | None,
+                    intent: dict[str, Any], refresh: bool = False) -> None:
+        ref = model.ref
+        started = time.monotonic()
+        try:
+            source = self._source(ref.scheme)
+            resolved = await source.resolve(ref, credentials)
+            if refresh and model.manifest is not None \
+                    and resolved.revision == model.manifest.revision:
+                model.manifest = replace(model.manifest, resolved_at=time.time())
+                await asyncio.to_thread(self.store.update_manifest, model.manifest)
+                return
+            locator = self._source(parse(resolved.source_uri).scheme) \
+                if resolved.source_uri else source
+            files = self._select(resolved)
+            intent["refs"] = [ref_id(f) for f in files]
+            await asyncio.to_thread(self.store.write_intent, ref.key, intent)
+            if not refresh:
+                model.bytes_total = sum(f.size or 0 for f in files)
+            async with self.reserver.reserve(ref.key, sum(f.size or 0 for f in files)):
+                entries = await self._fetch_all(model, locator, files, credentials, intent,
+                                                refresh)
+            now = time.time()
+            manifest = Manifest(
+                key=ref.key, uri=ref.uri, revision=resolved.revision, tree="",
+                files=tuple(entries), include=ref.include, source_uri=resolved.source_uri,
+                created=now, last_used=model.last_used or now, resolved_at=now,
+                pinned=model.pinned)
+            model.manifest = await asyncio.to_thread(self.store.publish, manifest)
+            model.state, model.error = READY, None
+            model.bytes_total = model.bytes_done = model.manifest.size_bytes
+            await asyncio.to_thread(self.store.remove_intent, ref.key)
+            self._observe(ref, "ok", started)
+            log.info("model ready", extra={
+                "key": ref.key, "uri": ref.display, "revision": resolved.revision,
+                "files": len(entries), "bytes": model.manifest.size_bytes,
+                "seconds": round(time.monotonic() - started, 3)})
+        except asyncio.CancelledError:
+            raise  # shutdown or removal: the intent stays, so the pull resumes later
+        except Exception as e:
+            error = e if isinstance(e, ModelcacheError) else None
+            if error is None:
+                log.exception("pull crashed", extra={"key": ref.key})
+            message = str(e) if error is not None else f"internal error: {type(e).__name__}"
+            reason = error.reason if error is not None else "internal"
+            await asyncio.to_thread(self.store.remove_intent, ref.key)
+            self._observe(ref, "error", started, reason)
+            if refresh:
+                log.warning("refresh failed; keeping the current revision",
+                            extra={"key": ref.key, "error": message})
+            else:
+                model.state, model.error = FAILED, message
+                log.warning("pull failed", extra={"key": ref.key, "uri": ref.display,
+                                                  "error": message})
+        finally:
+            model.refreshing = False
+            model.intent = None
+            self.index.notify(model)
+
+    def _source(self, scheme: str) -> Source:
+        self.egress.check_scheme(scheme)
+        source = self.sources.get(scheme)
+        if source is None:
+            raise NotAllowed(f"no source for {scheme}:// is configured on this agent")
+        return source
+
+    def _select(self, resolved: Resolved) -> list[RemoteFile]:
+        ref = resolved.ref
+        files = [f for f in resolved.files if f.unpack or ref.matches(f.path)]
+        if not files:
+            raise NotFound(f"include globs {list(ref.include)} select no file of {ref.display}")
+        for f in files:
+            safe_relpath(f.path)
+        check_unique(f.path for f in files)
+        return sorted(files, key=lambda f: -(f.size or 0))
+
+    async def _fetch_all(self, model: Model, source: Source, files: list[RemoteFile],
+                         credentials: Credentials | None, intent: dict[str, Any],
+                         refresh: bool) -> list[FileEntry]:
+        progress = _Progress(model, self.metrics, model.ref.scheme)
+        stats = FetchStats(on_download=progress.downloaded)
+        limit = asyncio.Semaphore(self.settings.fetch.max_files)
+        results: dict[int, list[FileEntry]] = {}
+        last_flush = time.monotonic()
+
+        async def one(i: int, f: RemoteFile) -> None:
+            nonlocal last_flush
+            async with limit:
+                entries = await self.fetcher.fetch(source, f, credentials,
+                                                   progress.done if not refresh else _ignore,
+                                                   stats)
+            results[i] = entries
+            intent["blobs"].extend(e.blake3 for e in entries)
+            if time.monotonic() - last_flush > INTENT_FLUSH_SECONDS:
+                last_flush = time.monotonic()
+                await asyncio.to_thread(self.store.write_intent, model.key, intent)
+
+        tasks = [asyncio.create_task(one(i, f)) for i, f in enumerate(files)]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self.metrics and stats.files_deduplicated:
+            self.metrics.dedup_hits.inc(stats.files_deduplicated)
+        return self._merge(model.ref, files, results)
+
+    def _merge(self, ref: Reference, files: list[RemoteFile],
+               results: dict[int, list[FileEntry]]) -> list[FileEntry]:
+        """One entry per path. Members of successive archives (image layers) overlay
+        earlier ones; a plain file listed twice is an error."""
+        merged: dict[str, FileEntry] = {}
+        for i, f in enumerate(files):
+            for e in results[i]:
+                if f.unpack and not ref.matches(e.path):
+                    continue
+                merged[e.path] = e
+        if not merged:
+            raise NotFound(f"include globs {list(ref.include)} select no file of {ref.display}")
+        check_unique(merged)
+        return [merged[p] for p in sorted(merged)]
+
+    # --- refresh and last use ------------------------------------------------------------
+
+    def _maybe_refresh(self, model: Model, credentials: Credentials | None) -> None:
+        """Re-resolve a mutable reference in the background once the interval is over."""
+        m = model.manifest
+        if m is None or model.ref.immutable or model.refreshing or self._stopping:
+            return
+        if time.time() - (m.resolved_at or m.created) < self.settings.refresh_interval:
+            return
+        model.refreshing = True
+        model.intent = intent = {"uri": model.ref.uri, "include": list(model.ref.include),
+                  "pin": model.pinned, "started": time.time(), "refs": [], "blobs": []}
+        model.task = asyncio.create_task(self._pull(model, credentials, intent, refresh=True),
+                                         name=f"refresh-{model.key}")
+
+    def refresh_due(self) -> None:
+        """Start the refreshes that are due (called periodically)."""
+        for model in self.index:
+            if model.state == READY:
+                self._maybe_refresh(model, None)
+
+    async def _flush_last_used(self, model: Model) -> None:
+        m = model.manifest
+        if m is None:
+            return
+        now = time.monotonic()
+        if now - self._last_flush.get(model.key, 0.0) < LAST_USED_FLUSH_SECONDS:
+            return
+        self._last_flush[model.key] = now
+        model.manifest = replace(m, last_used=model.last_used)
+        await asyncio.to_thread(self.store.update_manifest, model.manifest)
+
+    def _observe(self, ref: Reference, result: str, started: float, reason: str = "") -> None:
+        if self.metrics is None:
+            return
+        self.metrics.pull_duration.labels(scheme=ref.scheme, result=result).observe(
+            time.monotonic() - started)
+        if reason:
+            self.metrics.pull_failures.labels(reason=reason).inc()
+
+
+def _ignore(n: int) -> None:
+    return None

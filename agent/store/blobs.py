@@ -1,0 +1,112 @@
+"""Committed blobs: one read-only file per distinct content, named by its blake3 digest.
+
+``blobs/<aa>/<digest>``. A blob is committed by linking a verified, fsynced, read-only file
+into place (``link`` fails if the name exists, so two writers of the same content cannot
+replace each other's inode), then fsyncing the directory. A blob's link count minus one is
+the number of published trees that use it.
+
+Blocking: every method here does file-system work; async callers run them in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import StoreError
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def valid_digest(digest: str) -> bool:
+    """Whether a string is a blake3 digest as the store names blobs (64 lowercase hex)."""
+    return bool(_DIGEST.match(digest))
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: str
+    size: int
+    refs: int
+    """Trees linking this blob (link count minus the store's own name)."""
+
+
+class BlobStore:
+    """The ``blobs/`` directory of a store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, digest: str) -> Path:
+        if not valid_digest(digest):
+            raise StoreError(f"not a blake3 digest: {digest[:80]!r}")
+        return self.root / digest[:2] / digest
+
+    def info(self, digest: str) -> BlobInfo | None:
+        try:
+            st = self.path(digest).stat()
+        except FileNotFoundError:
+            return None
+        return BlobInfo(digest, st.st_size, st.st_nlink - 1)
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).exists()
+
+    def commit(self, src: Path, digest: str) -> bool:
+        """Move a verified file into the store under its digest.
+
+        ``src`` must already be fsynced and hold exactly the content named by ``digest``.
+        Returns ``True`` if this call created the blob, ``False`` if it already existed
+        (which is success: the content is the same). ``src`` is gone afterwards.
+        """
+        dst = self.path(digest)
+        os.chmod(src, 0o444)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+            created = True
+        except FileExistsError:
+            created = False
+        os.unlink(src)
+        if created:
+            fsync_dir(dst.parent)
+        return created
+
+    def remove(self, digest: str) -> int:
+        """Remove a blob's store name; return the bytes freed (0 if trees still link it)."""
+        path = self.path(digest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return 0
+        path.unlink()
+        return st.st_size if st.st_nlink == 1 else 0
+
+    def __iter__(self) -> Iterator[BlobInfo]:
+        """Every committed blob (stale temporary names are skipped)."""
+        try:
+            shards = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return
+        for shard in shards:
+            if not shard.is_dir(follow_symlinks=False) or len(shard.name) != 2:
+                continue
+            for entry in os.scandir(shard.path):
+                if not valid_digest(entry.name) or entry.name[:2] != shard.name:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat(follow_symlinks=False)
+                    yield BlobInfo(entry.name, st.st_size, st.st_nlink - 1)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a link) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,434 @@
+"""Ingest: partial downloads that hash while they write, resume, and commit atomically.
+
+Follows containerd's local content writer: one writer per ref under a lock ("locked since
+..."), resumable, and ``commit(size, expected)`` does fsync -> check size -> check digest ->
+link into ``blobs/`` -> fsync the directory, the blob read-only before it has its name.
+
+A partial download lives in ``partial/<ref>/``:
+
+- ``data``: the bytes, written at their offsets by several connections at once;
+- ``state.json``: the identity of what is being downloaded (size, sha256, etag) and the
+  progress of each segment, written (temp + rename) only after an ``fdatasync`` of ``data``,
+  so the progress it claims is on disk;
+- ``lock``: ``flock``-ed by the writer, holding its pid and start time.
+
+Hashing follows the contiguous written prefix in one thread per download: segments arrive
+out of order, the hasher reads them back in order from the page cache (blake3, and sha256 when
+the source stated one), so the digest is ready when the last byte lands. After a restart the
+hasher re-reads what is already on disk; nothing is fetched twice.
+
+Everything here blocks; it runs in worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from agent.errors import IntegrityError, Locked, NoSpace, StoreError
+from agent.store.blobs import BlobStore
+
+HASH_CHUNK = 4 * 1024 * 1024
+STATE_VERSION = 1
+
+
+@dataclass
+class Segment:
+    """A byte range of the file, fetched by one connection at a time."""
+
+    start: int
+    end: int | None
+    """Exclusive end; ``None`` while the size is unknown (a single streamed segment)."""
+    done: int = 0
+    """Bytes written from ``start``."""
+
+    @property
+    def complete(self) -> bool:
+        return self.end is not None and self.start + self.done >= self.end
+
+    @property
+    def offset(self) -> int:
+        return self.start + self.done
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.end is None else self.end - self.offset
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """A fully written, fsynced and verified partial download."""
+
+    path: Path
+    size: int
+    blake3: str
+    sha256: str | None
+
+
+class Ingest:
+    """One partial download. Create with :meth:`open`; finish with :meth:`commit`,
+    :meth:`seal` + :meth:`discard`, or :meth:`close` (keeps it for a later resume)."""
+
+    def __init__(self, directory: Path, ref: str, lock_fd: int, identity: dict[str, Any]) -> None:
+        self.dir = directory
+        self.ref = ref
+        self._lock_fd = lock_fd
+        self.identity = identity
+        self.data_path = directory / "data"
+        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.segments: list[Segment] = []
+        self._cond = threading.Condition()
+        self._state_lock = threading.Lock()
+        self._since_checkpoint = 0
+        self._closed = False
+        self._hash_error: BaseException | None = None
+        self._hasher: threading.Thread | None = None
+        self._hashed = 0
+        self._b3 = blake3.blake3()
+        self._sha = hashlib.sha256() if identity.get("sha256") else None
+        self._load_state()
+
+    # --- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, partial_root: Path, ref: str, identity: dict[str, Any]) -> Ingest:
+        """Take the lock of ``ref`` and open (or resume) its partial download.
+
+        ``identity`` (size, sha256, etag, url) decides whether bytes already on disk belong
+        to the same content: if it differs, the partial download starts over.
+        """
+        directory = partial_root / ref
+        directory.mkdir(parents=True, exist_ok=True)
+        lock_path = directory / "lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another writer"
+            os.close(fd)
+            raise Locked(f"ingest {ref} locked since {holder}") from None
+        stamp = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} by pid {os.getpid()}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, stamp.encode(), 0)
+        try:
+            return cls(directory, ref, fd, identity)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _load_state(self) -> None:
+        try:
+            state = json.loads((self.dir / "state.json").read_text())
+        except (FileNotFoundError, ValueError):
+            state = None
+        if (
+            isinstance(state, dict)
+            and state.get("version") == STATE_VERSION
+            and state.get("identity") == self.identity
+        ):
+            self.segments = [Segment(int(s), None if e is None else int(e), int(d))
+                             for s, e, d in state.get("segments", [])]
+        else:
+            self.segments = []
+            os.ftruncate(self.fd, 0)
+
+    @property
+    def resumed_bytes(self) -> int:
+        """Bytes already on disk from an earlier attempt."""
+        return sum(s.done for s in self.segments)
+
+    def plan(self, size: int | None, parts: int, min_part: int) -> list[Segment]:
+        """Split the file into segments (kept as they are when resuming the same plan)."""
+        if self.segments and self._planned_size() == size:
+            return self.segments
+        os.ftruncate(self.fd, 0)  # a new plan: nothing on disk is valid any more
+        if size is None:
+            self.segments = [Segment(0, None)]
+        else:
+            n = max(1, min(parts, size // max(min_part, 1)))
+            step = -(-size // n)
+            self.segments = [Segment(i * step, min(size, (i + 1) * step)) for i in range(n)
+                             if i * step < size] or [Segment(0, 0)]
+            self._preallocate(size)
+        self._write_state()
+        return self.segments
+
+    def _preallocate(self, size: int) -> None:
+        """Reserve the file's blocks up front: out of space shows now, not mid-download."""
+        if size == 0:
+            return
+        try:
+            os.posix_fallocate(self.fd, 0, size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(
+                    f"no space for {self.ref}: {size} bytes do not fit ({e.strerror})"
+                ) from e
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise StoreError(f"cannot allocate {self.ref}: {e.strerror}") from e
+        os.ftruncate(self.fd, size)
+
+    def _planned_size(self) -> int | None:
+        if not self.segments:
+            return -1
+        return self.segments[-1].end
+
+    # --- writing -------------------------------------------------------------------------
+
+    def start_hasher(self) -> None:
+        """Start the ordered hash thread (after :meth:`plan`)."""
+        if self._hasher is None:
+            self._hasher = threading.Thread(target=self._hash_loop, name=f"hash-{self.ref[:16]}",
+                                            daemon=True)
+            self._hasher.start()
+
+    def write(self, seg: Segment, data: memoryview) -> None:
+        """Write bytes at the segment's current offset and advance it."""
+        if seg.end is not None and seg.offset + len(data) > seg.end:
+            raise IntegrityError(
+                f"server sent more bytes than the range {seg.start}-{seg.end - 1} holds"
+            )
+        offset = seg.offset
+        view = data
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                offset += n
+                view = view[n:]
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space left writing {self.ref}: {e.strerror}") from e
+            raise StoreError(f"cannot write partial download {self.ref}: {e.strerror}") from e
+        with self._cond:
+            seg.done += len(data)
+            self._since_checkpoint += len(data)
+            self._cond.notify_all()
+
+    def maybe_checkpoint(self, every: int) -> None:
+        """Make progress durable if ``every`` bytes arrived since the last checkpoint."""
+        if self._since_checkpoint >= every and self._state_lock.acquire(blocking=False):
+            try:
+                self._checkpoint_locked()
+            finally:
+                self._state_lock.release()
+
+    def checkpoint(self) -> None:
+        """fdatasync the data, then record the progress that is now durable."""
+        with self._state_lock:
+            self._checkpoint_locked()
+
+    def _checkpoint_locked(self) -> None:
+        with self._cond:
+            snapshot = [(s.start, s.end, s.done) for s in self.segments]
+            self._since_checkpoint = 0
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise StoreError(f"cannot sync partial download {self.ref}: {e.strerror}") from e
+        self._write_state(snapshot)
+
+    def _write_state(self, snapshot: list[tuple[int, int | None, int]] | None = None) -> None:
+        if snapshot is None:
+            snapshot = [(s.start, s.end, s.done) for s in self.segments]
+        state = {"version": STATE_VERSION, "identity": self.identity, "segments": snapshot}
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.dir / "state.json")
+
+    # --- hashing -------------------------------------------------------------------------
+
+    def _contiguous(self) -> int:
+        total = 0
+        for s in self.segments:
+            total = s.start + s.done
+            if not s.complete:
+                break
+        return total
+
+    def _finished(self) -> bool:
+        return all(s.complete for s in self.segments) and self.segments[-1].end is not None
+
+    def _hash_loop(self) -> None:
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and self._contiguous() <= self._hashed:
+                        if self._finished():
+                            return
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    target = self._contiguous()
+                while self._hashed < target:
+                    n = os.preadv(self.fd, [view[: min(HASH_CHUNK, target - self._hashed)]],
+                                  self._hashed)
+                    if n <= 0:
+                        raise StoreError(f"partial download {self.ref} is shorter than written")
+                    self._b3.update(view[:n])
+                    if self._sha is not None:
+                        self._sha.update(view[:n])
+                    with self._cond:
+                        self._hashed += n
+                        self._cond.notify_all()
+        except BaseException as e:
+            with self._cond:
+                self._hash_error = e
+                self._cond.notify_all()
+
+    def mark_complete(self) -> None:
+        """Declare a stream of unknown size finished at what was written."""
+        with self._cond:
+            last = self.segments[-1]
+            if last.end is None:
+                last.end = last.start + last.done
+            self._cond.notify_all()
+
+    def _wait_hashed(self, size: int) -> None:
+        self.start_hasher()
+        with self._cond:
+            while self._hashed < size and self._hash_error is None:
+                self._cond.wait()
+            if self._hash_error is not None:
+                raise StoreError(f"hashing {self.ref} failed: {self._hash_error}") from (
+                    self._hash_error
+                )
+
+    # --- finishing -----------------------------------------------------------------------
+
+    def seal(self, expected_size: int | None, expected_sha256: str | None) -> Sealed:
+        """fsync -> check size -> check digests. The bytes stay in the partial directory."""
+        if not self._finished():
+            raise StoreError(f"partial download {self.ref} is not complete")
+        try:
+            os.fsync(self.fd)
+            size = os.fstat(self.fd).st_size
+        except OSError as e:
+            raise StoreError(f"cannot sync {self.ref}: {e.strerror}") from e
+        written = self._contiguous()
+        if size != written:
+            os.ftruncate(self.fd, written)
+            size = written
+        if expected_size is not None and size != expected_size:
+            raise IntegrityError(f"size mismatch: expected {expected_size} bytes, got {size}")
+        self._wait_hashed(size)
+        sha = self._sha.hexdigest() if self._sha is not None else None
+        if expected_sha256 is not None and sha != expected_sha256:
+            raise IntegrityError(
+                f"sha256 mismatch: the source stated {expected_sha256}, the bytes are {sha}"
+            )
+        return Sealed(self.data_path, size, self._b3.hexdigest(), sha)
+
+    def commit(self, blobs: BlobStore, expected_size: int | None,
+               expected_sha256: str | None) -> Sealed:
+        """Seal, then move the bytes into ``blobs/`` under their blake3 and remove the
+        partial directory. A blob that already exists is success."""
+        sealed = self.seal(expected_size, expected_sha256)
+        self._stop_hasher()
+        os.close(self.fd)
+        self.fd = -1
+        blobs.commit(sealed.path, sealed.blake3)
+        self.discard()
+        return sealed
+
+    def _stop_hasher(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._hasher is not None:
+            self._hasher.join()
+
+    def close(self) -> None:
+        """Stop, make progress durable, and release the lock; the partial stays."""
+        self._stop_hasher()
+        if self.fd >= 0:
+            with contextlib.suppress(StoreError, OSError):
+                self.checkpoint()
+            os.close(self.fd)
+            self.fd = -1
+        self._release()
+
+    def discard(self) -> None:
+        """Remove the partial download and release the lock."""
+        self._stop_hasher()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+class BlobWriter:
+    """A sequential writer for content that arrives in order (archive members, local
+    copies): hashes straight from the caller's buffer, commits like :class:`Ingest`."""
+
+    def __init__(self, tmp_dir: Path, expected_sha256: str | None = None) -> None:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.path = tmp_dir / f"blob-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.size = 0
+        self._b3 = blake3.blake3()
+        self._expected_sha256 = expected_sha256
+        self._sha = hashlib.sha256() if expected_sha256 else None
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        self._b3.update(view)
+        if self._sha is not None:
+            self._sha.update(view)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space left writing a blob: {e.strerror}") from e
+            raise StoreError(f"cannot write a blob: {e.strerror}") from e
+        self.size += len(data)
+
+    def commit(self, blobs: BlobStore, expected_size: int | None = None) -> Sealed:
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            if expected_size is not None and self.size != expected_size:
+                raise IntegrityError(
+                    f"size mismatch: expected {expected_size} bytes, got {self.size}"
+                )
+            sha = self._sha.hexdigest() if self._sha is not None else None
+            if self._expected_sha256 is not None and sha != self._expected_sha256:
+                raise IntegrityError(
+                    f"sha256 mismatch: expected {self._expected_sha256}, the bytes are {sha}"
+                )
+            digest = self._b3.hexdigest()
+            blobs.commit(self.path, digest)
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
+        return Sealed(blobs.path(digest), self.size, digest, sha)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.path.unlink(missing_ok=True)

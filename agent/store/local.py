@@ -1,0 +1,232 @@
+"""The store on the node's disk: blobs, published trees, partial downloads, pull intents.
+
+This is the one object the rest of the agent holds. It keeps in memory only what it can
+rebuild from disk at start-up (:mod:`agent.store.recovery`): blob sizes, the sha256 -> blake3
+aliases that let a source's stated digest find content already stored, and the manifests.
+
+Blocking: methods touch the disk; async callers use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from agent.errors import StoreError
+from agent.store.blobs import BlobStore, fsync_dir
+from agent.store.ingest import BlobWriter, Ingest
+from agent.store.trees import FileEntry, Manifest, Trees
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the store holds, and what its filesystem has left."""
+
+    capacity_bytes: int
+    used_bytes: int
+    """Filesystem bytes in use (by everything on it, not just the cache)."""
+    free_bytes: int
+    """Bytes available to the agent (statvfs ``f_bavail``)."""
+    cache_bytes: int
+    """Bytes of distinct blobs."""
+    blobs: int
+    dedup_saved_bytes: int
+    """Bytes the published trees would take without dedup, minus what they take."""
+    inodes_free_ratio: float
+
+
+class Store:
+    """A modelcache store rooted at one directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = BlobStore(root / "blobs")
+        self.models = root / "models"
+        self.partial = root / "partial"
+        self.tmp = root / "tmp"
+        self.pulls = root / "pulls"
+        self.trees = Trees(self.models, self.tmp, self.blobs)
+        self._lock = threading.Lock()
+        self._sizes: dict[str, int] = {}
+        self._sha256: dict[str, str] = {}
+        self._manifests: dict[str, Manifest] = {}
+
+    def ensure_layout(self) -> None:
+        for d in (self.root, self.blobs.root, self.models, self.partial, self.tmp, self.pulls):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.partial, 0o700)
+        os.chmod(self.tmp, 0o700)
+
+    # --- blobs ---------------------------------------------------------------------------
+
+    def open_ingest(self, ref: str, identity: dict[str, Any]) -> Ingest:
+        return Ingest.open(self.partial, ref, identity)
+
+    def blob_writer(self, expected_sha256: str | None = None) -> BlobWriter:
+        return BlobWriter(self.tmp, expected_sha256)
+
+    def note_blob(self, digest: str, size: int, sha256: str | None = None) -> None:
+        """Record a committed blob (and the sha256 a source stated for it)."""
+        with self._lock:
+            self._sizes[digest] = size
+            if sha256:
+                self._sha256[sha256] = digest
+
+    def find_sha256(self, sha256: str) -> tuple[str, int] | None:
+        """A committed blob whose content has this sha256: (blake3, size), or None."""
+        with self._lock:
+            digest = self._sha256.get(sha256)
+        if digest is None:
+            return None
+        info = self.blobs.info(digest)
+        if info is None:
+            with self._lock:
+                self._sha256.pop(sha256, None)
+                self._sizes.pop(digest, None)
+            return None
+        return digest, info.size
+
+    def has_blob(self, digest: str, size: int) -> bool:
+        info = self.blobs.info(digest)
+        return info is not None and info.size == size
+
+    def remove_blob(self, digest: str) -> int:
+        """Remove a blob's store name; returns the bytes freed."""
+        freed = self.blobs.remove(digest)
+        with self._lock:
+            self._sizes.pop(digest, None)
+            for sha in [s for s, d in self._sha256.items() if d == digest]:
+                del self._sha256[sha]
+        return freed
+
+    def unreferenced_blobs(self, keep: Iterable[str] = ()) -> list[str]:
+        """Blobs no published tree links (and not in ``keep``)."""
+        keep = set(keep)
+        return [b.digest for b in self.blobs if b.refs == 0 and b.digest not in keep]
+
+    # --- models --------------------------------------------------------------------------
+
+    def manifest(self, key: str) -> Manifest | None:
+        with self._lock:
+            return self._manifests.get(key)
+
+    def manifests(self) -> list[Manifest]:
+        with self._lock:
+            return list(self._manifests.values())
+
+    def publish(self, manifest: Manifest) -> Manifest:
+        """Publish a tree and switch the model's manifest to it; older trees are kept
+        (listed in ``previous``) until :meth:`drop_tree` removes them."""
+        old = self.trees.read_manifest(manifest.key)
+        previous: list[str] = []
+        if old is not None:
+            previous = [t for t in (*old.previous, old.tree) if t not in previous]
+        published = self.trees.publish(manifest)
+        previous = [t for t in previous if t != published.tree]
+        if tuple(previous) != published.previous:
+            published = replace(published, previous=tuple(previous))
+            self.trees.write_manifest(published)
+        with self._lock:
+            self._manifests[published.key] = published
+            for f in published.files:
+                self._sizes[f.blake3] = f.size
+                if f.sha256:
+                    self._sha256[f.sha256] = f.blake3
+        return published
+
+    def update_manifest(self, manifest: Manifest) -> None:
+        """Rewrite a manifest whose tree is unchanged (last use, pin)."""
+        self.trees.write_manifest(manifest)
+        with self._lock:
+            self._manifests[manifest.key] = manifest
+
+    def drop_tree(self, key: str, tree: str) -> None:
+        """Remove an older tree of a model (never its current one)."""
+        manifest = self.manifest(key)
+        if manifest is not None and manifest.tree == tree:
+            raise StoreError(f"tree {tree} is the current tree of model {key}")
+        self.trees.remove_tree(key, tree)
+        if manifest is not None and tree in manifest.previous:
+            kept = tuple(t for t in manifest.previous if t != tree)
+            self.update_manifest(replace(manifest, previous=kept))
+
+    def remove_model(self, key: str) -> None:
+        """Remove a model's manifest and trees (blobs stay until garbage collection)."""
+        with self._lock:
+            self._manifests.pop(key, None)
+        self.trees.remove_model(key)
+
+    def load_manifest(self, manifest: Manifest) -> None:
+        """Register a manifest found on disk (recovery)."""
+        with self._lock:
+            self._manifests[manifest.key] = manifest
+            for f in manifest.files:
+                self._sizes[f.blake3] = f.size
+                if f.sha256:
+                    self._sha256[f.sha256] = f.blake3
+
+    # --- pull intents --------------------------------------------------------------------
+
+    def write_intent(self, key: str, intent: dict[str, Any]) -> None:
+        """Record a pull in flight, so that a restart resumes it."""
+        tmp = self.pulls / f".{key}-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(intent))
+        os.replace(tmp, self.pulls / f"{key}.json")
+
+    def remove_intent(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.pulls / f"{key}.json").unlink()
+
+    def intents(self) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.pulls):
+                if entry.name.startswith(".") or not entry.name.endswith(".json"):
+                    continue
+                try:
+                    found[entry.name[:-5]] = json.loads(Path(entry.path).read_text())
+                except (OSError, ValueError):
+                    Path(entry.path).unlink(missing_ok=True)
+        return found
+
+    def remove_partial(self, ref: str) -> None:
+        shutil.rmtree(self.partial / ref, ignore_errors=True)
+
+    # --- accounting ----------------------------------------------------------------------
+
+    def usage(self) -> Usage:
+        st = os.statvfs(self.root)
+        capacity = st.f_blocks * st.f_frsize
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        inodes = st.f_files or 1
+        with self._lock:
+            cache = sum(self._sizes.values())
+            blobs = len(self._sizes)
+            refs: Counter[str] = Counter()
+            logical = 0
+            for m in self._manifests.values():
+                for f in m.files:
+                    refs[f.blake3] += 1
+                    logical += f.size
+            distinct = sum(self._sizes.get(d, 0) for d in refs)
+        return Usage(capacity, used, st.f_bavail * st.f_frsize, cache, blobs,
+                     max(0, logical - distinct), st.f_favail / inodes)
+
+    def set_blob_sizes(self, sizes: dict[str, int]) -> None:
+        with self._lock:
+            self._sizes = dict(sizes)
+
+    def fsync_root(self) -> None:
+        fsync_dir(self.root)
+
+
+__all__ = ["FileEntry", "Manifest", "Store", "Usage"]

@@ -1,0 +1,224 @@
+"""Published model trees and their manifests under ``models/<key>/``.
+
+A tree is built in ``tmp/`` as hard links to committed blobs, fsynced, then renamed into
+``models/<key>/<tree>`` in one step: a reader of ``models/`` sees no tree or a complete one.
+The manifest (``models/<key>/manifest.json``) is written to ``tmp/`` and renamed over the old
+one, so it always names a complete tree. A tree's name is derived from its content.
+
+Blocking: file-system work; async callers run these in a thread.
+"""
+
+from __future__ import annotations
+
+import calendar
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from agent.errors import StoreError
+from agent.names import check_unique, join_inside
+from agent.store.blobs import BlobStore, fsync_dir
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    blake3: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    key: str
+    uri: str
+    revision: str
+    tree: str
+    files: tuple[FileEntry, ...]
+    include: tuple[str, ...] = ()
+    source_uri: str | None = None
+    created: float = 0.0
+    last_used: float = 0.0
+    resolved_at: float = 0.0
+    pinned: bool = False
+    previous: tuple[str, ...] = field(default=())
+    """Older trees still on disk (kept while a pod may use them)."""
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["version"] = MANIFEST_VERSION
+        data["size_bytes"] = self.size_bytes
+        data["created"] = iso(self.created)
+        data["last_used"] = iso(self.last_used)
+        data["resolved_at"] = iso(self.resolved_at)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        if data.get("version") != MANIFEST_VERSION:
+            raise StoreError(f"manifest version {data.get('version')!r} is not supported")
+        files = tuple(FileEntry(f["path"], int(f["size"]), f["blake3"], f.get("sha256"))
+                      for f in data["files"])
+        return cls(
+            key=data["key"], uri=data["uri"], revision=data["revision"], tree=data["tree"],
+            files=files, include=tuple(data.get("include", ())),
+            source_uri=data.get("source_uri"), created=parse_iso(data.get("created")),
+            last_used=parse_iso(data.get("last_used")),
+            resolved_at=parse_iso(data.get("resolved_at")),
+            pinned=bool(data.get("pinned", False)), previous=tuple(data.get("previous", ())),
+        )
+
+
+def tree_id(files: Iterable[FileEntry]) -> str:
+    """``t-`` and 16 hex of blake3 over the sorted (path, size, blake3) list."""
+    h = blake3.blake3()
+    for f in sorted(files, key=lambda f: f.path):
+        h.update(f"{f.path}\0{f.size}\0{f.blake3}\n".encode())
+    return "t-" + h.hexdigest()[:16]
+
+
+class Trees:
+    """The ``models/`` directory of a store."""
+
+    def __init__(self, models: Path, tmp: Path, blobs: BlobStore) -> None:
+        self.root = models
+        self.tmp = tmp
+        self.blobs = blobs
+
+    def model_dir(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise StoreError(f"invalid model key {key!r}")
+        return self.root / key
+
+    def keys(self) -> Iterator[str]:
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.root):
+                if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                    yield entry.name
+
+    def trees(self, key: str) -> list[str]:
+        with contextlib.suppress(FileNotFoundError):
+            return sorted(e.name for e in os.scandir(self.model_dir(key))
+                          if e.is_dir(follow_symlinks=False) and e.name.startswith("t-"))
+        return []
+
+    def read_manifest(self, key: str) -> Manifest | None:
+        path = self.model_dir(key) / MANIFEST
+        try:
+            return Manifest.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"manifest of model {key} is unreadable: {e}") from e
+
+    def publish(self, manifest: Manifest) -> Manifest:
+        """Make the manifest's tree visible (if it is not already), then switch the
+        manifest to it. The tree's files must all be committed blobs."""
+        files = manifest.files
+        check_unique(f.path for f in files)
+        tree = tree_id(files)
+        manifest = replace(manifest, tree=tree)
+        model_dir = self.model_dir(manifest.key)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        target = model_dir / tree
+        if not target.is_dir():
+            self._build(tree, files, model_dir, target)
+        self.write_manifest(manifest)
+        return manifest
+
+    def _build(self, tree: str, files: tuple[FileEntry, ...], model_dir: Path,
+               target: Path) -> None:
+        stage = self.tmp / f"tree-{tree}-{uuid.uuid4().hex[:8]}"
+        stage.mkdir(parents=True)
+        try:
+            made = {stage}
+            for f in files:
+                dst = join_inside(stage, f.path)
+                parent = dst.parent
+                if parent not in made:
+                    parent.mkdir(parents=True, exist_ok=True)
+                    while parent not in made:
+                        made.add(parent)
+                        parent = parent.parent
+                try:
+                    os.link(self.blobs.path(f.blake3), dst)
+                except FileNotFoundError as e:
+                    raise StoreError(f"blob {f.blake3} of {f.path} is not in the store") from e
+            for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
+                fsync_dir(d)
+            try:
+                os.rename(stage, target)
+            except OSError as e:
+                if not target.is_dir():
+                    raise StoreError(f"cannot publish tree {tree}: {e.strerror}") from e
+                shutil.rmtree(stage, ignore_errors=True)  # another publisher won: same content
+            fsync_dir(model_dir)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        model_dir = self.model_dir(manifest.key)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"manifest-{manifest.key}-{uuid.uuid4().hex[:8]}"
+        data = json.dumps(manifest.to_json(), indent=1).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, model_dir / MANIFEST)
+        fsync_dir(model_dir)
+
+    def remove_tree(self, key: str, tree: str) -> None:
+        """Take a tree out of ``models/`` in one rename, then delete it."""
+        src = self.model_dir(key) / tree
+        if not src.is_dir():
+            return
+        trash = self.tmp / f"trash-{key}-{tree}-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        os.rename(src, trash)
+        fsync_dir(src.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def remove_model(self, key: str) -> None:
+        """Remove a model: its manifest first (it stops being visible), then its trees.
+
+        ``models/<key>`` itself stays (empty): a pod's hostPath may be bound to it.
+        """
+        model_dir = self.model_dir(key)
+        with contextlib.suppress(FileNotFoundError):
+            (model_dir / MANIFEST).unlink()
+            fsync_dir(model_dir)
+        for tree in self.trees(key):
+            self.remove_tree(key, tree)
+
+
+def iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else ""
+
+
+def parse_iso(value: Any) -> float:
+    if not value:
+        return 0.0
+    try:
+        return float(calendar.timegm(time.strptime(str(value), "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return 0.0
