@@ -38,6 +38,8 @@ class AgentState:
     ready: bool = False
     """True once the store is recovered and the agent accepts work."""
     stopping: bool = False
+    address: str = ""
+    """HOST:PORT the API listens on (known once it is bound)."""
 
 
 @dataclass

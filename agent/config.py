@@ -37,6 +37,7 @@ from agent.settings import (
     ApiSettings,
     EgressSettings,
     FetchSettings,
+    SourceSettings,
     StoreSettings,
     WarmModel,
 )
@@ -148,10 +149,16 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
     warm = tuple(WarmModel(m["uri"], tuple(m.get("include", ())), bool(m.get("pin", False)))
                  for m in cfg.get("models", ()))
     node = args.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+    sources = SourceSettings(
+        hf_endpoint=os.environ.get("HF_ENDPOINT", SourceSettings.hf_endpoint),
+        s3_endpoint=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        s3_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        model_registry=os.environ.get("MODEL_REGISTRY_ADDRESS"),
+    )
     return AgentSettings(
         node_name=node, standalone=args.standalone,
         refresh_interval=float(cfg.get("refreshInterval", AgentSettings.refresh_interval)),
-        store=store, fetch=fetch, egress=egress, api=api, warm=warm,
+        store=store, fetch=fetch, egress=egress, api=api, warm=warm, sources=sources,
     )
 
 

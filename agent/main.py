@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,7 +30,9 @@ from agent.puller import Puller
 from agent.reference import parse, split_host_port
 from agent.settings import AgentSettings
 from agent.sources.base import Source
+from agent.sources.control import Control
 from agent.sources.file import FileSource
+from agent.sources.hf import HfSource
 from agent.sources.http import HttpSource
 from agent.store.local import Store
 from agent.store.recovery import recover
@@ -40,8 +43,15 @@ REFRESH_CHECK_SECONDS = 60.0
 
 def build_sources(egress: Egress, settings: AgentSettings) -> dict[str, Source]:
     """One source object per scheme the agent can pull."""
+    s = settings.sources
     http = HttpSource(egress)
-    return {"http": http, "https": http, "file": FileSource(egress)}
+    control = Control(egress, retries=s.control_retries)
+    return {
+        "http": http,
+        "https": http,
+        "file": FileSource(egress),
+        "hf": HfSource(control, s.hf_endpoint, os.environ.get("HF_TOKEN")),
+    }
 
 
 async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
@@ -109,6 +119,9 @@ async def serve(deps: Deps, stop: asyncio.Event, started: asyncio.Event | None =
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()
+        bound = runner.addresses[0]
+        deps.state.address = f"{bound[0]}:{bound[1]}" if ":" not in bound[0] \
+            else f"[{bound[0]}]:{bound[1]}"
         deps.state.ready = True
         log.info("agent ready", extra={"listen": deps.settings.api.listen,
                                        "node": deps.settings.node_name,

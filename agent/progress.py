@@ -38,6 +38,7 @@ class ProgressBar:
         self._first_done: int | None = None
         self._last_plain = 0.0
         self._drawn = False
+        self._state = ""
 
     def update(self, done: int, total: int, state: str = "") -> None:
         now = time.monotonic()
@@ -56,8 +57,9 @@ class ProgressBar:
             self.stream.write(line[:160].ljust(120))
             self.stream.flush()
             self._drawn = True
-        elif now - self._last_plain >= PLAIN_EVERY:
+        elif total and (now - self._last_plain >= PLAIN_EVERY or state != self._state):
             self._last_plain = now
+            self._state = state
             pct = f"{done * 100 / total:.0f}%" if total else "?"
             self.stream.write(f"{self.label}: {state} {human_bytes(done)} of "
                               f"{human_bytes(total)} ({pct})\n")

@@ -87,6 +87,30 @@ class EgressSettings:
 
 
 @dataclass(frozen=True)
+class SourceSettings:
+    hf_endpoint: str = "https://huggingface.co"
+    """Hugging Face hub or mirror (``HF_ENDPOINT``)."""
+
+    s3_endpoint: str | None = None
+    """S3-compatible endpoint (``AWS_ENDPOINT_URL``): MinIO, Ceph, SeaweedFS. None: AWS."""
+
+    s3_region: str | None = None
+    """S3 region (``AWS_REGION`` / ``AWS_DEFAULT_REGION``)."""
+
+    s3_addressing: str = "auto"
+    """``path``, ``virtual`` or ``auto`` (path-style for custom endpoints)."""
+
+    model_registry: str | None = None
+    """Default Kubeflow Model Registry ``host:port`` for ``model-registry://MODEL/VERSION``."""
+
+    model_registry_scheme: str = "http"
+    """Scheme of the model registry's REST API (``http`` or ``https``)."""
+
+    control_retries: int = 6
+    """Attempts of a control-plane request (listing, manifest, token) on 429/5xx/resets."""
+
+
+@dataclass(frozen=True)
 class ArchiveSettings:
     max_members: int = 100_000
     """Members an archive or tar layer may hold."""
@@ -140,6 +164,7 @@ class AgentSettings:
     fetch: FetchSettings = field(default_factory=FetchSettings)
     egress: EgressSettings = field(default_factory=EgressSettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    sources: SourceSettings = field(default_factory=SourceSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     warm: tuple[WarmModel, ...] = ()
     """Models to prefetch at start (and pin, if marked)."""

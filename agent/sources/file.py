@@ -28,7 +28,7 @@ MAX_FILES = 100_000
 
 
 class FileSource:
-    schemes = ("file",)
+    schemes: tuple[str, ...] = ("file",)
 
     def __init__(self, egress: Egress) -> None:
         self.egress = egress

@@ -26,7 +26,7 @@ from agent.sources.base import Credentials, Location, RemoteFile, Resolved
 
 
 class HttpSource:
-    schemes = ("http", "https")
+    schemes: tuple[str, ...] = ("http", "https")
 
     def __init__(self, egress: Egress) -> None:
         self.egress = egress

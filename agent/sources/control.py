@@ -1,0 +1,97 @@
+"""Control-plane HTTP for sources: listings, manifests, tokens, registry lookups.
+
+Small bodies read whole (capped), every hop checked by the egress policy, and 429 / 5xx /
+resets retried with full-jitter exponential backoff that honours ``Retry-After`` (many
+nodes asking a hub at once must spread out, not stampede).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from agent.egress import Egress, shown_url, status_error
+from agent.errors import SourceError, TransientError
+
+log = logging.getLogger(__name__)
+MAX_BODY = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    url: str
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError as e:
+            raise SourceError(f"{shown_url(self.url)} did not answer JSON: {e}") from e
+
+
+class Control:
+    def __init__(self, egress: Egress, retries: int = 6, backoff_base: float = 0.5,
+                 backoff_max: float = 30.0) -> None:
+        self.egress = egress
+        self.retries = retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = self.egress.session()
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
+                      ok: tuple[int, ...] = (200,), data: bytes | None = None,
+                      max_body: int = MAX_BODY) -> Reply:
+        """Send a request, retrying transient failures; statuses not in ``ok`` raise."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._once(method, url, headers, ok, data, max_body)
+            except TransientError as e:
+                if attempt >= self.retries:
+                    raise TransientError(f"{e} (after {attempt} attempts)") from e
+                delay = random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** attempt))
+                if e.retry_after is not None:
+                    delay = max(delay, min(e.retry_after, self.backoff_max))
+                log.info("retrying control request", extra={
+                    "url": shown_url(url), "attempt": attempt, "delay": round(delay, 3),
+                    "error": str(e)})
+                await asyncio.sleep(delay)
+
+    async def _once(self, method: str, url: str, headers: Mapping[str, str] | None,
+                    ok: tuple[int, ...], data: bytes | None, max_body: int) -> Reply:
+        resp = await self.egress.request(self._http(), method, url, headers=headers, data=data)
+        async with resp:
+            try:
+                body = await resp.content.read(max_body + 1)
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                raise TransientError(f"{method} {shown_url(url)}: {e}") from e
+            if len(body) > max_body:
+                raise SourceError(f"{shown_url(url)} answered more than {max_body} bytes")
+            if resp.status not in ok:
+                raise status_error(resp.status, shown_url(url), resp.headers.get("Retry-After"))
+            return Reply(resp.status, resp.headers, body, str(resp.url))
+
+    async def json(self, url: str, *, headers: Mapping[str, str] | None = None) -> Reply:
+        return await self.request("GET", url, headers={"Accept": "application/json",
+                                                       **(headers or {})})
