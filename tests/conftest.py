@@ -1,0 +1,103 @@
+"""Shared fixtures: the real servers every source test needs (see ``tests/servers``).
+
+Each fixture starts what it yields and stops it at teardown (processes by PID, SIGTERM then
+SIGKILL after 5 s; threads joined). Expensive servers are session-scoped and tests get
+their own namespace in them (a directory, a bucket prefix, a repository name).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.servers.faulty import FaultyServer, faulty_server
+from tests.servers.hfhub import HubServer, hub_server
+from tests.servers.nginx import NginxServer, start_nginx
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    """A test CA; ``tls_ca.cert_pem.bytes()`` is what clients must trust."""
+    return trustme.CA()
+
+
+# -- nginx ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxServer]:
+    """One nginx for the session, serving ``nginx.root``; tests use ``nginx_dir``."""
+    base = tmp_path_factory.mktemp("nginx")
+    (base / "www").mkdir()
+    srv = start_nginx(base / "www", base / "run")
+    yield srv
+    srv.stop()
+
+
+@dataclass(frozen=True)
+class ServedDir:
+    """A directory whose files a server serves under ``base_url``."""
+
+    path: Path
+    base_url: str
+
+    def url(self, name: str = "") -> str:
+        return f"{self.base_url}/{name.lstrip('/')}"
+
+
+@pytest.fixture
+def nginx_dir(nginx: NginxServer) -> ServedDir:
+    """A fresh directory of the session nginx: write files, fetch ``url(name)``."""
+    name = uuid.uuid4().hex[:12]
+    (nginx.root / name).mkdir()
+    return ServedDir(nginx.root / name, nginx.url(name))
+
+
+@pytest.fixture
+def nginx_factory(tmp_path: Path) -> Iterator[Callable[..., NginxServer]]:
+    """``nginx_factory(root, tls=ca, redirects={path: location})``: extra nginx servers
+    (TLS, redirect maps) that live for one test."""
+    started: list[NginxServer] = []
+
+    def make(root: Path, **kwargs: object) -> NginxServer:
+        srv = start_nginx(root, tmp_path / f"nginx-{len(started)}", **kwargs)  # type: ignore[arg-type]
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+# -- fault-injecting HTTP -------------------------------------------------------------
+@pytest.fixture
+def faulty() -> Iterator[FaultyServer]:
+    """A :class:`FaultyServer` on 127.0.0.1: ``add(path, bytes)``, ``fault(path, Fault())``."""
+    with faulty_server() as server:
+        yield server
+
+
+@pytest.fixture
+def faulty_factory() -> Iterator[Callable[..., FaultyServer]]:
+    """``faulty_factory(host="127.0.0.2")``: more fault servers (redirect targets)."""
+    with ExitStack() as stack:
+        yield lambda host="127.0.0.1": stack.enter_context(faulty_server(host))
+
+
+# -- Hugging Face hub -----------------------------------------------------------------
+@pytest.fixture
+def hf_hub() -> Iterator[HubServer]:
+    """A hub with small tree pages (3) and no CDN; set ``HF_ENDPOINT`` to ``base_url``."""
+    with hub_server(page_size=3) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hf_hub_factory() -> Iterator[Callable[..., HubServer]]:
+    """``hf_hub_factory(cdn=True, tokens={"t"}, page_size=2, require_auth=False)``."""
+    with ExitStack() as stack:
+        yield lambda **kwargs: stack.enter_context(hub_server(**kwargs))
