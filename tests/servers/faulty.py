@@ -299,6 +299,11 @@ async def _write_body(
             n = min(n, cut - record.sent)
         if stall_at is not None:
             n = min(n, stall_at - record.sent)
+        if fault is not None and fault.rate:
+            n = min(n, max(1024, fault.rate // 10))
+            ahead = record.sent / fault.rate - (time.monotonic() - began)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
         if resource.file is not None:
             chunk = await asyncio.to_thread(resource.read, pos, n)
         else:
@@ -312,10 +317,6 @@ async def _write_body(
             return  # the client went away
         pos += len(chunk)
         record.sent += len(chunk)
-        if fault is not None and fault.rate:
-            ahead = record.sent / fault.rate - (time.monotonic() - began)
-            if ahead > 0:
-                await asyncio.sleep(ahead)
     if cut is not None and record.sent >= cut and pos < end:
         cut_with(request)
 
