@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import trustme
 
 from tests.servers.faulty import FaultyServer, faulty_server
 from tests.servers.hfhub import HubServer, hub_server
-from tests.servers.nginx import NginxServer, start_nginx
+from tests.servers.nginx import NginxServer, ServedDir, start_nginx
 
 
 @pytest.fixture(scope="session")
@@ -36,17 +35,6 @@ def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxServer]:
     srv = start_nginx(base / "www", base / "run")
     yield srv
     srv.stop()
-
-
-@dataclass(frozen=True)
-class ServedDir:
-    """A directory whose files a server serves under ``base_url``."""
-
-    path: Path
-    base_url: str
-
-    def url(self, name: str = "") -> str:
-        return f"{self.base_url}/{name.lstrip('/')}"
 
 
 @pytest.fixture

@@ -70,6 +70,17 @@ class NginxServer:
         self.process.stop()
 
 
+@dataclass(frozen=True)
+class ServedDir:
+    """A directory whose files a server serves under ``base_url``."""
+
+    path: Path
+    base_url: str
+
+    def url(self, name: str = "") -> str:
+        return f"{self.base_url}/{name.lstrip('/')}"
+
+
 def _config(
     *,
     root: Path,

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import trustme
 
-from tests.conftest import ServedDir
-from tests.servers.nginx import NginxServer
 from tests.servers.net import fetch, tls_client_context
+from tests.servers.nginx import NginxServer, ServedDir
 
 
 def test_serves_ranges_and_validators(nginx_dir: ServedDir) -> None:
