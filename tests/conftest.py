@@ -17,6 +17,7 @@ import trustme
 
 from tests.servers.faulty import FaultyServer, faulty_server
 from tests.servers.hfhub import HubServer, hub_server
+from tests.servers.modelregistry import ModelRegistryServer, model_registry_server
 from tests.servers.nginx import NginxServer, ServedDir, start_nginx
 
 
@@ -89,3 +90,18 @@ def hf_hub_factory() -> Iterator[Callable[..., HubServer]]:
     """``hf_hub_factory(cdn=True, tokens={"t"}, page_size=2, require_auth=False)``."""
     with ExitStack() as stack:
         yield lambda **kwargs: stack.enter_context(hub_server(**kwargs))
+
+
+# -- Kubeflow Model Registry ----------------------------------------------------------
+@pytest.fixture
+def model_registry() -> Iterator[ModelRegistryServer]:
+    """An empty registry without auth; ``register(name, version, uri)`` seeds it."""
+    with model_registry_server() as server:
+        yield server
+
+
+@pytest.fixture
+def model_registry_factory() -> Iterator[Callable[..., ModelRegistryServer]]:
+    """``model_registry_factory(token="t")``: registries that require a bearer token."""
+    with ExitStack() as stack:
+        yield lambda **kwargs: stack.enter_context(model_registry_server(**kwargs))
