@@ -19,6 +19,7 @@ from tests.servers.faulty import FaultyServer, faulty_server
 from tests.servers.hfhub import HubServer, hub_server
 from tests.servers.modelregistry import ModelRegistryServer, model_registry_server
 from tests.servers.nginx import NginxServer, ServedDir, start_nginx
+from tests.servers.registry import Registry, registry_server, token_server
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +106,48 @@ def model_registry_factory() -> Iterator[Callable[..., ModelRegistryServer]]:
     """``model_registry_factory(token="t")``: registries that require a bearer token."""
     with ExitStack() as stack:
         yield lambda **kwargs: stack.enter_context(model_registry_server(**kwargs))
+
+
+# -- OCI registry ---------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """The real ``docker-registry`` for the session: anonymous, plain HTTP on 127.0.0.1.
+    Push with ``oci_registry.client().push(image, repo, tag)`` or ``skopeo_copy``; use
+    ``oci_repo`` for a repository name no other test uses."""
+    with registry_server(tmp_path_factory.mktemp("registry")) as reg:
+        yield reg
+
+
+@pytest.fixture
+def oci_repo() -> str:
+    return f"test/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def oci_registry_factory(tmp_path: Path, tls_ca: trustme.CA) -> Iterator[Callable[..., Registry]]:
+    """Registries with auth or TLS for one test::
+
+    oci_registry_factory(users={"alice": "pw"})          # htpasswd basic auth
+    oci_registry_factory(tls=True)                       # HTTPS, CA = tls_ca
+    oci_registry_factory(token=True, token_users={...})  # bearer tokens (realm on 127.0.0.1)
+    oci_registry_factory(token=True, realm_host="127.0.0.2")  # realm on another host
+    """
+    with ExitStack() as stack:
+
+        def make(
+            *,
+            users: dict[str, str] | None = None,
+            tls: bool = False,
+            token: bool = False,
+            realm_host: str = "127.0.0.1",
+            token_users: dict[str, str] | None = None,
+        ) -> Registry:
+            ts = None
+            if token:
+                ts = stack.enter_context(token_server(host=realm_host, users=token_users))
+            workdir = tmp_path / f"registry-{uuid.uuid4().hex[:8]}"
+            return stack.enter_context(
+                registry_server(workdir, users=users, tls=tls_ca if tls else None, token=ts)
+            )
+
+        yield make
