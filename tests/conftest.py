@@ -20,6 +20,7 @@ from tests.servers.hfhub import HubServer, hub_server
 from tests.servers.modelregistry import ModelRegistryServer, model_registry_server
 from tests.servers.nginx import NginxServer, ServedDir, start_nginx
 from tests.servers.registry import Registry, registry_server, token_server
+from tests.servers.s3 import S3Endpoint, moto_reset, moto_server, seaweedfs_server
 
 
 @pytest.fixture(scope="session")
@@ -151,3 +152,31 @@ def oci_registry_factory(tmp_path: Path, tls_ca: trustme.CA) -> Iterator[Callabl
             )
 
         yield make
+
+
+# -- S3 -------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def moto_s3_server() -> Iterator[S3Endpoint]:
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def moto_s3(moto_s3_server: S3Endpoint) -> S3Endpoint:
+    """moto's S3, emptied for this test, with an empty ``models`` bucket. Any credentials
+    pass: use ``seaweedfs`` where signatures matter."""
+    moto_reset(moto_s3_server)
+    return moto_s3_server
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """SeaweedFS S3 (real SigV4; ``test`` / ``testsecret``; bucket ``models``), one per
+    session: write under ``s3_prefix`` so tests do not see each other's objects."""
+    with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_prefix() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
