@@ -7,6 +7,8 @@ their own namespace in them (a directory, a bucket prefix, a repository name).
 
 from __future__ import annotations
 
+import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -15,12 +17,43 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.servers.aioserver import SERVER_THREAD_NAMES
 from tests.servers.faulty import FaultyServer, faulty_server
 from tests.servers.hfhub import HubServer, hub_server
 from tests.servers.modelregistry import ModelRegistryServer, model_registry_server
 from tests.servers.nginx import NginxServer, ServedDir, start_nginx
 from tests.servers.registry import Registry, registry_server, token_server
 from tests.servers.s3 import S3Endpoint, moto_reset, moto_server, seaweedfs_server
+
+
+def _live_children() -> set[int]:
+    """PIDs of this process's children that are still running (zombies count: unreaped)."""
+    me = str(os.getpid())
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _server_threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name in SERVER_THREAD_NAMES}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_servers() -> Iterator[None]:
+    """Fail a test that leaves a child process or a test-server thread behind
+    (session-scoped servers are started before this snapshot and do not count)."""
+    procs, threads = _live_children(), _server_threads()
+    yield
+    leaked = _live_children() - procs
+    assert not leaked, f"child processes left running: {sorted(leaked)}"
+    extra = _server_threads() - threads
+    assert not extra, f"test-server threads left running: {sorted(extra)}"
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,10 @@ from tests.servers.net import LOOPBACK
 T = TypeVar("T")
 
 START_TIMEOUT = 10.0
+SERVER_THREAD_NAMES = frozenset(
+    {"aiohttp-test-server", "faulty-http", "hf-hub", "hf-cdn", "model-registry", "registry-token"}
+)
+"""Names of the threads the test servers run in (for leak checks)."""
 
 
 def _bound_port(runner: web.AppRunner) -> int:
@@ -82,6 +86,7 @@ class AppThread:
         self.loop.run_forever()
         # stop() ran the cleanup; drain what callbacks remain, then close
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.run_until_complete(self.loop.shutdown_default_executor())
         self.loop.close()
 
     async def _start(self) -> None:

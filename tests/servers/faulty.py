@@ -10,6 +10,8 @@ Serves in-memory or on-disk files with ``Range`` (206 / 416), ``If-Range``, ``ET
 - ``wrong_content_range``: answer a range with a ``Content-Range`` that lies;
 - ``ignore_range``: answer 200 with the whole body to a ranged request;
 - ``rate`` (bytes/s), ``stall_after`` + ``stall_for``, ``delay`` before the headers;
+- ``hold``: a ``threading.Event`` the response waits for (before the headers, or at
+  ``stall_after`` bytes), so a test controls exactly when a download proceeds;
 - ``redirect`` to any URL; ``corrupt_at`` flips one byte of the body.
 
 Every request is recorded (:class:`Served`: method, path, host, range asked, bytes actually
@@ -32,7 +34,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
@@ -41,9 +43,10 @@ from pathlib import Path
 from aiohttp import web
 
 from tests.servers.aioserver import AppThread
-from tests.servers.net import LOOPBACK
+from tests.servers.net import LOOPBACK, wait_until
 
 CHUNK = 64 * 1024
+HOLD_TIMEOUT = 60.0
 _FIXED_MTIME = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
 
 
@@ -74,6 +77,9 @@ class Fault:
     stall_after: int | None = None
     """Pause for ``stall_for`` seconds after this many body bytes."""
     stall_for: float = 0.0
+    hold: threading.Event | None = None
+    """Wait (up to ``HOLD_TIMEOUT``) until this is set: at ``stall_after`` bytes if given,
+    else before the status line."""
     corrupt_at: int | None = None
     """Flip the byte at this file offset, if it is sent."""
     headers: Mapping[str, str] = field(default_factory=dict)
@@ -185,6 +191,13 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+async def _wait(event: threading.Event) -> None:
+    """Wait for a thread-side event without tying up an executor thread."""
+    deadline = time.monotonic() + HOLD_TIMEOUT
+    while not event.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+
+
 def _reset(request: web.Request) -> None:
     transport = request.transport
     if transport is None:
@@ -215,6 +228,8 @@ async def respond(
         fault = None
     if fault is not None and fault.delay:
         await asyncio.sleep(fault.delay)
+    if fault is not None and fault.hold is not None and fault.stall_after is None:
+        await _wait(fault.hold)
     base = {
         "Accept-Ranges": "bytes",
         "Last-Modified": resource.http_last_modified,
@@ -293,7 +308,10 @@ async def _write_body(
             break
         if stall_at is not None and record.sent >= stall_at:
             stall_at = None
-            await asyncio.sleep(fault.stall_for if fault is not None else 0)
+            if fault is not None and fault.hold is not None:
+                await _wait(fault.hold)
+            else:
+                await asyncio.sleep(fault.stall_for if fault is not None else 0)
         n = min(CHUNK, end - pos)
         if cut is not None:
             n = min(n, cut - record.sent)
@@ -430,6 +448,10 @@ class FaultyServer:
     def reset_log(self) -> None:
         with self._lock:
             self._log.clear()
+
+    def wait_for(self, predicate: Callable[[FaultyServer], bool], timeout: float = 10.0) -> None:
+        """Poll until ``predicate(self)`` holds, e.g. ``lambda s: s.bytes_sent(p) > 10**6``."""
+        wait_until(lambda: predicate(self), timeout=timeout, interval=0.005, what="server state")
 
     # -- serving ---------------------------------------------------------------------
     def _next(self, path: str, method: str) -> tuple[Resource | None, Fault | None]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +13,8 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from tests.servers.faulty import Fault, FaultyServer, parse_range
+from tests.servers.faulty import Fault, FaultyServer, faulty_server, parse_range
+from tests.servers.net import fetch
 
 
 async def get(
@@ -129,3 +132,27 @@ async def test_file_on_disk(faulty: FaultyServer, tmp_path: Path) -> None:
     faulty.add_tree(root, "/tree")
     status, _, body = await get(faulty.url("/tree/sub/w.bin"), {"Range": "bytes=-10"})
     assert status == 206 and body == b"w" * 10
+
+
+async def test_hold_until_released(faulty: FaultyServer) -> None:
+    faulty.add("/e.bin", b"e" * 100_000)
+    gate = threading.Event()
+    faulty.always("/e.bin", Fault(hold=gate, stall_after=10_000))
+    tasks = [asyncio.create_task(get(faulty.url("/e.bin"))) for _ in range(10)]
+    await asyncio.to_thread(faulty.wait_for, lambda s: s.bytes_sent("/e.bin") == 100_000)
+    assert not any(t.done() for t in tasks)
+    gate.set()
+    bodies = [body for _, _, body in await asyncio.gather(*tasks)]
+    assert bodies == [b"e" * 100_000] * 10
+    assert len(faulty.gets("/e.bin")) == 10
+
+
+def test_stops_its_thread() -> None:
+    with faulty_server() as server:
+        server.add("/x", b"x")
+        assert fetch(server.url("/x")).body == b"x"
+        names = {t.name for t in threading.enumerate()}
+        assert "faulty-http" in names
+    assert "faulty-http" not in {t.name for t in threading.enumerate()}
+    with pytest.raises(OSError):
+        fetch(server.url("/x"), timeout=2)
