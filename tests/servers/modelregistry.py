@@ -29,7 +29,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -410,7 +410,7 @@ def _patch(entity: Entity, body: Entity) -> Entity:
 
 def _find(
     request: web.Request,
-    items: Any,
+    items: Iterable[Entity],
     parent_of: Callable[[Entity], str | None] | None,
 ) -> Entity:
     q = request.query

@@ -89,6 +89,13 @@ def http_status(
             conn.close()
 
 
+def answers(
+    host: str, port: int, path: str, tls: ssl.SSLContext | None, statuses: tuple[int, ...]
+) -> bool:
+    """Whether ``path`` answers one of ``statuses`` now (a readiness probe)."""
+    return http_status(host, port, path, tls=tls) in statuses
+
+
 def tls_client_context(ca_pem: bytes) -> ssl.SSLContext:
     """A client context trusting only ``ca_pem`` (a test CA from trustme)."""
     ctx = ssl.create_default_context(cadata=ca_pem.decode())
@@ -142,7 +149,7 @@ class _Headers(dict[str, str]):
     def __getitem__(self, key: str) -> str:
         return super().__getitem__(key.lower())
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return super().get(key.lower(), default)
 
     def __contains__(self, key: object) -> bool:

@@ -13,6 +13,7 @@ stopped by PID.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import trustme
 
-from tests.servers.net import LOOPBACK, free_port, http_status, tls_client_context, wait_until
+from tests.servers.net import LOOPBACK, answers, free_port, tls_client_context, wait_until
 from tests.servers.proc import ManagedProcess
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -191,7 +192,7 @@ def start_nginx(
         ).start()
         try:
             wait_until(
-                lambda port=port: http_status(host, port, "/__ready", tls=probe_tls) == 204,
+                functools.partial(answers, host, port, "/__ready", probe_tls, (204,)),
                 timeout=10,
                 what="nginx ready",
                 alive=proc.alive,

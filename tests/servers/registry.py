@@ -15,7 +15,8 @@ What distribution 2.8 accepts and refuses on manifest PUT (checked in ``test_reg
 layer annotations are not validated, so titles with ``..``, absolute paths, NUL and
 duplicates are stored and served as pushed; a descriptor whose digest is malformed or of
 an unknown algorithm is refused (500 ``UNKNOWN`` / 400 ``DIGEST_INVALID``), as is one whose
-blob was never uploaded (400 ``MANIFEST_BLOB_UNKNOWN``); a manifest body over 4 MiB is
+blob was never uploaded (400 ``MANIFEST_BLOB_UNKNOWN``), but ``sha512:`` blobs and
+descriptors are accepted (``RegistryClient.push_blob(..., digest="sha512:...")``); a manifest body over 4 MiB is
 refused (400 ``MANIFEST_INVALID``, "http: request body too large"), which caps a manifest
 at about 20k titled layers. For what it refuses (a 100k-layer manifest, bad digests),
 :func:`serve_image` serves the exact bytes at the registry API's paths from a
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import json
 import re
 import shutil
@@ -50,7 +52,7 @@ from cryptography.x509.oid import NameOID
 from tests.servers import oci
 from tests.servers.aioserver import AppThread
 from tests.servers.faulty import FaultyServer
-from tests.servers.net import LOOPBACK, Reply, fetch, free_port, http_status, wait_until
+from tests.servers.net import LOOPBACK, Reply, answers, fetch, free_port, wait_until
 from tests.servers.net import tls_client_context as _tls_ctx
 from tests.servers.proc import ManagedProcess
 
@@ -339,7 +341,7 @@ def start_registry(
         ).start()
         try:
             wait_until(
-                lambda port=port: http_status(host, port, "/v2/", tls=probe_tls) in (200, 401),
+                functools.partial(answers, host, port, "/v2/", probe_tls, (200, 401)),
                 timeout=15,
                 what="docker-registry ready",
                 alive=proc.alive,
@@ -414,9 +416,11 @@ class RegistryClient:
             reply = fetch(url, method=method, data=data, headers=hdrs, tls=self._tls)
         return reply
 
-    def push_blob(self, repo: str, blob: oci.Blob | bytes) -> str:
+    def push_blob(self, repo: str, blob: oci.Blob | bytes, digest: str | None = None) -> str:
+        """Upload a blob (monolithic); ``digest`` may name another algorithm the registry
+        supports (``sha512:<hex>``)."""
         data = blob.data if isinstance(blob, oci.Blob) else blob
-        digest = oci.sha256_digest(data)
+        digest = digest or oci.sha256_digest(data)
         scope = f"repository:{repo}:pull,push"
         if self.request("HEAD", f"/v2/{repo}/blobs/{digest}", scope=scope).status == 200:
             return digest

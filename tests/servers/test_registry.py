@@ -7,6 +7,7 @@ artifacts by title.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -192,6 +193,13 @@ def test_hostile_manifests(oci_registry: Registry, oci_repo: str) -> None:
     for digest in ("sha256:xyz", "md5:" + "0" * 32, "sha256:" + "A" * 64):
         bad = {"mediaType": "application/octet-stream", "digest": digest, "size": 1}
         assert put([bad], "bad-digest") in (400, 500)
+    # a valid digest of another algorithm is accepted: a sha256-only puller must refuse it
+    data = b"sha512 content"
+    d512 = "sha512:" + hashlib.sha512(data).hexdigest()
+    client.push_blob(oci_repo, data, digest=d512)
+    layer = {"mediaType": "application/octet-stream", "digest": d512, "size": len(data)}
+    assert put([{**layer, "annotations": {oci.TITLE: "f"}}], "sha512") == 201
+    assert fetch(f"{oci_registry.base_url}/v2/{oci_repo}/blobs/{d512}").body == data
     # a manifest body over 4 MiB is refused ("http: request body too large")
     many = [blob.descriptor() for _ in range(50_000)]
     assert put(many, "too-many") == 400
