@@ -16,11 +16,11 @@ layer annotations are not validated, so titles with ``..``, absolute paths, NUL 
 duplicates are stored and served as pushed; a descriptor whose digest is malformed or of
 an unknown algorithm is refused (500 ``UNKNOWN`` / 400 ``DIGEST_INVALID``), as is one whose
 blob was never uploaded (400 ``MANIFEST_BLOB_UNKNOWN``), but ``sha512:`` blobs and
-descriptors are accepted (``RegistryClient.push_blob(..., digest="sha512:...")``); a manifest body over 4 MiB is
-refused (400 ``MANIFEST_INVALID``, "http: request body too large"), which caps a manifest
-at about 20k titled layers. For what it refuses (a 100k-layer manifest, bad digests),
-:func:`serve_image` serves the exact bytes at the registry API's paths from a
-:class:`~tests.servers.faulty.FaultyServer`, faults included.
+descriptors are accepted (``RegistryClient.push_blob(..., digest="sha512:...")``); a
+manifest body over 4 MiB is refused (400 ``MANIFEST_INVALID``, "http: request body too
+large"), which caps a manifest at about 20k titled layers. For what it refuses (a
+100k-layer manifest, bad digests), :func:`serve_image` serves the exact bytes at the
+registry API's paths from a :class:`~tests.servers.faulty.FaultyServer`, faults included.
 """
 
 from __future__ import annotations
