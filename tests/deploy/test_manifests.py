@@ -24,6 +24,7 @@ from tests.deploy.render import DEPLOY, INSTALLABLE, RENDERS, find, pod_specs
 K8S_VERSIONS = ("1.29", "1.37")
 IMAGE = "ghcr.io/modelcache/modelcache:0.1.0"
 EXAMPLES = sorted((DEPLOY / "examples").glob("*.yaml"))
+TOOLS = sorted((DEPLOY / "tools").glob("*.yaml"))
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
@@ -71,8 +72,8 @@ def test_validation_rejects_a_misspelt_field(kind: str, name: str, misspell: Any
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_examples_validate(path: Path, version: str) -> None:
+@pytest.mark.parametrize("path", EXAMPLES + TOOLS, ids=lambda p: p.name)
+def test_examples_and_tools_validate(path: Path, version: str) -> None:
     """Example CachedModels against the CRD's own schema; example workloads strictly."""
     custom = schemas.crd_schemas(render.render("base"))
     for doc in _load(path):
@@ -114,6 +115,9 @@ def test_images_pinned(name: str) -> None:
     for obj, spec in pod_specs(docs):
         for c in spec.get("initContainers", []) + spec["containers"]:
             assert c["image"] == IMAGE, (obj, c["name"], c["image"])
+    for path in TOOLS:
+        for obj, spec in pod_specs(_load(path)):
+            assert {c["image"] for c in spec["containers"]} == {IMAGE}, obj
     for path in EXAMPLES:
         for obj, spec in pod_specs(_load(path)):
             for c in spec["containers"]:
