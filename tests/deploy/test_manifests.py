@@ -109,6 +109,17 @@ def test_kind_config() -> None:
                                                  "ClusterConfiguration")
 
 
+@pytest.mark.parametrize("name", ["base", "cert-manager", "self-signed", "kind"])
+def test_every_kubectl_at_hand_renders_the_same(name: str) -> None:
+    """kustomize differs between kubectl releases; ours (PATH, the pinned wheel) must agree."""
+    found = render.kubectls()
+    if len(found) < 2:
+        pytest.skip("only one kubectl here")
+    first, *others = (render.kustomize(RENDERS[name][0], k) for k in found)
+    for other in others:
+        assert other == first
+
+
 @pytest.mark.parametrize("name", list(RENDERS))
 def test_images_pinned(name: str) -> None:
     docs = render.render(name)
