@@ -24,6 +24,8 @@ import trustme
 from tests.deploy import prom, standin
 from tests.deploy.render import ROOT
 
+pytestmark = pytest.mark.slow  # a real Prometheus: ~10 s, mostly waiting for its first scrape
+
 DASHBOARD = json.loads((ROOT / "dashboards" / "modelcache.json").read_text())
 QUERIES = prom.dashboard_queries(DASHBOARD)
 NAMESPACE = "modelcache"

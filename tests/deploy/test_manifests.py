@@ -16,6 +16,8 @@ import jsonschema
 import pytest
 import yaml
 
+from agent.cli import parser as cli_parser
+from agent.config import load_config
 from tests.deploy import render, schemas
 from tests.deploy.render import DEPLOY, INSTALLABLE, RENDERS, find, pod_specs
 
@@ -201,7 +203,7 @@ def _selects(selector: dict[str, str], workload: dict[str, Any]) -> bool:
 
 
 @pytest.mark.parametrize("name", INSTALLABLE)
-def test_agent_daemonset(name: str) -> None:
+def test_agent_daemonset(name: str, tmp_path: Path) -> None:
     docs = render.render(name)
     ds = find(docs, "DaemonSet", "modelcache-agent")
     spec = ds["spec"]["template"]["spec"]
@@ -230,9 +232,14 @@ def test_agent_daemonset(name: str) -> None:
     assert init["command"] == ["chown", "65532:65532", "/var/lib/modelcache"]
     # its config file comes from the ConfigMap
     (cfg,) = [v for v in spec["volumes"] if "configMap" in v]
-    config = find(docs, "ConfigMap", cfg["configMap"]["name"])
-    assert yaml.safe_load(config["data"]["config.yaml"])["store"]["high_watermark"] == 0.8
-    assert "--config=/etc/modelcache/config.yaml" in agent["args"]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(find(docs, "ConfigMap", cfg["configMap"]["name"])["data"]["config.yaml"])
+    config = load_config(config_file)  # the agent's own schema check
+    assert config["store"]["highWatermark"] == 0.8 and config["store"]["lowWatermark"] == 0.7
+    args = cli_parser().parse_args(agent["args"])  # the agent's own command line
+    assert (args.store, args.listen, args.config) == (
+        "/var/lib/modelcache", "0.0.0.0:9400", "/etc/modelcache/config.yaml")
+    assert not args.standalone
 
 
 @pytest.mark.parametrize("name", INSTALLABLE)
