@@ -23,6 +23,7 @@ Everything here blocks; it runs in worker threads, never on the event loop.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -41,6 +42,8 @@ from agent.errors import IntegrityError, Locked, NoSpace, StoreError
 from agent.store.blobs import BlobStore
 
 HASH_CHUNK = 4 * 1024 * 1024
+DIRECT_ALIGN = 4096
+SEGMENT_ALIGN = 1024 * 1024
 STATE_VERSION = 1
 
 
@@ -88,6 +91,9 @@ class Ingest:
         self.identity = identity
         self.data_path = directory / "data"
         self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.dfd = _open_direct(self.data_path)
+        """The same file opened O_DIRECT (-1 where the file system refuses it): aligned
+        chunks go to disk without a copy through the page cache."""
         self.segments: list[Segment] = []
         self._cond = threading.Condition()
         self._state_lock = threading.Lock()
@@ -96,6 +102,8 @@ class Ingest:
         self._hash_error: BaseException | None = None
         self._hasher: threading.Thread | None = None
         self._hashed = 0
+        self._hash_lock = threading.Lock()
+        """Held by whoever advances the hashes (the hash thread or an in-order writer)."""
         self._b3 = blake3.blake3()
         self._sha = hashlib.sha256() if identity.get("sha256") else None
         self._load_state()
@@ -159,6 +167,7 @@ class Ingest:
         else:
             n = max(1, min(parts, size // max(min_part, 1)))
             step = -(-size // n)
+            step = -(-step // SEGMENT_ALIGN) * SEGMENT_ALIGN  # direct I/O wants alignment
             self.segments = [Segment(i * step, min(size, (i + 1) * step)) for i in range(n)
                              if i * step < size] or [Segment(0, 0)]
             self._preallocate(size)
@@ -200,21 +209,46 @@ class Ingest:
             raise IntegrityError(
                 f"server sent more bytes than the range {seg.start}-{seg.end - 1} holds"
             )
-        offset = seg.offset
+        start = offset = seg.offset
         view = data
+        fd = self.dfd if self.dfd >= 0 and _aligned(start, data) else self.fd
         try:
             while view:
-                n = os.pwrite(self.fd, view, offset)
+                try:
+                    n = os.pwrite(fd, view, offset)
+                except OSError as e:
+                    if fd != self.dfd or e.errno != errno.EINVAL:
+                        raise
+                    self._drop_direct()  # the file system takes no direct I/O after all
+                    fd = self.fd
+                    continue
                 offset += n
                 view = view[n:]
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"no space left writing {self.ref}: {e.strerror}") from e
             raise StoreError(f"cannot write partial download {self.ref}: {e.strerror}") from e
+        self._hash_inline(start, data)  # before the write is published to the hash thread
         with self._cond:
             seg.done += len(data)
             self._since_checkpoint += len(data)
             self._cond.notify_all()
+
+    def _hash_inline(self, offset: int, data: memoryview) -> None:
+        """Hash bytes straight from the receive buffer when they are next in order, so
+        the hash thread does not read them back from the page cache."""
+        if self._hashed != offset or not self._hash_lock.acquire(blocking=False):
+            return
+        try:
+            if self._hashed == offset:
+                self._b3.update(data)
+                if self._sha is not None:
+                    self._sha.update(data)
+                with self._cond:
+                    self._hashed += len(data)
+                    self._cond.notify_all()
+        finally:
+            self._hash_lock.release()
 
     def maybe_checkpoint(self, every: int) -> None:
         """Make progress durable if ``every`` bytes arrived since the last checkpoint."""
@@ -274,16 +308,20 @@ class Ingest:
                         return
                     target = self._contiguous()
                 while self._hashed < target:
-                    n = os.preadv(self.fd, [view[: min(HASH_CHUNK, target - self._hashed)]],
-                                  self._hashed)
-                    if n <= 0:
-                        raise StoreError(f"partial download {self.ref} is shorter than written")
-                    self._b3.update(view[:n])
-                    if self._sha is not None:
-                        self._sha.update(view[:n])
-                    with self._cond:
-                        self._hashed += n
-                        self._cond.notify_all()
+                    with self._hash_lock:
+                        pos = self._hashed
+                        if pos >= target:
+                            break
+                        n = os.preadv(self.fd, [view[: min(HASH_CHUNK, target - pos)]], pos)
+                        if n <= 0:
+                            raise StoreError(
+                                f"partial download {self.ref} is shorter than written")
+                        self._b3.update(view[:n])
+                        if self._sha is not None:
+                            self._sha.update(view[:n])
+                        with self._cond:
+                            self._hashed = pos + n
+                            self._cond.notify_all()
         except BaseException as e:
             with self._cond:
                 self._hash_error = e
@@ -338,6 +376,7 @@ class Ingest:
         partial directory. A blob that already exists is success."""
         sealed = self.seal(expected_size, expected_sha256)
         self._stop_hasher()
+        self._drop_direct()
         os.close(self.fd)
         self.fd = -1
         blobs.commit(sealed.path, sealed.blake3)
@@ -354,6 +393,7 @@ class Ingest:
     def close(self) -> None:
         """Stop, make progress durable, and release the lock; the partial stays."""
         self._stop_hasher()
+        self._drop_direct()
         if self.fd >= 0:
             with contextlib.suppress(StoreError, OSError):
                 self.checkpoint()
@@ -364,16 +404,40 @@ class Ingest:
     def discard(self) -> None:
         """Remove the partial download and release the lock."""
         self._stop_hasher()
+        self._drop_direct()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         shutil.rmtree(self.dir, ignore_errors=True)
         self._release()
 
+    def _drop_direct(self) -> None:
+        if self.dfd >= 0:
+            os.close(self.dfd)
+            self.dfd = -1
+
     def _release(self) -> None:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _open_direct(path: Path) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return -1
+
+
+def _aligned(offset: int, data: memoryview) -> bool:
+    """Whether a write can go O_DIRECT: offset, length and buffer address aligned."""
+    if offset % DIRECT_ALIGN or len(data) % DIRECT_ALIGN or not len(data):
+        return False
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(data))
+    except (TypeError, ValueError):
+        return False  # a read-only or non-contiguous buffer
+    return address % DIRECT_ALIGN == 0
 
 
 class BlobWriter:
