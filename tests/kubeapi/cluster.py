@@ -188,7 +188,11 @@ class Cluster:
         limit: int = 0,
         continue_: str | None = None,
         resource_version: str | None = None,
+        resource_version_match: str | None = None,
     ) -> JSON:
+        """A list (one page of it with ``limit``) at the current resourceVersion, or at
+        exactly ``resource_version`` with ``resource_version_match="Exact"``; pages after the
+        first come from the same snapshot, as etcd serves them."""
         rt = self.resource(resource)
         labels = parse_labels(label_selector)
         fields = parse_fields(field_selector, rt.supports_field)
@@ -197,6 +201,11 @@ class Cluster:
         if continue_:
             at, start = self._decode_continue(continue_)
             snapshot = self._snapshot(rt, at)
+        elif resource_version_match == "Exact":
+            at = _parse_rv(resource_version)
+            if at > self.rv:
+                raise timeout(f"Too large resource version: {at}, current: {self.rv}")
+            snapshot = self._snapshot(rt, at, continuing=False)
         else:
             if resource_version not in (None, "", "0") and _parse_rv(resource_version) > self.rv:
                 raise timeout(
@@ -213,8 +222,10 @@ class Cluster:
         return {"kind": rt.list_kind, "apiVersion": rt.api_version, "metadata": meta,
                 "items": items}
 
-    def _snapshot(self, rt: ResourceType, at: int) -> dict[Key, JSON]:
+    def _snapshot(self, rt: ResourceType, at: int, continuing: bool = True) -> dict[Key, JSON]:
         """The objects of a type as they were at resourceVersion ``at``, from the log."""
+        if at < self.compacted and not continuing:
+            raise expired(f"too old resource version: {at} ({self.compacted + 1})")
         if at < self.compacted:
             raise expired(
                 "The provided continue parameter is too old to display a consistent list "

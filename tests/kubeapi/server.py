@@ -54,9 +54,9 @@ def load_crds(paths: Iterable[Path] = CRD_FILES) -> list[JSON]:
     return [d for d in docs if d.get("kind") == "CustomResourceDefinition"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Request:
-    """One request as the fake understood it (for assertions)."""
+    """One request as the fake understood it, and the status it got (for assertions)."""
 
     method: str
     verb: str
@@ -68,6 +68,10 @@ class Request:
     name: str
     user: str
     content_type: str
+    status: int = 0
+
+
+RECORD = web.RequestKey("record", Request)
 
 
 @dataclass
@@ -210,10 +214,26 @@ class FakeKubeApi:
         verb: get, list, watch, create, update, patch, delete)."""
         self.faults.append(Fault(verb, resource, code, times, message, retry_after))
 
-    def count(self, verb: str | None = None, resource: str | None = None) -> int:
-        """Requests served so far with this verb on this resource (``None``: any)."""
+    def count(self, verb: str | None = None, resource: str | None = None,
+              status: int | None = None) -> int:
+        """Requests so far with this verb on this resource (``None``: any), optionally only
+        those answered with ``status`` (a watch counts as 200 once its stream has started)."""
         return sum(1 for r in self.requests
-                   if verb in (None, r.verb) and resource in (None, r.resource))
+                   if verb in (None, r.verb) and resource in (None, r.resource)
+                   and status in (None, r.status))
+
+    async def wait_for_watch(self, resource: str, nth: int = 1) -> Request:
+        """Wait until the ``nth`` watch request on ``resource`` is open; return it."""
+        rt = self.cluster.resource(resource)
+
+        def opened() -> bool:
+            seen = [r for r in self.requests if r.verb == "watch" and r.resource == rt.plural
+                    and r.group == rt.group]
+            return len(seen) >= nth and any(w.rt == rt for w in self.cluster.watches)
+
+        await self.cluster.wait_until(opened)
+        return [r for r in self.requests if r.verb == "watch" and r.resource == rt.plural
+                and r.group == rt.group][nth - 1]
 
     @property
     def by_path(self) -> Counter[tuple[str, str]]:
@@ -224,9 +244,12 @@ class FakeKubeApi:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
-            return await self._serve(request)
+            resp = await self._serve(request)
         except ApiError as e:
-            return _status_response(e)
+            resp = _status_response(e)
+        if request.get(RECORD) is not None:
+            request[RECORD].status = resp.status
+        return resp
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         path = request.path
@@ -243,11 +266,13 @@ class FakeKubeApi:
             return web.json_response(discovery)
         target = self._route(request)
         resource = target.rt.plural + (f"/{target.subresource}" if target.subresource else "")
-        self.requests.append(Request(
+        record = Request(
             request.method, target.verb, path, dict(request.query), resource, target.rt.group,
             target.namespace, target.name, user.name if user else "",
             request.headers.get("Content-Type", ""),
-        ))
+        )
+        request[RECORD] = record
+        self.requests.append(record)
         if user is None:
             raise unauthorized()
         if self.enforce_rbac:
@@ -323,6 +348,7 @@ class FakeKubeApi:
                 t.rt, t.namespace, q.get("labelSelector"), q.get("fieldSelector"),
                 limit=_int(q.get("limit"), "limit"), continue_=q.get("continue") or None,
                 resource_version=q.get("resourceVersion"),
+                resource_version_match=q.get("resourceVersionMatch"),
             ))
         if t.verb == "watch":
             return await self._watch(request, t, user)
@@ -391,6 +417,8 @@ class FakeKubeApi:
                                            "Cache-Control": "no-cache, private"})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
+        if request.get(RECORD) is not None:
+            request[RECORD].status = resp.status
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         next_bookmark = loop.time() + self.bookmark_interval
