@@ -131,6 +131,8 @@ def parse_labels(text: str | None) -> list[Requirement]:
             if toks[i] != ",":
                 raise fail(f"found {toks[i]!r}, expected: ','")
             i += 1
+            if i == len(toks):
+                raise fail("found '', expected: identifier after ','")
     return reqs
 
 
