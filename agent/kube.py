@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
+import yaml
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import OpenApiException
@@ -126,7 +127,7 @@ async def connect(
                 cert_filename=str(service_account_dir / "ca.crt"),
                 environ=dict(environ if environ is not None else os.environ),
             )
-    except (ConfigException, OSError, ValueError, KeyError, TypeError) as e:
+    except (ConfigException, OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
         where = kubeconfig or "in-cluster service account"
         raise InvalidInput(f"cannot configure the Kubernetes client from {where}: {e}") from e
     return KubeClient(k8s.ApiClient(cfg), settings, instance or socket.gethostname())
@@ -293,7 +294,7 @@ class KubeClient:
         body = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
-            "metadata": {"name": f"{regarding['name']}.{time.time_ns():x}",
+            "metadata": {"name": f"{regarding['name'][:230]}.{time.time_ns():x}",
                          "namespace": namespace},
             "eventTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "reportingController": self.settings.event_controller,

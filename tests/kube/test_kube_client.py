@@ -41,6 +41,9 @@ async def test_connect_without_configuration_is_invalid_input(tmp_path: Path):
         await connect(str(tmp_path / "missing"))
     with pytest.raises(InvalidInput):
         await connect(None, service_account_dir=tmp_path, environ={})
+    (tmp_path / "garbage").write_text("clusters: [\n")
+    with pytest.raises(InvalidInput):
+        await connect(str(tmp_path / "garbage"))
 
 
 async def test_errors_are_translated(api: FakeKubeApi, kube: KubeClient, tmp_path: Path):

@@ -498,6 +498,17 @@ async def test_delete_answers_and_graceful_pods(api: FakeKubeApi, raw: k8s.ApiCl
     assert e.value.status == 409
 
 
+async def test_delete_collection(api: FakeKubeApi, raw: k8s.ApiClient):
+    for name, app in [("a", "x"), ("b", "x"), ("c", "y")]:
+        api.cluster.create("pods", pod(name, labels={"app": app}), "default")
+    resp = await k8s.CoreV1Api(raw).delete_collection_namespaced_pod(
+        "default", label_selector="app=x", _preload_content=False)
+    body = json.loads(await resp.read())
+    assert body["kind"] == "PodList" and [p["metadata"]["name"] for p in body["items"]] == [
+        "a", "b"]
+    assert [p["metadata"]["name"] for p in api.cluster.list("pods", "default")["items"]] == ["c"]
+
+
 async def test_finalizers_defer_deletion(api: FakeKubeApi, raw: k8s.ApiClient):
     custom = k8s.CustomObjectsApi(raw)
     body = cached_model("m")

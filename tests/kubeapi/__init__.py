@@ -2,10 +2,13 @@
 
     async with FakeKubeApi() as api:          # 127.0.0.1, free port; tls=True for HTTPS
         api.write_kubeconfig(tmp_path / "kubeconfig", token=...)
-        api.cluster.create("pods", {...}, namespace="default")   # act as a controller would
-        api.cluster.break_watches()                              # hooks: see Cluster, FakeKubeApi
+        api.cluster.create("pods", pod("p", node="n1"), "default")  # as a controller would
+        await api.wait_for_watch("pods")      # the client under test is watching
+        api.cluster.break_watches()           # hooks: see Cluster and FakeKubeApi
 
-See ``cluster.py`` for the object and watch semantics and ``server.py`` for the HTTP side.
+Pytest fixtures (``kube_api``, ``kube``, ``raw_kube``) are in ``fixtures.py``, object
+builders in ``objects.py``. ``cluster.py`` holds the object and watch semantics,
+``server.py`` the HTTP side, ``auth.py`` tokens and RBAC, ``crd.py`` custom resources.
 """
 
 from tests.kubeapi.auth import Auth, User, service_account_user

@@ -497,6 +497,25 @@ class Cluster:
         self._write(rt, "MODIFIED", old, obj)
         return self.render(rt, obj)
 
+    def delete_collection(
+        self,
+        resource: str | ResourceType,
+        namespace: str = "",
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        options: JSON | None = None,
+        dry_run: bool = False,
+    ) -> JSON:
+        """DELETE on a collection: each selected object as by ``delete``; the list of them."""
+        rt = self.resource(resource)
+        selected = self.list(rt, namespace, label_selector, field_selector)
+        items = []
+        for item in selected["items"]:
+            meta = item["metadata"]
+            out = self.delete(rt, meta["name"], meta.get("namespace", ""), options, dry_run)
+            items.append(out if out.get("kind") != "Status" else item)
+        return {**selected, "items": items}
+
     @staticmethod
     def _grace_period(rt: ResourceType, obj: JSON, options: JSON) -> int:
         if rt.key != "pods":

@@ -368,6 +368,10 @@ class FakeKubeApi:
             if "gracePeriodSeconds" in q:
                 options["gracePeriodSeconds"] = _int(q["gracePeriodSeconds"], "gracePeriodSeconds")
             return _json(c.delete(t.rt, t.name, t.namespace, options, dry_run))
+        if t.verb == "deletecollection":
+            options = await _body(request) if request.can_read_body else {}
+            return _json(c.delete_collection(t.rt, t.namespace, q.get("labelSelector"),
+                                             q.get("fieldSelector"), options, dry_run))
         raise method_not_allowed(request.method)
 
     def _review(self, rt: ResourceType, body: JSON) -> JSON:
