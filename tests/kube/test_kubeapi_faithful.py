@@ -223,6 +223,9 @@ async def test_watch_from_resource_version_replays_and_follows_selectors(
         events = await collect(stream, 3)
     assert [(e["type"], e["object"].metadata.name) for e in events] == [
         ("ADDED", "b"), ("ADDED", "a"), ("DELETED", "b")]
+    # leaving the selection shows the object as it was, at the version of the change
+    assert events[2]["object"].metadata.labels == {"use": "yes"}
+    assert events[2]["object"].metadata.resource_version == str(api.cluster.rv)
 
 
 async def test_watch_ends_at_timeout_seconds(api: FakeKubeApi, raw: k8s.ApiClient):

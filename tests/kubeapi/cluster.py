@@ -90,23 +90,21 @@ class Watch:
         )
 
     def offer(self, change: Change, render: Any) -> None:
+        """Queue what this watch sees of a change (the watch cache's rules: an object that
+        leaves the selection is DELETED, shown as it was before, at the change's version)."""
         if change.bucket != self.rt.key:
             return
-        was, now_ = self.selects(change.old), self.selects(change.new)
-        if change.type == "ADDED":
-            kind = "ADDED" if now_ else None
-        elif change.type == "DELETED":
-            kind = "DELETED" if self.selects(change.new) else None
-        elif was and now_:
-            kind = "MODIFIED"
+        was = self.selects(change.old)
+        now_ = change.type != "DELETED" and self.selects(change.new)
+        if now_:
+            kind, obj = ("MODIFIED" if was else "ADDED"), change.new
         elif was:
-            kind = "DELETED"
-        elif now_:
-            kind = "ADDED"
+            assert change.old is not None
+            kind, obj = "DELETED", copy.deepcopy(change.old)
+            obj["metadata"]["resourceVersion"] = str(change.rv)
         else:
-            kind = None
-        if kind is not None:
-            self.queue.put_nowait(("event", {"type": kind, "object": render(self.rt, change.new)}))
+            return
+        self.queue.put_nowait(("event", {"type": kind, "object": render(self.rt, obj)}))
 
 
 class Cluster:
@@ -535,11 +533,12 @@ class Cluster:
             for other in buckets.values():
                 for key in sorted(k for k in self.objects[other.key] if k[0] == meta["name"]):
                     self._remove(other, self.objects[other.key][key])
+        # the change holds the stored object (what etcd deletes): after an update that drops
+        # the last finalizer, watchers still see the finalizers, as on a real server
         old = self.objects[rt.key][_obj_key(obj)]
-        gone = copy.deepcopy(obj)
-        self._write(rt, "DELETED", old, gone)
+        self._write(rt, "DELETED", old, copy.deepcopy(old))
         if rt.returns_deleted or rt.key == "namespaces":
-            return self.render(rt, gone)
+            return self.render(rt, obj)
         details: JSON = {"name": meta["name"], "kind": rt.plural, "uid": meta["uid"]}
         if rt.group:
             details["group"] = rt.group
