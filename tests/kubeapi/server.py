@@ -82,6 +82,7 @@ class Fault:
     times: int
     message: str
     retry_after: int | None = None
+    skip: int = 0
 
     def matches(self, verb: str, resource: str) -> bool:
         return (self.verb in (None, verb)) and (self.resource in (None, resource))
@@ -208,11 +209,13 @@ class FakeKubeApi:
         times: int = 1,
         message: str = "injected failure",
         retry_after: int | None = None,
+        skip: int = 0,
     ) -> None:
-        """Answer the next ``times`` matching requests with an error Status of ``code``
-        (``resource`` as counted: ``pods``, ``cachedmodels/status``; ``verb`` a Kubernetes
-        verb: get, list, watch, create, update, patch, delete)."""
-        self.faults.append(Fault(verb, resource, code, times, message, retry_after))
+        """Answer the next ``times`` matching requests with an error Status of ``code``,
+        after letting ``skip`` of them through (``resource`` as counted: ``pods``,
+        ``cachedmodels/status``; ``verb`` a Kubernetes verb: get, list, watch, create,
+        update, patch, delete)."""
+        self.faults.append(Fault(verb, resource, code, times, message, retry_after, skip))
 
     def count(self, verb: str | None = None, resource: str | None = None,
               status: int | None = None) -> int:
@@ -331,6 +334,9 @@ class FakeKubeApi:
     def _inject_fault(self, verb: str, resource: str) -> None:
         for fault in self.faults:
             if fault.times > 0 and fault.matches(verb, resource):
+                if fault.skip > 0:
+                    fault.skip -= 1
+                    continue
                 fault.times -= 1
                 headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else None
                 raise ApiError(fault.code, _REASONS.get(fault.code, "InternalError"),
