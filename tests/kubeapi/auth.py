@@ -55,7 +55,7 @@ class Rule:
         resource = ra.get("resource", "")
         if ra.get("subresource"):
             resource = f"{resource}/{ra['subresource']}"
-        return (
+        return bool(
             _has(self.verbs, ra.get("verb", ""))
             and _has(self.api_groups, ra.get("group", ""))
             and (_has(self.resources, resource)

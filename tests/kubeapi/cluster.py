@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import copy
 import json
 import random
@@ -698,7 +699,7 @@ class Cluster:
             lambda: sum(1 for w in self.watches if rt is None or w.rt == rt) >= count
         )
 
-    def events(self, involved_name: str | None = None) -> list[JSON]:
+    def events(self, involved_name: str | None = None) -> builtins.list[JSON]:
         """Stored events (core v1 shape), oldest first, optionally about one object."""
         evs = [e for e in self.objects["events"].values()
                if involved_name is None or (e.get("involvedObject") or {}).get("name")

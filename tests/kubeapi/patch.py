@@ -16,8 +16,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import jsonpatch  # type: ignore[import-untyped]
-import jsonpointer  # type: ignore[import-untyped]
+import jsonpatch
 
 from tests.kubeapi.errors import ApiError, bad_request, unprocessable
 
@@ -70,7 +69,7 @@ def json_patch(target: Any, ops: Any) -> Any:
         )
     try:
         return jsonpatch.JsonPatch(ops).apply(copy.deepcopy(target))
-    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as e:
+    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
         raise unprocessable(str(e)) from e
     except (KeyError, TypeError, ValueError) as e:
         raise bad_request(f"invalid JSON patch: {e}") from e

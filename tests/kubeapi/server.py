@@ -384,13 +384,13 @@ class FakeKubeApi:
         if body.get("kind") not in (None, rt.kind):
             raise bad_request(f"the body of the request was of kind {body.get('kind')}, "
                               f"expected {rt.kind}")
+        spec: JSON = body.get("spec") or {}
         review = {"kind": rt.kind, "apiVersion": rt.api_version,
-                  "metadata": {"creationTimestamp": None}, "spec": body.get("spec") or {}}
+                  "metadata": {"creationTimestamp": None}, "spec": spec}
         if rt.plural == "tokenreviews":
-            if not review["spec"].get("token"):
+            if not spec.get("token"):
                 raise bad_request("token is required for TokenReview in authentication")
             return self.auth.token_review(review)
-        spec = review["spec"]
         causes = []
         if ("resourceAttributes" in spec) == ("nonResourceAttributes" in spec):
             causes.append(("spec.resourceAttributes", "FieldValueInvalid",
