@@ -264,6 +264,22 @@ async def test_bookmark_sent_before_a_watch_times_out(api: FakeKubeApi, raw: k8s
     assert [e["type"] for e in events] == ["BOOKMARK"]
 
 
+async def test_streaming_list_ends_initial_events_with_a_bookmark(
+    api: FakeKubeApi, raw: k8s.ApiClient
+):
+    api.cluster.create("nodes", node("n1"))
+    api.cluster.create("nodes", node("n2"))
+    v1 = k8s.CoreV1Api(raw)
+    async with k8s_watch.Watch() as w:
+        stream = w.stream(v1.list_node, send_initial_events=True, allow_watch_bookmarks=True,
+                          resource_version_match="NotOlderThan", timeout_seconds=5)
+        events = await collect(stream, 3)
+    assert [e["type"] for e in events] == ["ADDED", "ADDED", "BOOKMARK"]
+    assert events[2]["raw_object"]["metadata"] == {
+        "resourceVersion": str(api.cluster.rv),
+        "annotations": {"k8s.io/initial-events-end": "true"}}
+
+
 async def test_too_old_resource_version_is_410_in_the_stream(api: FakeKubeApi, raw: k8s.ApiClient):
     api.cluster.create("pods", pod("a"), "default")
     old = str(api.cluster.rv)
