@@ -111,9 +111,12 @@ async def connect(
     environ: Mapping[str, str] | None = None,
     instance: str | None = None,
 ) -> KubeClient:
-    """A client from a kubeconfig file, or from the pod's service account when ``None``
-    (token re-read as kubelet rotates it). ``instance`` names this agent in Events."""
+    """A client from a kubeconfig file (``kubeconfig``, else ``settings.kubeconfig``), or from
+    the pod's service account when neither is set (its token re-read as kubelet rotates
+    it). ``instance`` names this agent in Events (default: the host name)."""
     settings = settings or KubeSettings()
+    if not kubeconfig and settings.kubeconfig is not None:
+        kubeconfig = str(settings.kubeconfig)
     cfg = k8s.Configuration()
     try:
         if kubeconfig:
