@@ -140,3 +140,14 @@ class ShuttingDown(ModelcacheError):
     """The agent is stopping and takes no new work."""
 
     reason = "shutdown"
+
+
+# --- Kubernetes API ------------------------------------------------------------------------
+
+
+class KubeError(ModelcacheError):
+    """The Kubernetes API refused a request of the agent's own (its RBAC, an object it built):
+    a deployment or programming error, not the caller's. Not found, conflicts and transient
+    failures of the API are ``NotFound``, ``Conflict`` and ``TransientError``."""
+
+    reason = "kube"

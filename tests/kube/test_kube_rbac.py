@@ -1,0 +1,96 @@
+"""deploy/base/rbac-agent.yaml is exactly what agent/kube.py needs: the fake apiserver
+enforces it, every call the agent makes succeeds, every verb it grants is used, and
+anything beyond it is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from agent.kube import KubeClient
+from tests.kubeapi import FakeKubeApi
+from tests.kubeapi.fixtures import AGENT_TOKEN, AGENT_USER, Recorder
+from tests.kubeapi.objects import cached_model, node, pod, secret
+from tests.kubeapi.server import REPO
+
+RBAC = REPO / "deploy" / "base" / "rbac-agent.yaml"
+CM = "cachedmodels"
+
+
+def rbac_docs() -> list[dict]:
+    return [d for d in yaml.safe_load_all(RBAC.read_text()) if d]
+
+
+def granted() -> set[tuple[str, str, str]]:
+    [role] = [d for d in rbac_docs() if d["kind"] == "ClusterRole"]
+    return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+async def test_the_agent_needs_exactly_its_rbac(api: FakeKubeApi, kube: KubeClient):
+    api.auth.load_rbac(rbac_docs())
+    api.enforce_rbac = True
+    c = api.cluster
+    c.create("nodes", node("n1"))
+    model = c.create(CM, cached_model("m", credentialsSecret="creds"), "default")
+    c.create("secrets", secret("creds", token="t"), "default")
+    c.create("pods", pod("p", "n1"), "default")
+    api.auth.add_service_account_token("caller", "default", "app", audiences=["modelcache"])
+
+    for informer in (kube.watch_cached_models(), kube.watch_pods_on_node("n1"),
+                     kube.watch_node("n1")):
+        async with Recorder(informer) as rec:
+            await rec.take(1)
+            await api.wait_for_watch(informer.resource)
+    await kube.get_node("n1")
+    await kube.patch_node_labels("n1", {"modelcache.io/m-0123456789abcdef": "ready"})
+    await kube.patch_cached_model_status("default", "m", "n1", {"state": "ready"})
+    await kube.get_cached_model("default", "m")
+    assert await kube.emit_event(model, "Pulled", "ok")
+    assert (await kube.token_review("caller", ["modelcache"])).authenticated
+    await kube.subject_access_review("x", [], "get", CM, "default", group="modelcache.io")
+    assert await kube.read_secret("default", "creds") == {"token": "t"}
+
+    mine = [r for r in api.requests if r.user == AGENT_USER]
+    assert [r for r in mine if r.status == 403] == []
+    used = {(r.group, r.resource, r.verb) for r in mine}
+    assert granted() - used == set(), "granted but never used: drop it from the role"
+    assert used - granted() == set()
+
+
+async def test_the_agent_cannot_do_more(api: FakeKubeApi, tmp_path: Path):
+    api.auth.load_rbac(rbac_docs())
+    api.enforce_rbac = True
+    api.cluster.create("pods", pod("p", "n1"), "default")
+    api.cluster.create("nodes", node("n1"))
+    cfg = k8s.Configuration()
+    await k8s_config.load_kube_config(
+        config_file=str(api.write_kubeconfig(tmp_path / "kc", token=AGENT_TOKEN)),
+        client_configuration=cfg, persist_config=False)
+    async with k8s.ApiClient(cfg) as client:
+        v1, custom = k8s.CoreV1Api(client), k8s.CustomObjectsApi(client)
+        merge = "application/merge-patch+json"
+        attempts = [
+            v1.list_namespaced_secret("default"),
+            v1.delete_namespaced_pod("p", "default"),
+            v1.read_namespaced_pod("p", "default"),
+            v1.replace_node("n1", node("n1")),
+            v1.delete_node("n1"),
+            v1.create_namespaced_event("default", {"metadata": {"name": "e"}}),
+            custom.create_namespaced_custom_object("modelcache.io", "v1alpha1", "default", CM,
+                                                   cached_model("x")),
+            custom.patch_namespaced_custom_object("modelcache.io", "v1alpha1", "default", CM,
+                                                  "x", {"spec": {"pin": True}},
+                                                  _content_type=merge),
+            custom.delete_namespaced_custom_object("modelcache.io", "v1alpha1", "default", CM,
+                                                   "x"),
+        ]
+        for attempt in attempts:
+            with pytest.raises(ApiException) as e:
+                await attempt
+            assert e.value.status == 403
