@@ -262,7 +262,7 @@ class KubeClient:
                 return await self._patch_status(namespace, name, guarded)
             except Conflict:
                 # another agent wrote since: look again (it may have fixed the counts already)
-                await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))  # noqa: S311 (jitter)
+                await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))
                 obj = await self.get_cached_model(namespace, name)
         log.warning("summary counts of cachedmodel %s/%s left to the next writer after %d "
                     "conflicts", namespace, name, self.settings.status_retries)
@@ -570,7 +570,7 @@ class Informer:
 
     async def _watch(self) -> AsyncGenerator[WatchEvent, None]:
         settings = self._client.settings
-        seconds = int(settings.watch_timeout * random.uniform(1.0, 2.0)) or 1  # noqa: S311
+        seconds = int(settings.watch_timeout * random.uniform(1.0, 2.0)) or 1
         self.watches += 1
         what = f"watch {self.resource}"
         resp = await self._client._open(
@@ -638,7 +638,7 @@ class _Backoff:
     async def wait(self) -> None:
         delay = min(self.cap, self.base * 2 ** self.failures)
         self.failures += 1
-        await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))  # noqa: S311
+        await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
 
 
 def _bind(call: Callable[..., Awaitable[Any]], *args: Any) -> Callable[..., Awaitable[Any]]:
