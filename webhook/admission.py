@@ -20,7 +20,7 @@ import base64
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -65,6 +65,8 @@ class Outcome:
     outcome: str
     fields: dict[str, Any] = field(default_factory=dict)
     """Log context: uid, namespace, pod, operation, mode, denied annotation. No values."""
+    crash: BaseException | None = None
+    """The exception behind an errored answer, for the log's traceback."""
 
 
 class TooLarge(Exception):
@@ -119,8 +121,8 @@ def review(body: bytes, ctx: Context) -> Outcome:
     except MalformedPod as e:
         return answer.errored(400, f"the object is not a valid pod: {e}")
     except Exception as e:  # a crash must still answer, with the UID
-        answer.fields["exception"] = type(e).__name__
-        return answer.errored(500, f"internal error in the modelcache webhook ({type(e).__name__})")
+        message = f"internal error in the modelcache webhook ({type(e).__name__})"
+        return replace(answer.errored(500, message), crash=e)
 
 
 def _decide(request: dict[str, Any], ctx: Context, answer: _Answer) -> Outcome:
