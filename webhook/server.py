@@ -92,7 +92,10 @@ async def mutate(request: web.Request) -> web.Response:
         deps.log.info("admission mutated", extra={"fields": fields})
     else:
         deps.log.debug("admission skipped", extra={"fields": fields})
-    return web.json_response(outcome.body, status=outcome.status)
+    response = web.json_response(outcome.body, status=outcome.status)
+    if outcome.status == 413:
+        response.force_close()  # do not drain the rest of an oversized body
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:

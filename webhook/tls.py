@@ -40,7 +40,8 @@ class CertReloader:
         self._signature = self._stat()
         self.context.load_cert_chain(cert_file, key_file)
         self.loads = 1
-        self._reloaded = asyncio.Event()
+        self.failures = 0
+        self._checked = asyncio.Event()
 
     def _stat(self) -> Signature:
         def one(path: str) -> tuple[int, int, int]:
@@ -63,17 +64,22 @@ class CertReloader:
         except (OSError, ssl.SSLError) as e:
             self.log.warning("TLS certificate reload failed; keeping the current one",
                              extra={"fields": {"error": str(e)[:200]}})
+            self.failures += 1
             if self.on_reload:
                 self.on_reload(False)
+            self._notify()
             return False
         self._signature = signature
         self.loads += 1
         self.log.info("TLS certificate reloaded", extra={"fields": {"loads": self.loads}})
         if self.on_reload:
             self.on_reload(True)
-        self._reloaded.set()
-        self._reloaded = asyncio.Event()
+        self._notify()
         return True
+
+    def _notify(self) -> None:
+        self._checked.set()
+        self._checked = asyncio.Event()
 
     def _copy(self) -> tuple[str, str]:
         """Both files as one consistent snapshot, readable only by this process."""
@@ -89,9 +95,10 @@ class CertReloader:
     def close(self) -> None:
         self._scratch.cleanup()
 
-    async def wait_reloaded(self) -> None:
-        """Return after the next successful reload."""
-        await self._reloaded.wait()
+    async def wait_for(self, loads: int = 0, failures: int = 0) -> None:
+        """Return once at least ``loads`` loads and ``failures`` failed reloads happened."""
+        while self.loads < loads or self.failures < failures:
+            await self._checked.wait()
 
     async def run(self, interval: float) -> None:
         """Poll until cancelled (the file checks are a few stat calls: cheap on the loop)."""
