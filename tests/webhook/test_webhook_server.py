@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import trustme
 from conftest import CertFiles, RunningWebhook, make_deps, serve
-from webhook_testkit import admission_review, apply, decoded_patch, validate_pod
+from webhook_testkit import apply, decoded_patch, validate_pod
 
 from webhook.namespaces import NamespaceCache
 from webhook.plan import Denial, Plan
