@@ -85,16 +85,19 @@ class NamespaceWatch:
 
     def __init__(
         self, api: KubeApi, cache: NamespaceCache, log: logging.Logger,
-        backoff: Backoff | None = None, watch_seconds: int = 300,
+        backoff: Backoff | None = None, watch_seconds: int = 300, page_size: int = LIST_PAGE,
     ) -> None:
         self.api = api
         self.cache = cache
         self.log = log
         self.backoff = backoff or Backoff()
         self.watch_seconds = watch_seconds
+        self.page_size = page_size
         self.resource_version: str | None = None
         self.lists = 0
+        self.failures = 0
         self._failing = False
+        self._progress = asyncio.Event()
 
     async def run(self) -> None:
         """Run until cancelled."""
@@ -107,13 +110,15 @@ class NamespaceWatch:
             except Gone:
                 self.log.info("namespace watch: resourceVersion too old, listing again")
                 self.resource_version = None
+                self._notify()
             except (TimeoutError, ClusterError, aiohttp.ClientError, OSError) as e:
                 self._report(e)
+                self._notify()
                 await asyncio.sleep(self.backoff.next())
 
     async def _list(self) -> None:
         items: dict[str, Mapping[str, str]] = {}
-        params = {"limit": str(LIST_PAGE)}
+        params = {"limit": str(self.page_size)}
         while True:
             page = await self.api.request("GET", PATH, params=params)
             for item in page.get("items") or []:
@@ -123,13 +128,14 @@ class NamespaceWatch:
             meta = page.get("metadata") or {}
             if not meta.get("continue"):
                 break
-            params = {"limit": str(LIST_PAGE), "continue": str(meta["continue"])}
+            params = {"limit": str(self.page_size), "continue": str(meta["continue"])}
         self.cache.replace(items)
         self.resource_version = str(meta.get("resourceVersion") or "")
         self.lists += 1
         if self._failing or self.lists == 1:
             self.log.info("namespace labels synced", extra={"fields": {"namespaces": len(items)}})
         self._failing = False
+        self._notify()
 
     async def _watch(self) -> None:
         params = {
@@ -151,8 +157,19 @@ class NamespaceWatch:
             if self._failing:
                 self._failing = False
                 self.log.info("namespace watch recovered")
+            self._notify()
+
+    def _notify(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[NamespaceWatch], bool]) -> None:
+        """Return once ``predicate(self)`` holds (checked after every list, event, error)."""
+        while not predicate(self):
+            await self._progress.wait()
 
     def _report(self, error: Exception) -> None:
+        self.failures += 1
         if not self._failing:  # say it once per outage, not on every retry
             self.log.warning(
                 "namespace watch failing; labels may be stale or unknown",

@@ -212,7 +212,7 @@ class FakeApiServer:
             self._cond.notify_all()
 
     def compact(self) -> None:
-        """Forget history: watches from any version seen so far get 410."""
+        """Forget history up to the current version: a watch from an older one gets 410."""
         self.compacted = self.rv
         self.events.clear()
 
@@ -269,9 +269,11 @@ class FakeApiServer:
         timeout = float(request.query.get("timeoutSeconds") or 300)
         if since < self.compacted and self.gone_as_status:
             return _status(410, "Expired", f"too old resource version: {since}")
-        self.watches += 1
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
+        async with self._cond:
+            self.watches += 1
+            self._cond.notify_all()
         if since < self.compacted:
             await _send(response, _gone(since))
             return response
@@ -298,8 +300,8 @@ class FakeApiServer:
                             await _send(response, _gone(sent))
                             return response
                         if kick == "drop":
-                            assert request.transport is not None
-                            request.transport.close()
+                            if request.transport is not None:
+                                request.transport.close()
                             return response
                         if kick == "bookmark" and bookmarks:
                             await _send(response, {"type": "BOOKMARK", "object": {
@@ -311,6 +313,11 @@ class FakeApiServer:
         finally:
             self._kick.remove(queue)
         return response
+
+    async def wait_watches(self, count: int) -> None:
+        """Return once ``count`` watch streams have been opened in all."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.watches >= count)
 
     async def _wait_after(self, rv: int) -> None:
         async with self._cond:
