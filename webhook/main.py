@@ -150,7 +150,9 @@ async def serve(
         await runner.setup()
         site = web.TCPSite(runner, server.host, server.port, ssl_context=reloader.context)
         await site.start()
-        log.info("serving", extra={"fields": {"listen": site.name, "agent": planning.agent_url,
+        bound = [f"https://{a[0]}:{a[1]}" if ":" not in a[0] else f"https://[{a[0]}]:{a[1]}"
+                 for a in runner.addresses]
+        log.info("serving", extra={"fields": {"listen": bound, "agent": planning.agent_url,
                                               "image": planning.image}})
         await stop.wait()
         log.info("stopping: not ready, draining")
