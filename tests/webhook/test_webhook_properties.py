@@ -19,6 +19,7 @@ from webhook_testkit import (
     validate_pod_fast,
 )
 
+from webhook import patch
 from webhook.admission import Context, review
 from webhook.annotations import INJECT_LABEL, KNOWN
 from webhook.settings import PlanSettings
@@ -203,3 +204,50 @@ def test_fast_validation_agrees_with_kubernetes_validate() -> None:
         validate_pod(pod)
     with pytest.raises(jsonschema.ValidationError):
         validate_pod_fast(pod)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=3),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(["a", "b", "c", "a/b", "~", "name"]), children,
+                      max_size=4),
+    max_leaves=20,
+)
+
+
+@st.composite
+def document_pairs(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two documents, often close to each other (as a pod and its mutation are)."""
+    before = draw(st.dictionaries(st.sampled_from(["metadata", "spec", "x"]), JSON_VALUES))
+    if draw(st.booleans()):
+        return before, draw(st.dictionaries(st.sampled_from(["metadata", "spec", "y"]),
+                                            JSON_VALUES))
+    after = json.loads(json.dumps(before))
+    for _ in range(draw(st.integers(1, 4))):
+        node: Any = after
+        while isinstance(node, (dict, list)) and node and draw(st.booleans()):
+            node = node[draw(st.sampled_from(sorted(node) if isinstance(node, dict)
+                                             else range(len(node))))]
+        if isinstance(node, dict):
+            node[draw(st.sampled_from(["a", "name", "new", "x/y"]))] = draw(JSON_VALUES)
+        elif isinstance(node, list):
+            where = draw(st.sampled_from(["front", "end", "pop"]))
+            if where == "front":
+                node.insert(0, draw(JSON_VALUES))
+            elif where == "end":
+                node.append(draw(JSON_VALUES))
+            elif node:
+                node.pop(draw(st.integers(0, len(node) - 1)))
+    return before, after
+
+
+@settings(max_examples=300, deadline=None)
+@given(pair=document_pairs())
+def test_patch_turns_the_original_into_the_plan(
+    pair: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    before, after = pair
+    ops = patch.make(before, after)
+    assert patch.apply(before, ops) == after
+    assert (ops == []) == (before == after)
+    json.dumps(ops)  # plain JSON, ready to encode
