@@ -177,10 +177,16 @@ class KubeApi:
             result: dict[str, Any] = json.loads(payload)
             return result
 
-    async def watch(self, path: str, params: Mapping[str, str]) -> AsyncIterator[dict[str, Any]]:
-        """The events of a watch, one dict each; :class:`Gone` on a 410 in any form."""
+    async def watch(
+        self, path: str, params: Mapping[str, str], idle_seconds: float = 360,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The events of a watch, one dict each; :class:`Gone` on a 410 in any form.
+
+        A stream silent for ``idle_seconds`` (longer than the server's own watch timeout)
+        is a dead connection: the read times out and the caller reconnects.
+        """
         query = {**params, "watch": "1"}
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=None)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=idle_seconds)
         async with self.session.get(
             self.config.server + path, params=query, ssl=self._ssl, headers=self._headers(),
             timeout=timeout,

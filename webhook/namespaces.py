@@ -143,7 +143,7 @@ class NamespaceWatch:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(self.watch_seconds),
         }
-        async for event in self.api.watch(PATH, params):
+        async for event in self.api.watch(PATH, params, idle_seconds=self.watch_seconds + 60):
             kind = event.get("type")
             obj = event.get("object") or {}
             version = (obj.get("metadata") or {}).get("resourceVersion")
