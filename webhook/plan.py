@@ -96,7 +96,7 @@ def plan(
     annotations = _mapping(meta.get("annotations"), "metadata.annotations")
     labels = _mapping(meta.get("labels"), "metadata.labels")
     spec = _mapping(pod.get("spec"), "spec")
-    unchanged = Plan(pod=copy.deepcopy(dict(pod)))
+    unchanged = Plan(pod=dict(pod))  # never changed, so no copy needed
     if not wants_model(annotations, labels):
         return unchanged
     containers = _containers(spec, "containers")
