@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import posixpath
@@ -150,6 +151,7 @@ async def serve(
         await runner.setup()
         site = web.TCPSite(runner, server.host, server.port, ssl_context=reloader.context)
         await site.start()
+        gc.freeze()  # start-up objects (schemas, modules) never need collecting: fewer pauses
         bound = [f"https://{a[0]}:{a[1]}" if ":" not in a[0] else f"https://[{a[0]}]:{a[1]}"
                  for a in runner.addresses]
         log.info("serving", extra={"fields": {"listen": bound, "agent": planning.agent_url,
