@@ -19,8 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import CertFiles, RunningApi
-from webhook_testkit import admission_review, apply, decoded_patch
+from webhook_testkit import CertFiles, RunningApi, admission_review, apply, decoded_patch
 
 import webhook
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import RunningApi
-from webhook_testkit import FakeApiServer
+from webhook_testkit import FakeApiServer, RunningApi
 
 from webhook.cluster import ClusterConfig, KubeApi, find_config
 from webhook.namespaces import Backoff, NamespaceCache, NamespaceWatch

@@ -14,8 +14,15 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
-from conftest import CertFiles, RunningWebhook, make_deps, serve
-from webhook_testkit import apply, decoded_patch, validate_pod
+from webhook_testkit import (
+    CertFiles,
+    RunningWebhook,
+    apply,
+    decoded_patch,
+    make_deps,
+    serve,
+    validate_pod,
+)
 
 from webhook.namespaces import NamespaceCache
 from webhook.plan import Denial, Plan

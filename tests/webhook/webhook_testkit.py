@@ -1,24 +1,40 @@
 """Helpers shared by the webhook tests: reviews as kube-apiserver sends them, schema and Pod
-Security checks of mutated pods, and a small fake of the API server's namespace and
-webhook-configuration endpoints (list, watch with bookmarks and 410 Gone, get, JSON patch).
+Security checks of mutated pods, the real webhook app served in process over TLS, and a
+small fake of the API server's namespace and webhook-configuration endpoints (list, watch
+with bookmarks and 410 Gone, get, JSON patch).
+
+(A module of its own name, not ``conftest``: test modules import it directly.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import functools
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jsonpatch
 import jsonschema
 import kubernetes_validate
+import trustme
 from aiohttp import web
 from kubernetes_validate import utils
 from referencing import Registry, Resource
+
+from webhook.admission import Context, Planner
+from webhook.metrics import WebhookMetrics
+from webhook.namespaces import NamespaceCache
+from webhook.plan import plan
+from webhook.server import Deps, make_app
+from webhook.settings import PlanSettings
+from webhook.tls import CertReloader
 
 #: the oldest and newest Kubernetes versions whose pod schema we claim to satisfy
 KUBE_VERSIONS = ("1.29", "1.37")
@@ -160,6 +176,71 @@ def restricted_violations(
         if any(p.get("hostPort") for p in c.get("ports") or []):
             problems.append(f"{name}: hostPort")
     return problems
+
+
+# --- the real webhook server, in process --------------------------------------------------
+
+
+@dataclass
+class CertFiles:
+    cert: Path
+    key: Path
+
+    def write(self, issued: trustme.LeafCert) -> None:
+        """Replace both files the way a Secret volume does: new inodes, renamed in."""
+        pairs = ((self.cert, issued.cert_chain_pems), (self.key, [issued.private_key_pem]))
+        for path, blob in pairs:
+            tmp = path.with_suffix(".new")
+            tmp.write_bytes(b"".join(b.bytes() for b in blob))
+            tmp.replace(path)
+
+
+@dataclass
+class RunningWebhook:
+    url: str
+    deps: Deps
+    reloader: CertReloader
+    namespaces: NamespaceCache
+
+
+def make_deps(
+    reloader: CertReloader, plan_settings: PlanSettings, cache: NamespaceCache,
+    planner: Planner = plan,
+) -> Deps:
+    metrics = WebhookMetrics()
+    reloader.on_reload = metrics.cert_reloaded
+    return Deps(
+        admission=Context(plan_settings, "modelcache", cache.labels, planner),
+        metrics=metrics, log=logging.getLogger("modelcache.webhook.test"),
+        max_body_bytes=3 * 1024 * 1024, background=(lambda: reloader.run(0.02),),
+    )
+
+
+@contextlib.asynccontextmanager
+async def serve(deps: Deps, reloader: CertReloader) -> AsyncIterator[str]:
+    """The real webhook app over TLS on 127.0.0.1 (a free port); yields its base URL."""
+    runner = web.AppRunner(make_app(deps), access_log=None, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=reloader.context)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        # let connections the clients closed finish first: aiohttp's shutdown can strand a
+        # handler that is draining an oversized body (lingering close) as a pending task
+        assert runner.server is not None
+        for _ in range(200):
+            if not runner.server.connections:
+                break
+            await asyncio.sleep(0.01)
+        await runner.cleanup()
+
+
+@dataclass
+class RunningApi:
+    fake: FakeApiServer
+    url: str
 
 
 # --- a fake API server ----------------------------------------------------------------------
