@@ -32,7 +32,7 @@ from .admission import Context
 from .cluster import ClusterConfig, ClusterError, KubeApi, find_config
 from .metrics import WebhookMetrics
 from .namespaces import NamespaceCache, NamespaceWatch
-from .server import Deps, make_app
+from .server import Deps, make_runner
 from .settings import DEFAULT_IMAGE, DEFAULT_NAMESPACE, PlanSettings, ServerSettings, agent_url_for
 from .tls import CertReloader
 
@@ -141,8 +141,7 @@ async def serve(
         metrics=metrics, log=log, max_body_bytes=server.max_body_bytes,
         background=tuple(background),
     )
-    runner = web.AppRunner(make_app(deps), access_log=None, handle_signals=False,
-                           shutdown_timeout=server.shutdown_timeout_seconds)
+    runner = make_runner(deps, server.shutdown_timeout_seconds)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -39,6 +39,10 @@ class Deps:
 
 
 DEPS = web.AppKey("deps", Deps)
+
+#: an oversized body is drained for at most this long after its 413, so the client reads
+#: the answer before the connection closes (aiohttp's default is 10 s)
+LINGER_SECONDS = 1.0
 TASKS = web.AppKey("tasks", list[asyncio.Task[None]])
 
 
@@ -51,6 +55,12 @@ def make_app(deps: Deps) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_background)
     return app
+
+
+def make_runner(deps: Deps, shutdown_timeout: float) -> web.AppRunner:
+    """The app's runner: no access log (probes are not logged), short lingering close."""
+    return web.AppRunner(make_app(deps), handle_signals=False, access_log=None,
+                         lingering_time=LINGER_SECONDS, shutdown_timeout=shutdown_timeout)
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:

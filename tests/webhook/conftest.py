@@ -32,8 +32,8 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     yield
     current = asyncio.current_task()
     left = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
-    if left:  # tasks being torn down get a moment to finish; the rest leaked
-        await asyncio.wait(left, timeout=2)
+    if left:  # tasks being torn down (a lingering close: 1 s) may finish; the rest leaked
+        await asyncio.wait(left, timeout=3)
     leaked = [t for t in left if not t.done()]
     assert not leaked, f"leaked tasks: {leaked}"
 

@@ -4,6 +4,7 @@ does it, certificate rotation, transport errors, crashes, probes and metrics."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import ssl
@@ -42,7 +43,7 @@ async def post(
     url: str, client_ssl: ssl.SSLContext, body: bytes, headers: Mapping[str, str] = JSON,
 ) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as session, session.post(
-        f"{url}/mutate", data=body, headers=headers, ssl=client_ssl,
+        f"{url}/mutate", data=io.BytesIO(body), headers=headers, ssl=client_ssl,
     ) as response:
         text = await response.text()
         return response.status, json.loads(text) if text else None

@@ -32,7 +32,7 @@ from webhook.admission import Context, Planner
 from webhook.metrics import WebhookMetrics
 from webhook.namespaces import NamespaceCache
 from webhook.plan import plan
-from webhook.server import Deps, make_app
+from webhook.server import Deps, make_runner
 from webhook.settings import PlanSettings
 from webhook.tls import CertReloader
 
@@ -219,7 +219,7 @@ def make_deps(
 @contextlib.asynccontextmanager
 async def serve(deps: Deps, reloader: CertReloader) -> AsyncIterator[str]:
     """The real webhook app over TLS on 127.0.0.1 (a free port); yields its base URL."""
-    runner = web.AppRunner(make_app(deps), access_log=None, shutdown_timeout=2)
+    runner = make_runner(deps, shutdown_timeout=2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=reloader.context)
     await site.start()
@@ -227,13 +227,6 @@ async def serve(deps: Deps, reloader: CertReloader) -> AsyncIterator[str]:
     try:
         yield f"https://127.0.0.1:{port}"
     finally:
-        # let connections the clients closed finish first: aiohttp's shutdown can strand a
-        # handler that is draining an oversized body (lingering close) as a pending task
-        assert runner.server is not None
-        for _ in range(200):
-            if not runner.server.connections:
-                break
-            await asyncio.sleep(0.01)
         await runner.cleanup()
 
 
