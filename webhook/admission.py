@@ -103,7 +103,7 @@ def review(body: bytes, ctx: Context) -> Outcome:
     """Answer an AdmissionReview given as bytes. Never raises."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return _http_error(400, "body is not JSON")
     if not isinstance(document, dict) or document.get("kind") != "AdmissionReview":
         return _http_error(400, "body is not an AdmissionReview")
@@ -137,7 +137,8 @@ def _decide(request: dict[str, Any], ctx: Context, answer: _Answer) -> Outcome:
     pod = request.get("object")
     if not isinstance(pod, dict):
         raise MalformedPod("request.object is missing")
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    metadata = pod.get("metadata")
+    annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
     if isinstance(annotations, dict) and MIRROR in annotations:
         return answer.skipped("mirror pod")
     result = ctx.planner(pod, ctx.namespace_labels(str(namespace)), ctx.settings)

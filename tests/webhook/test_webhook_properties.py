@@ -251,3 +251,40 @@ def test_patch_turns_the_original_into_the_plan(
     assert patch.apply(before, ops) == after
     assert (ops == []) == (before == after)
     json.dumps(ops)  # plain JSON, ready to encode
+
+
+GARBAGE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(["metadata", "spec", "annotations", "labels", "containers", "name",
+                         "initContainers", "volumes", "affinity", "modelcache.io/model",
+                         "modelcache.io/inject", "volumeMounts", "os", "nodeAffinity"]),
+        children, max_size=4),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(obj=GARBAGE, model=st.booleans())
+def test_malformed_objects_are_answered_not_crashed_on(obj: Any, model: bool) -> None:
+    """Whatever the object, the answer is a review with the UID, never a 500."""
+    if model and isinstance(obj, dict):
+        obj.setdefault("metadata", {})
+        if isinstance(obj["metadata"], dict):
+            obj["metadata"]["annotations"] = {"modelcache.io/model": "hf://org/name"}
+    body = json.dumps(admission_review(obj)).encode()
+    outcome = review(body, Context(PlanSettings(), "modelcache", lambda namespace: None))
+    assert outcome.status == 200
+    response = outcome.body["response"]
+    assert response["uid"] == "705ab4f5-6393-11e8-b7cc-42010a800002"
+    assert outcome.crash is None, outcome.crash
+    if not response["allowed"]:
+        assert response["status"]["code"] in (400, 403)
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=st.binary(max_size=200) | GARBAGE.map(lambda v: json.dumps(v).encode()))
+def test_any_body_gets_an_answer(body: bytes) -> None:
+    outcome = review(body, Context(PlanSettings(), "modelcache", lambda namespace: None))
+    assert outcome.status in (200, 400)
+    assert outcome.crash is None

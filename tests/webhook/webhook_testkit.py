@@ -44,7 +44,7 @@ KUBE_VERSIONS = ("1.29", "1.37")
 
 
 def admission_review(
-    pod: dict[str, Any] | None,
+    pod: Any,
     *,
     uid: str = "705ab4f5-6393-11e8-b7cc-42010a800002",
     namespace: str = "ml",
@@ -62,7 +62,7 @@ def admission_review(
         "resource": {"group": "", "version": "v1", "resource": "pods"},
         "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
         "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-        "name": ((pod or old or {}).get("metadata") or {}).get("name", ""),
+        "name": _name(pod if isinstance(pod, dict) else old),
         "namespace": namespace,
         "operation": operation,
         "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller",
@@ -76,6 +76,12 @@ def admission_review(
         else None,
     }
     return {"kind": "AdmissionReview", "apiVersion": api_version, "request": request}
+
+
+def _name(pod: dict[str, Any] | None) -> str:
+    metadata = (pod or {}).get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return name if isinstance(name, str) else ""
 
 
 def decoded_patch(response: dict[str, Any]) -> list[dict[str, Any]] | None:
