@@ -29,7 +29,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit
 
-from agent.errors import InvalidReference
+# The grammar's error types, re-exported: the webhook takes them from here, so that it
+# imports nothing of the agent but this module (an import-linter contract).
+from agent.errors import InvalidInput, InvalidReference, ModelcacheError
 
 SCHEMES = ("hf", "s3", "oci", "http", "https", "model-registry", "file", "pvc")
 #: schemes whose content the agent caches (``pvc://`` is mounted, not cached)
@@ -412,3 +414,9 @@ def split_host_port(host: str, default_port: int) -> tuple[str, int]:
     if sep and port.isdigit():
         return name, int(port)
     return host, default_port
+
+
+__all__ = [
+    "CACHED_SCHEMES", "KEY_HEX", "LABEL_PREFIX", "SCHEMES", "InvalidInput", "InvalidReference",
+    "ModelcacheError", "Reference", "key_of", "parse", "parse_include", "split_host_port",
+]
