@@ -48,8 +48,6 @@ from agent.egress import (
     strip_credentials,
 )
 from agent.errors import (
-    IntegrityError,
-    NoSpace,
     NotAllowed,
     SourceAuthError,
     SourceError,
@@ -182,11 +180,11 @@ class Fetcher:
                          extra={"path": file.path})
                 parts, restarted = 1, True
                 continue
-            except (IntegrityError, NoSpace, SourceNotFound, NotAllowed):
-                await asyncio.to_thread(ingest.discard)
+            except (TransientError, SourceAuthError, asyncio.CancelledError):
+                await asyncio.to_thread(ingest.close)  # worth resuming: keep the partial
                 raise
             except BaseException:
-                await asyncio.to_thread(ingest.close)  # keep the partial for a resume
+                await asyncio.to_thread(ingest.discard)  # wrong, refused or out of space
                 raise
             stats.files_downloaded += 1
             return entries
@@ -365,7 +363,7 @@ class Fetcher:
             ingest.write(seg, buf[:n])
             stats.add(n)
             progress(n)
-            ingest.maybe_checkpoint(every)
+            ingest.maybe_checkpoint(every, self.settings.checkpoint_seconds)
         if seg.end is not None and not seg.complete:
             raise TransientError(
                 f"{shown_url(url)}: short body, the connection ended at byte {seg.offset} of "

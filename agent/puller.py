@@ -151,6 +151,8 @@ class Puller:
         if not ref.cached:
             raise NotAllowed(f"{ref.scheme}:// references are mounted by the webhook, not cached")
         self.egress.check_scheme(ref.scheme)
+        if ref.scheme == "file":
+            self.egress.check_path(ref.path)  # refuse at once, not after a failed pull
         model = self.index.get(ref.key)
         now = time.time()
         if model is not None and model.state in (READY, PULLING):

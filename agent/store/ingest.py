@@ -98,6 +98,7 @@ class Ingest:
         self._cond = threading.Condition()
         self._state_lock = threading.Lock()
         self._since_checkpoint = 0
+        self._checkpointed = time.monotonic()
         self._closed = False
         self._hash_error: BaseException | None = None
         self._hasher: threading.Thread | None = None
@@ -250,9 +251,12 @@ class Ingest:
         finally:
             self._hash_lock.release()
 
-    def maybe_checkpoint(self, every: int) -> None:
-        """Make progress durable if ``every`` bytes arrived since the last checkpoint."""
-        if self._since_checkpoint >= every and self._state_lock.acquire(blocking=False):
+    def maybe_checkpoint(self, every: int, seconds: float = 1.0) -> None:
+        """Make progress durable if ``every`` bytes arrived, or ``seconds`` passed, since the
+        last checkpoint (a restart re-fetches at most that much)."""
+        due = self._since_checkpoint >= every or (
+            self._since_checkpoint and time.monotonic() - self._checkpointed >= seconds)
+        if due and self._state_lock.acquire(blocking=False):
             try:
                 self._checkpoint_locked()
             finally:
@@ -267,6 +271,7 @@ class Ingest:
         with self._cond:
             snapshot = [(s.start, s.end, s.done) for s in self.segments]
             self._since_checkpoint = 0
+            self._checkpointed = time.monotonic()
         try:
             os.fdatasync(self.fd)
         except OSError as e:
