@@ -280,7 +280,10 @@ def _parse_oci(scheme: str, rest: str) -> tuple[str, str, str]:
 
 
 def _parse_http(scheme: str, rest: str) -> tuple[str, str, str]:
-    parts = urlsplit(f"{scheme}://{rest}")
+    try:
+        parts = urlsplit(f"{scheme}://{rest}")
+    except ValueError as e:  # e.g. an unbalanced '[' in the host
+        raise InvalidReference(f"{scheme}:// URI is malformed: {e}") from e
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise InvalidReference(
             f"{scheme}:// URI must not carry credentials; put them in the credentials Secret"
