@@ -334,7 +334,7 @@ def _parse_file(scheme: str, rest: str) -> tuple[str, str, str]:
     host, _, path = rest.partition("/")
     if host not in ("", "localhost"):
         raise InvalidReference("file:// URI must name a local path (file:///PATH)")
-    path = "/" + path
+    path = "/" + path.lstrip("/")  # normpath would keep a leading "//"
     _check_path_segments(path.strip("/"), "file:// path")
     path = posixpath.normpath(path)
     if path == "/":
