@@ -24,7 +24,7 @@ from typing import Any
 from agent.errors import StoreError
 from agent.store.blobs import BlobStore, fsync_dir
 from agent.store.ingest import BlobWriter, Ingest
-from agent.store.trees import FileEntry, Manifest, Trees
+from agent.store.trees import FileEntry, Manifest, Trees, tree_id
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,14 @@ class Store:
         """Publish a tree and switch the model's manifest to it; older trees are kept
         (listed in ``previous``) until :meth:`drop_tree` removes them."""
         old = self.trees.read_manifest(manifest.key)
+        tree = tree_id(manifest.files)
         previous: list[str] = []
-        if old is not None:
-            previous = [t for t in (*old.previous, old.tree) if t not in previous]
-        published = self.trees.publish(manifest)
-        previous = [t for t in previous if t != published.tree]
-        if tuple(previous) != published.previous:
-            published = replace(published, previous=tuple(previous))
-            self.trees.write_manifest(published)
+        for t in (*old.previous, old.tree) if old is not None else ():
+            if t != tree and t not in previous:
+                previous.append(t)
+        # One manifest write that already lists the older trees: a crash can never leave a
+        # manifest on disk that forgets a tree a running pod still uses.
+        published = self.trees.publish(replace(manifest, previous=tuple(previous)))
         with self._lock:
             self._manifests[published.key] = published
             for f in published.files:
