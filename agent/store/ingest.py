@@ -87,6 +87,7 @@ class Ingest:
         self._lock_fd = lock_fd
         self.identity = identity
         self.data_path = directory / "data"
+        self._forget_committed_data()
         self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
         self.segments: list[Segment] = []
         self._cond = threading.Condition()
@@ -127,6 +128,18 @@ class Ingest:
         except BaseException:
             os.close(fd)
             raise
+
+    def _forget_committed_data(self) -> None:
+        """A crash after :meth:`commit` linked ``data`` into ``blobs/`` but before the partial
+        was removed leaves ``data`` as a second name of a committed blob: never write (or
+        truncate) through it; the content is already in the store."""
+        try:
+            st = os.stat(self.data_path, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if st.st_nlink > 1:
+            self.data_path.unlink()
+            (self.dir / "state.json").unlink(missing_ok=True)
 
     def _load_state(self) -> None:
         try:
