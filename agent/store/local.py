@@ -154,10 +154,12 @@ class Store:
         manifest = self.manifest(key)
         if manifest is not None and manifest.tree == tree:
             raise StoreError(f"tree {tree} is the current tree of model {key}")
-        self.trees.remove_tree(key, tree)
+        # Forget the tree first, then delete it: a crash in between leaves an unnamed tree,
+        # which recovery removes, never a manifest that names a tree that is gone.
         if manifest is not None and tree in manifest.previous:
             kept = tuple(t for t in manifest.previous if t != tree)
             self.update_manifest(replace(manifest, previous=kept))
+        self.trees.remove_tree(key, tree)
 
     def remove_model(self, key: str) -> None:
         """Remove a model's manifest and trees (blobs stay until garbage collection)."""
