@@ -155,6 +155,12 @@ class Ingest:
                              for s, e, d in state.get("segments", [])]
         else:
             self.segments = []
+        # The state only claims bytes that were on disk when it was written; if the data
+        # file no longer holds them (it was moved into blobs/ by a commit that did not
+        # finish its cleanup), the claim is void.
+        on_disk = os.fstat(self.fd).st_size
+        if not self.segments or any(s.offset > on_disk for s in self.segments):
+            self.segments = []
             os.ftruncate(self.fd, 0)
 
     @property
