@@ -532,6 +532,36 @@ def test_a_crash_while_publishing_a_revision_keeps_the_old_tree(
     assert (store.models / KEY / v1.tree / "a").read_bytes() == b"one"
 
 
+@pytest.mark.parametrize("step", ["remove_tree", "write_manifest"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_crash_while_dropping_an_old_tree_leaves_no_dangling_name(
+        store: Store, put_blob: Put, monkeypatch: pytest.MonkeyPatch, step: str,
+        when: str) -> None:
+    v1 = store.publish(manifest(_files(put_blob, {"a": b"one"})))
+    v2 = store.publish(manifest(_files(put_blob, {"a": b"two"}), revision="r2"))
+    real = getattr(trees_module.Trees, step)
+
+    class Killed(BaseException):
+        pass
+
+    def dying(self: trees_module.Trees, *args: object) -> None:
+        if when == "after":
+            real(self, *args)
+        raise Killed
+
+    monkeypatch.setattr(trees_module.Trees, step, dying)
+    with pytest.raises(Killed):
+        store.drop_tree(KEY, v1.tree)
+    monkeypatch.undo()
+    fresh = Store(store.root)
+    recover(fresh)
+    m = fresh.manifest(KEY)
+    assert m is not None and m.tree == v2.tree
+    on_disk = set(fresh.trees.trees(KEY))
+    assert set(m.previous) <= on_disk, "the manifest names a tree that is gone"
+    assert on_disk == {v2.tree, *m.previous}
+
+
 def test_remove_model_hides_it_but_keeps_its_directory(store: Store, put_blob: Put) -> None:
     v1 = store.publish(manifest(_files(put_blob, {"a": b"1"})))
     store.publish(manifest(_files(put_blob, {"a": b"2"}), revision="r2"))
