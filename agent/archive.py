@@ -159,7 +159,9 @@ def _zip_members(raw: IO[bytes], budget: _Budget) -> Iterator[tuple[str, int, IO
                     continue
                 if stat.S_ISLNK(mode):
                     raise ArchiveRejected(f"archive member {info.filename!r} is a symlink")
-                if mode and not stat.S_ISREG(mode):
+                # Python's zipfile and many tools store permission bits without a file
+                # type: only a stated type other than "regular" is refused.
+                if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
                     raise ArchiveRejected(
                         f"archive member {info.filename!r} is not a regular file")
                 if info.flag_bits & 0x1:
