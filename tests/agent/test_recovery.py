@@ -296,29 +296,26 @@ def assert_store_invariants(store: Store) -> None:
 def test_sigkill_at_random_moments_leaves_a_consistent_store(store: Store) -> None:
     rng = random.Random(20261122)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    totals = {"ops": 0, "models": 0, "resumed": 0}
+    totals = {"ops": 0, "models": 0}
     for iteration in range(8):
-        child = subprocess.Popen([sys.executable, str(CHILD), str(store.root), str(iteration)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        assert child.stdout is not None
-        try:
-            for _ in range(rng.randint(3, 40)):
-                line = child.stdout.readline()
-                assert line, f"writer died: {child.stderr.read().decode()[-2000:]}"  # type: ignore[union-attr]
-                totals["ops"] += 1
-            time.sleep(rng.uniform(0, 0.02))  # land somewhere inside the next operations
-            assert child.poll() is None, child.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
-            child.send_signal(signal.SIGKILL)
-        finally:
-            child.kill()
-            child.wait(10)
-            child.stdout.close()
-            child.stderr.close()  # type: ignore[union-attr]
+        with subprocess.Popen([sys.executable, str(CHILD), str(store.root), str(iteration)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as child:
+            assert child.stdout is not None and child.stderr is not None
+            try:
+                for _ in range(rng.randint(3, 40)):
+                    line = child.stdout.readline()
+                    assert line, f"writer died: {child.stderr.read().decode()[-2000:]}"
+                    totals["ops"] += 1
+                time.sleep(rng.uniform(0, 0.02))  # land somewhere inside the next operations
+                assert child.poll() is None, child.stderr.read().decode()[-2000:]
+                child.send_signal(signal.SIGKILL)
+            finally:
+                child.kill()
+                child.wait(10)
         assert child.returncode == -signal.SIGKILL
         fresh = Store(store.root)
         report = recover(fresh)
         totals["models"] += report.models
-        totals["resumed"] += len(report.intents)
         assert_store_invariants(fresh)
         assert {m.key for m in fresh.manifests()} == {
             k for k in fresh.trees.keys()  # noqa: SIM118

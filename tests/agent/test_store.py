@@ -335,16 +335,16 @@ _HOLDER = textwrap.dedent("""
 
 
 def test_the_lock_holds_across_processes_and_dies_with_its_holder(store: Store) -> None:
-    child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(store.root)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert child.stdout is not None and child.stdout.readline() == "holding\n"
-        with pytest.raises(Locked, match=f"locked since .* by pid {child.pid}"):
-            store.open_ingest("held", {"size": 1})
-    finally:
-        child.kill()  # no unlock, no cleanup: the kernel drops the flock
-        child.wait(10)
+    with subprocess.Popen([sys.executable, "-c", _HOLDER, str(store.root)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "holding\n"
+            with pytest.raises(Locked, match=f"locked since .* by pid {child.pid}"):
+                store.open_ingest("held", {"size": 1})
+        finally:
+            child.kill()  # no unlock, no cleanup: the kernel drops the flock
+            child.wait(10)
     store.open_ingest("held", {"size": 1}).discard()
 
 
