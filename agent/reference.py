@@ -27,7 +27,7 @@ import posixpath
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 from agent.errors import InvalidReference
 
@@ -54,7 +54,7 @@ _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _K8S_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$")
 _REGISTRY_NAME = re.compile(r"^[^\x00-\x1f/]{1,255}$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_SECRET_QUERY_KEYS = re.compile(r"(?i)(signature|token|credential|secret|password|key|sig)")
+_SECRET_QUERY_KEYS = re.compile(r"(?i)(signature|token|credential|secret|pass|key|sig|auth|jwt)")
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,8 @@ class Reference:
         parts = []
         for item in query.split("&"):
             name, eq, _value = item.partition("=")
-            parts.append(f"{name}=REDACTED" if eq and _SECRET_QUERY_KEYS.search(name) else item)
+            secret = eq and _SECRET_QUERY_KEYS.search(unquote_plus(name))
+            parts.append(f"{name}=REDACTED" if secret else item)
         return f"{self.scheme}://{self.host}/{path}?{'&'.join(parts)}"
 
     def matches(self, relpath: str) -> bool:
