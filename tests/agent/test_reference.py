@@ -312,6 +312,14 @@ def test_display_hides_secret_looking_query_values() -> None:
     assert "deadbeef" in ref.uri  # the key still depends on the whole URL
 
 
+@pytest.mark.parametrize("query", ["%74oken=s3cr3t", "auth=s3cr3t", "passwd=s3cr3t",
+                                   "jwt=s3cr3t", "Access+Key=s3cr3t", "X-Goog-Signature=s3cr3t"])
+def test_display_sees_through_spellings_of_secret_keys(query: str) -> None:
+    ref = parse(f"https://host/m.bin?{query}&page=2")
+    assert "s3cr3t" not in ref.display
+    assert ref.display.endswith("=REDACTED&page=2")
+
+
 def test_display_of_references_without_query_is_the_uri() -> None:
     for uri in ("hf://org/repo", "https://host/m.bin", "s3://bucket/p"):
         assert parse(uri).display == parse(uri).uri
