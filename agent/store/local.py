@@ -24,7 +24,7 @@ from typing import Any
 from agent.errors import StoreError
 from agent.store.blobs import BlobStore, fsync_dir
 from agent.store.ingest import BlobWriter, Ingest
-from agent.store.trees import FileEntry, Manifest, Trees, tree_id
+from agent.store.trees import FileEntry, Manifest, Trees, clean_paths, tree_id
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ class Store:
         """Publish a tree and switch the model's manifest to it; older trees are kept
         (listed in ``previous``) until :meth:`drop_tree` removes them."""
         old = self.trees.read_manifest(manifest.key)
+        manifest = replace(manifest, files=clean_paths(manifest.files))
         tree = tree_id(manifest.files)
         previous: list[str] = []
         for t in (*old.previous, old.tree) if old is not None else ():

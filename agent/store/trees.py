@@ -102,6 +102,14 @@ def _check_names(tree: Any, previous: Any, files: tuple[FileEntry, ...]) -> None
             raise StoreError(f"manifest file {f.path!r} has an invalid blake3 digest")
 
 
+def clean_paths(files: Iterable[FileEntry]) -> tuple[FileEntry, ...]:
+    """The entries with their paths checked and in one spelling (``./a`` is ``a``), each
+    path once: two spellings of one path must not both reach the file system."""
+    cleaned = tuple(replace(f, path=safe_relpath(f.path)) for f in files)
+    check_unique(f.path for f in cleaned)
+    return cleaned
+
+
 def tree_id(files: Iterable[FileEntry]) -> str:
     """``t-`` and 16 hex of blake3 over the sorted (path, size, blake3) list."""
     h = blake3.blake3()
@@ -147,10 +155,9 @@ class Trees:
     def publish(self, manifest: Manifest) -> Manifest:
         """Make the manifest's tree visible (if it is not already), then switch the
         manifest to it. The tree's files must all be committed blobs."""
-        files = manifest.files
-        check_unique(f.path for f in files)
+        files = clean_paths(manifest.files)
         tree = tree_id(files)
-        manifest = replace(manifest, tree=tree)
+        manifest = replace(manifest, tree=tree, files=files)
         model_dir = self.model_dir(manifest.key)
         model_dir.mkdir(parents=True, exist_ok=True)
         target = model_dir / tree
