@@ -611,3 +611,13 @@ def test_find_sha256_knows_committed_content(store: Store) -> None:
     assert store.has_blob(b3(data), len(data)) and not store.has_blob(b3(data), 1)
     assert store.remove_blob(b3(data)) == len(data)
     assert store.find_sha256(sha(data)) is None
+
+
+def test_two_spellings_of_one_path_are_one_path(store: Store, put_blob: Put) -> None:
+    a, b = put_blob(b"first", "a"), put_blob(b"second", "./a")
+    with pytest.raises(UnsafeName, match="'a' appears twice"):
+        store.publish(manifest((a, b)))
+    assert store.trees.trees(KEY) == [] and list(store.tmp.iterdir()) == []
+    published = store.publish(manifest((b,)))
+    assert [f.path for f in published.files] == ["a"]  # the manifest holds the clean name
+    assert published.tree == tree_id((replace(b, path="a"),))
