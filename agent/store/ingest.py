@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -42,6 +43,14 @@ from agent.store.blobs import BlobStore
 
 HASH_CHUNK = 4 * 1024 * 1024
 STATE_VERSION = 1
+_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_ref(ref: str) -> str:
+    """A ref names a directory under ``partial/``: one plain path segment, nothing more."""
+    if not isinstance(ref, str) or not _REF.match(ref):
+        raise StoreError(f"{str(ref)[:80]!r} is not a valid ingest ref")
+    return ref
 
 
 @dataclass
@@ -110,7 +119,7 @@ class Ingest:
         ``identity`` (size, sha256, etag, url) decides whether bytes already on disk belong
         to the same content: if it differs, the partial download starts over.
         """
-        directory = partial_root / ref
+        directory = partial_root / check_ref(ref)
         directory.mkdir(parents=True, exist_ok=True)
         lock_path = directory / "lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)

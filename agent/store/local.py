@@ -23,7 +23,7 @@ from typing import Any
 
 from agent.errors import StoreError
 from agent.store.blobs import BlobStore, fsync_dir
-from agent.store.ingest import BlobWriter, Ingest
+from agent.store.ingest import BlobWriter, Ingest, check_ref
 from agent.store.trees import FileEntry, Manifest, Trees, clean_paths, tree_id
 
 
@@ -202,7 +202,7 @@ class Store:
         return found
 
     def remove_partial(self, ref: str) -> None:
-        shutil.rmtree(self.partial / ref, ignore_errors=True)
+        shutil.rmtree(self.partial / check_ref(ref), ignore_errors=True)
 
     # --- accounting ----------------------------------------------------------------------
 
