@@ -621,3 +621,15 @@ def test_two_spellings_of_one_path_are_one_path(store: Store, put_blob: Put) -> 
     published = store.publish(manifest((b,)))
     assert [f.path for f in published.files] == ["a"]  # the manifest holds the clean name
     assert published.tree == tree_id((replace(b, path="a"),))
+
+
+@pytest.mark.parametrize("ref", ["../escape", "a/b", "..", ".", "", "x\x00y",
+                                 "sha256-../../../../tmp/evil", "x" * 300])
+def test_an_ingest_ref_cannot_name_a_path(store: Store, tmp_path: Path, ref: str) -> None:
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(StoreError, match="not a valid ingest ref"):
+        store.open_ingest(ref, {"size": 1})
+    with pytest.raises(StoreError, match="not a valid ingest ref"):
+        store.remove_partial(ref)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert store.root.is_dir()
