@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import blake3
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import agent
 from agent.store import blobs as blobs_module
@@ -291,6 +296,75 @@ def assert_store_invariants(store: Store) -> None:
             for e in entries:
                 blob = store.blobs.path(e.blake3)
                 assert blob.stat().st_ino == (model_dir / tree / e.path).stat().st_ino
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """Random sequences of store operations, with recovery in between: the invariants hold
+    after every step, and recovery finds exactly the models that were published."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="storemachine-"))
+        self.store = Store(self.dir / "store")
+        self.store.ensure_layout()
+        self.blobs: dict[int, FileEntry] = {}
+        self.published: dict[str, Manifest] = {}
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule(n=st.integers(0, 5))
+    def put(self, n: int) -> None:
+        writer = self.store.blob_writer()
+        writer.write(bytes([n]) * (n * 1000))
+        sealed = writer.commit(self.store.blobs, n * 1000)
+        self.blobs[n] = FileEntry("x", sealed.size, sealed.blake3)
+
+    @rule(key=st.sampled_from(["a" * 24, "b" * 24]),
+          picks=st.lists(st.tuples(st.sampled_from(["c.json", "w/1.bin", "w/2.bin", "t"]),
+                                   st.integers(0, 5)), min_size=1, max_size=4,
+                         unique_by=lambda t: t[0]))
+    def publish(self, key: str, picks: list[tuple[str, int]]) -> None:
+        files = []
+        for path, n in picks:
+            entry = self.blobs.get(n)
+            if entry is None or not self.store.blobs.exists(entry.blake3):
+                return
+            files.append(FileEntry(path, entry.size, entry.blake3))
+        self.published[key] = self.store.publish(manifest(tuple(files), key=key))
+
+    @rule(key=st.sampled_from(["a" * 24, "b" * 24]), data=st.data())
+    def drop_old_tree(self, key: str, data: st.DataObject) -> None:
+        m = self.store.manifest(key)
+        if m is None or not m.previous:
+            return
+        self.store.drop_tree(key, data.draw(st.sampled_from(m.previous)))
+        self.published[key] = self.store.manifest(key)  # type: ignore[assignment]
+
+    @rule(key=st.sampled_from(["a" * 24, "b" * 24]))
+    def remove(self, key: str) -> None:
+        self.store.remove_model(key)
+        self.published.pop(key, None)
+
+    @rule()
+    def collect(self) -> None:
+        for digest in self.store.unreferenced_blobs():
+            assert self.store.remove_blob(digest) > 0 or digest == blake3.blake3().hexdigest()
+
+    @rule()
+    def restart(self) -> None:
+        self.store = Store(self.store.root)
+        report = recover(self.store)
+        assert report.broken_models == [] and report.removed_trees == 0
+        assert {m.key: m for m in self.store.manifests()} == self.published
+
+    @invariant()
+    def consistent(self) -> None:
+        assert_store_invariants(self.store)
+
+
+TestStoreMachine = StoreMachine.TestCase
+TestStoreMachine.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
 
 
 def test_sigkill_at_random_moments_leaves_a_consistent_store(store: Store) -> None:
