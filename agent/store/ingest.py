@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -45,6 +46,14 @@ HASH_CHUNK = 4 * 1024 * 1024
 DIRECT_ALIGN = 4096
 SEGMENT_ALIGN = 1024 * 1024
 STATE_VERSION = 1
+_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_ref(ref: str) -> str:
+    """A ref names a directory under ``partial/``: one plain path segment, nothing more."""
+    if not isinstance(ref, str) or not _REF.match(ref):
+        raise StoreError(f"{str(ref)[:80]!r} is not a valid ingest ref")
+    return ref
 
 
 @dataclass
@@ -90,6 +99,7 @@ class Ingest:
         self._lock_fd = lock_fd
         self.identity = identity
         self.data_path = directory / "data"
+        self._forget_committed_data()
         self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
         self.dfd = _open_direct(self.data_path)
         """The same file opened O_DIRECT (-1 where the file system refuses it): aligned
@@ -118,7 +128,7 @@ class Ingest:
         ``identity`` (size, sha256, etag, url) decides whether bytes already on disk belong
         to the same content: if it differs, the partial download starts over.
         """
-        directory = partial_root / ref
+        directory = partial_root / check_ref(ref)
         directory.mkdir(parents=True, exist_ok=True)
         lock_path = directory / "lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -137,6 +147,18 @@ class Ingest:
             os.close(fd)
             raise
 
+    def _forget_committed_data(self) -> None:
+        """A crash after :meth:`commit` linked ``data`` into ``blobs/`` but before the partial
+        was removed leaves ``data`` as a second name of a committed blob: never write (or
+        truncate) through it; the content is already in the store."""
+        try:
+            st = os.stat(self.data_path, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if st.st_nlink > 1:
+            self.data_path.unlink()
+            (self.dir / "state.json").unlink(missing_ok=True)
+
     def _load_state(self) -> None:
         try:
             state = json.loads((self.dir / "state.json").read_text())
@@ -150,6 +172,12 @@ class Ingest:
             self.segments = [Segment(int(s), None if e is None else int(e), int(d))
                              for s, e, d in state.get("segments", [])]
         else:
+            self.segments = []
+        # The state only claims bytes that were on disk when it was written; if the data
+        # file no longer holds them (it was moved into blobs/ by a commit that did not
+        # finish its cleanup), the claim is void.
+        on_disk = os.fstat(self.fd).st_size
+        if not self.segments or any(s.offset > on_disk for s in self.segments):
             self.segments = []
             os.ftruncate(self.fd, 0)
 

@@ -23,8 +23,8 @@ from typing import Any
 
 from agent.errors import StoreError
 from agent.store.blobs import BlobStore, fsync_dir
-from agent.store.ingest import BlobWriter, Ingest
-from agent.store.trees import FileEntry, Manifest, Trees
+from agent.store.ingest import BlobWriter, Ingest, check_ref
+from agent.store.trees import FileEntry, Manifest, Trees, clean_paths, tree_id
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,15 @@ class Store:
         """Publish a tree and switch the model's manifest to it; older trees are kept
         (listed in ``previous``) until :meth:`drop_tree` removes them."""
         old = self.trees.read_manifest(manifest.key)
+        manifest = replace(manifest, files=clean_paths(manifest.files))
+        tree = tree_id(manifest.files)
         previous: list[str] = []
-        if old is not None:
-            previous = [t for t in (*old.previous, old.tree) if t not in previous]
-        published = self.trees.publish(manifest)
-        previous = [t for t in previous if t != published.tree]
-        if tuple(previous) != published.previous:
-            published = replace(published, previous=tuple(previous))
-            self.trees.write_manifest(published)
+        for t in (*old.previous, old.tree) if old is not None else ():
+            if t != tree and t not in previous:
+                previous.append(t)
+        # One manifest write that already lists the older trees: a crash can never leave a
+        # manifest on disk that forgets a tree a running pod still uses.
+        published = self.trees.publish(replace(manifest, previous=tuple(previous)))
         with self._lock:
             self._manifests[published.key] = published
             for f in published.files:
@@ -154,10 +155,12 @@ class Store:
         manifest = self.manifest(key)
         if manifest is not None and manifest.tree == tree:
             raise StoreError(f"tree {tree} is the current tree of model {key}")
-        self.trees.remove_tree(key, tree)
+        # Forget the tree first, then delete it: a crash in between leaves an unnamed tree,
+        # which recovery removes, never a manifest that names a tree that is gone.
         if manifest is not None and tree in manifest.previous:
             kept = tuple(t for t in manifest.previous if t != tree)
             self.update_manifest(replace(manifest, previous=kept))
+        self.trees.remove_tree(key, tree)
 
     def remove_model(self, key: str) -> None:
         """Remove a model's manifest and trees (blobs stay until garbage collection)."""
@@ -199,7 +202,7 @@ class Store:
         return found
 
     def remove_partial(self, ref: str) -> None:
-        shutil.rmtree(self.partial / ref, ignore_errors=True)
+        shutil.rmtree(self.partial / check_ref(ref), ignore_errors=True)
 
     # --- accounting ----------------------------------------------------------------------
 
