@@ -27,6 +27,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -194,11 +195,12 @@ class Ingest:
         if size is None:
             self.segments = [Segment(0, None)]
         else:
-            n = max(1, min(parts, size // max(min_part, 1)))
-            step = -(-size // n)
-            step = -(-step // SEGMENT_ALIGN) * SEGMENT_ALIGN  # direct I/O wants alignment
-            self.segments = [Segment(i * step, min(size, (i + 1) * step)) for i in range(n)
-                             if i * step < size] or [Segment(0, 0)]
+            n = max(1, min(parts, size // max(min_part, 1), size // SEGMENT_ALIGN))
+            # boundaries on SEGMENT_ALIGN, so that full chunks can be written O_DIRECT
+            bounds = sorted({0, size, *(i * size // n // SEGMENT_ALIGN * SEGMENT_ALIGN
+                                        for i in range(1, n))})
+            self.segments = [Segment(a, b) for a, b in itertools.pairwise(bounds)] \
+                or [Segment(0, 0)]
             self._preallocate(size)
         self._write_state()
         return self.segments

@@ -70,6 +70,7 @@ def test_warm_node_links_the_tree_without_downloading(
         assert server.bytes_sent() == served, "a warm node downloads nothing"
         assert seconds < 2.0, f"warm init took {seconds:.2f} s"
         status, metrics = agent.call("GET", "/metrics")
+        assert status == 200
         assert 'modelcache_cache_requests_total{result="hit"} 1.0' in metrics
     finally:
         agent.stop()

@@ -115,19 +115,24 @@ def identity(data: bytes, **extra: object) -> dict[str, object]:
 
 
 def test_plan_splits_into_contiguous_segments(store: Store) -> None:
-    ingest = store.open_ingest("ref", {"size": 1000})
+    mib = 1024 * 1024
+    size = 8 * mib + 1000
+    ingest = store.open_ingest("ref", {"size": size})
     try:
-        segs = ingest.plan(1000, parts=4, min_part=100)
+        segs = ingest.plan(size, parts=4, min_part=mib)
         assert len(segs) == 4
-        assert segs[0].start == 0 and segs[-1].end == 1000
+        assert segs[0].start == 0 and segs[-1].end == size
         assert all(a.end == b.start for a, b in itertools.pairwise(segs))
-        assert os.fstat(ingest.fd).st_size == 1000  # preallocated
-        assert len(ingest.plan(1000, parts=4, min_part=600)) == 4  # same plan is kept
+        # boundaries on 1 MiB, so that full chunks can be written O_DIRECT
+        assert all(s.start % mib == 0 for s in segs)
+        assert os.fstat(ingest.fd).st_size == size  # preallocated
+        assert len(ingest.plan(size, parts=4, min_part=6 * mib)) == 4  # same plan is kept
     finally:
         ingest.discard()
     small = store.open_ingest("small", {"size": 1000})
     try:
-        assert len(small.plan(1000, parts=8, min_part=400)) == 2  # min_part bounds the count
+        assert len(small.plan(1000, parts=8, min_part=400)) == 1  # no segment under 1 MiB
+        assert len(small.plan(8 * mib, parts=8, min_part=3 * mib)) == 2  # min_part bounds it
         assert [(s.start, s.end) for s in small.plan(None, 4, 1)] == [(0, None)]
         empty = small.plan(0, 4, 1)
         assert [(s.start, s.end) for s in empty] == [(0, 0)] and empty[0].complete
@@ -142,7 +147,7 @@ def _write_segment(ingest: Ingest, seg: Segment, data: bytes, rng: random.Random
 
 
 def test_out_of_order_writes_from_threads_hash_right(store: Store) -> None:
-    data = random.Random(1).randbytes(3 * 1024 * 1024 + 17)
+    data = random.Random(1).randbytes(6 * 1024 * 1024 + 17)
     ingest = store.open_ingest("ooo", identity(data))
     segs = ingest.plan(len(data), parts=6, min_part=256 * 1024)
     assert len(segs) == 6
@@ -251,10 +256,11 @@ def test_a_wrong_sha256_is_never_committed(store: Store) -> None:
 
 
 def test_close_then_open_resumes(store: Store) -> None:
-    data = random.Random(3).randbytes(1024 * 1024)
+    data = random.Random(3).randbytes(4 * 1024 * 1024)
     ident = identity(data)
     ingest = store.open_ingest("resume", ident)
     segs = ingest.plan(len(data), parts=4, min_part=1024)
+    assert len(segs) == 4
     ingest.write(segs[0], memoryview(data[: segs[0].end]))  # one whole segment
     ingest.write(segs[2], memoryview(data[segs[2].start: segs[2].start + 1000]))  # part of one
     ingest.close()
