@@ -135,6 +135,8 @@ class Fetcher:
                 if running.cancelled() and task is not None and not task.cancelling():
                     continue  # the leader was stopped, not us: take over
                 raise
+            if not await asyncio.to_thread(self._hold_all, entries):
+                continue  # collected since: fetch it again
             progress(sum(e.size for e in entries))
             if file.unpack:
                 return entries
@@ -155,6 +157,15 @@ class Fetcher:
             return entries
         finally:
             del self._inflight[ref]
+
+    def _hold_all(self, entries: list[FileEntry]) -> bool:
+        """Hold blobs another caller fetched, for this caller; False if one is gone."""
+        for i, e in enumerate(entries):
+            self.store.blobs.hold(e.blake3)
+            if not self.store.blobs.exists(e.blake3):
+                self.store.blobs.release(x.blake3 for x in entries[: i + 1])
+                return False
+        return True
 
     # --- one file ------------------------------------------------------------------------
 
@@ -585,6 +596,9 @@ def ref_id(file: RemoteFile) -> str:
     """The partial download's name: by strong digest when known, else by where it comes
     from and its change detector (a presigned URL's signature does not count)."""
     if file.sha256:
+        if file.unpack:  # an archive's members, not one file: never shared with a file
+            how = blake3.blake3(f"{file.unpack}\0{file.unpack_root}".encode()).hexdigest()
+            return f"sha256-{file.sha256}-{how[:12]}"
         return f"sha256-{file.sha256}"
     ident = f"{shown_url(file.url)}\0{file.etag or ''}\0{file.size}\0{file.unpack or ''}"
     return "src-" + blake3.blake3(ident.encode()).hexdigest()[:40]

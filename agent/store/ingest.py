@@ -414,7 +414,7 @@ class Ingest:
         self._drop_direct()
         os.close(self.fd)
         self.fd = -1
-        blobs.commit(sealed.path, sealed.blake3)
+        blobs.commit(sealed.path, sealed.blake3, hold=True)
         self.discard()
         return sealed
 
@@ -520,7 +520,7 @@ class BlobWriter:
                     f"sha256 mismatch: expected {self._expected_sha256}, the bytes are {sha}"
                 )
             digest = self._b3.hexdigest()
-            blobs.commit(self.path, digest)
+            blobs.commit(self.path, digest, hold=True)
         except BaseException:
             self.path.unlink(missing_ok=True)
             raise

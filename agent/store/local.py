@@ -82,35 +82,44 @@ class Store:
                 self._sha256[sha256] = digest
 
     def find_sha256(self, sha256: str) -> tuple[str, int] | None:
-        """A committed blob whose content has this sha256: (blake3, size), or None."""
+        """A committed blob whose content has this sha256: (blake3, size), or None.
+        A blob found is held for the caller (release it with ``blobs.release``)."""
         with self._lock:
             digest = self._sha256.get(sha256)
         if digest is None:
             return None
+        self.blobs.hold(digest)
         info = self.blobs.info(digest)
         if info is None:
+            self.blobs.release([digest])
             with self._lock:
                 self._sha256.pop(sha256, None)
                 self._sizes.pop(digest, None)
             return None
         return digest, info.size
 
+    def knows_sha256(self, sha256: str) -> bool:
+        """Whether content with this sha256 is (probably) stored; no hold taken."""
+        with self._lock:
+            return sha256 in self._sha256
+
     def has_blob(self, digest: str, size: int) -> bool:
         info = self.blobs.info(digest)
         return info is not None and info.size == size
 
     def remove_blob(self, digest: str) -> int:
-        """Remove a blob's store name; returns the bytes freed."""
-        freed = self.blobs.remove(digest)
-        with self._lock:
-            self._sizes.pop(digest, None)
-            for sha in [s for s, d in self._sha256.items() if d == digest]:
-                del self._sha256[sha]
+        """Collect a blob no tree links and no pull holds; returns the bytes freed."""
+        freed = self.blobs.collect(digest)
+        if freed or not self.blobs.exists(digest):
+            with self._lock:
+                self._sizes.pop(digest, None)
+                for sha in [s for s, d in self._sha256.items() if d == digest]:
+                    del self._sha256[sha]
         return freed
 
     def unreferenced_blobs(self, keep: Iterable[str] = ()) -> list[str]:
-        """Blobs no published tree links (and not in ``keep``)."""
-        keep = set(keep)
+        """Blobs no published tree links, no pull holds (and not in ``keep``)."""
+        keep = set(keep) | self.blobs.held()
         return [b.digest for b in self.blobs if b.refs == 0 and b.digest not in keep]
 
     # --- models --------------------------------------------------------------------------

@@ -615,6 +615,11 @@ def test_find_sha256_knows_committed_content(store: Store) -> None:
     store.note_blob(sealed.blake3, sealed.size, sealed.sha256)
     assert store.find_sha256(sha(data)) == (b3(data), len(data))
     assert store.has_blob(b3(data), len(data)) and not store.has_blob(b3(data), 1)
+    # committed and found: held twice, so garbage collection leaves it alone
+    assert store.unreferenced_blobs() == []
+    assert store.remove_blob(b3(data)) == 0 and store.blobs.exists(b3(data))
+    store.blobs.release([b3(data), b3(data)])
+    assert store.unreferenced_blobs() == [b3(data)]
     assert store.remove_blob(b3(data)) == len(data)
     assert store.find_sha256(sha(data)) is None
 
