@@ -100,7 +100,8 @@ async def test_endpoints_and_shapes(tmp_path: Path, faulty: FaultyServer) -> Non
 @pytest.mark.parametrize(("method", "path", "body", "status", "words"), [
     ("POST", "/api/v1/models", {"uri": "ftp://x/y"}, 400, "unknown scheme 'ftp'"),
     ("POST", "/api/v1/models", {"uri": "hf://a/b", "include": "x"}, 400, "list of glob"),
-    ("POST", "/api/v1/models", {"uri": "hf://a/b", "bogus": 1}, 400, "unknown field(s) in body: bogus"),
+    ("POST", "/api/v1/models", {"uri": "hf://a/b", "bogus": 1}, 400,
+     "unknown field(s) in body: bogus"),
     ("POST", "/api/v1/models", {"nouri": 1}, 400, '"uri"'),
     ("POST", "/api/v1/models", {"uri": "pvc://claim/x"}, 403, "mounted by the webhook"),
     ("POST", "/api/v1/models", {"uri": "file:///etc"}, 403, "--allow-path"),
@@ -201,6 +202,7 @@ def test_config_file_models_are_prefetched_and_pinned(tmp_path: Path,
     try:
         def both_ready() -> list[dict[str, object]] | None:
             status, body = agent.call("GET", "/api/v1/models")
+            assert status == 200
             models = body["models"]
             return models if len(models) == 2 and all(m["state"] == "ready" for m in models) \
                 else None

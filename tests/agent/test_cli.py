@@ -73,6 +73,7 @@ def test_a_progress_bar_on_a_terminal(agent: AgentProcess, faulty: FaultyServer)
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=child, text=True)
     os.close(child)
     out, _ = proc.communicate(timeout=60)
+    assert "ready" in out
     chunks = []
     while True:
         try:
