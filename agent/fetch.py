@@ -378,8 +378,9 @@ class Fetcher:
                 _drain(resp)
                 reusable = resp.isclosed() and not resp.will_close
                 raise status_error(status, shown_url(loc.url), resp.getheader("Retry-After"))
-            whole = seg.start == 0 and (seg.end is None or seg.end == file.size)
-            if status == 200 and ranged and not (whole and seg.done == 0):
+            # a 200 is the body from byte 0: usable only by a segment that starts there
+            # (it reads no further than its end)
+            if status == 200 and ranged and seg.offset != 0:
                 raise _RangeIgnored(
                     f"{shown_url(loc.url)} ignored the byte range (or changed since it was "
                     "listed); starting the file over")
