@@ -54,7 +54,9 @@ class Metrics:
         )
         self.served_bytes = Counter(
             "modelcache_served_bytes_total",
-            "Bytes handed out, to pods (linked into mounts) and to peer agents.",
+            "Bytes handed out: to pods (the size of a ready model on each cache hit and on "
+            "each requested pull that completes; linked, not copied) and to peer agents "
+            "(blob reads).",
             ["to"], registry=r,
         )
         self.store_bytes = Gauge(

@@ -123,7 +123,18 @@ async def run(args: argparse.Namespace) -> str:
     else:
         await warm_node(ref, args, token)
     await from_source(ref, args)
+    if args.mode == "cache":
+        await report_fallback(ref, args, token)
     return "source"
+
+
+async def report_fallback(ref: Reference, args: argparse.Namespace, token: str | None) -> None:
+    """Tell the agent (if it answers) that this pod fell back, for its metrics."""
+    try:
+        async with AgentClient(args.agent_url, token, timeout=args.connect_timeout) as client:
+            await client.report_fallback(ref.key)
+    except AgentError as e:
+        log.info("could not report the fallback to the agent", extra={"error": str(e)})
 
 
 async def via_agent(ref: Reference, args: argparse.Namespace, token: str | None) -> str:

@@ -163,6 +163,7 @@ class Puller:
                 await self._flush_last_used(model)
                 if count and self.metrics:
                     self.metrics.cache_requests.labels(result="hit").inc()
+                    self.metrics.served_bytes.labels(to="pod").inc(model.bytes_total)
                 self._maybe_refresh(model, credentials)
             return model
         if count and self.metrics:
@@ -176,7 +177,7 @@ class Puller:
             self.index.notify(model)
         intent = {"uri": ref.uri, "include": list(ref.include), "pin": model.pinned,
                   "credentials": credentials_name, "namespace": namespace,
-                  "started": now, "refs": [], "blobs": []}
+                  "started": now, "refs": [], "blobs": [], "requested": count}
         model.intent = intent
         model.task = asyncio.create_task(self._pull(model, credentials, intent),
                                          name=f"pull-{ref.key}")
@@ -253,6 +254,9 @@ class Puller:
             model.bytes_total = model.bytes_done = model.manifest.size_bytes
             await asyncio.to_thread(self.store.remove_intent, ref.key)
             self._observe(ref, "ok", started)
+            if intent.get("requested") and self.metrics and not refresh:
+                # the caller that missed now gets the model from the cache
+                self.metrics.served_bytes.labels(to="pod").inc(model.bytes_total)
             log.info("model ready", extra={
                 "key": ref.key, "uri": ref.display, "revision": resolved.revision,
                 "files": len(entries), "bytes": model.manifest.size_bytes,

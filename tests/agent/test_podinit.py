@@ -147,3 +147,26 @@ def test_a_failed_source_leaves_nothing_at_the_mount_path(tmp_path: Path,
     assert code == 1
     assert "not found (404)" in err
     assert [p for p in mount.iterdir() if p.name != ".modelcache"] == []
+
+
+def test_an_agent_that_cannot_pull_leads_to_a_counted_fallback(
+        tmp_path: Path, model_server: tuple[FaultyServer, dict[str, bytes], str]) -> None:
+    """The pod can reach a source that the agent's egress policy refuses: the agent's pull
+    fails, the init container downloads itself and reports the fallback."""
+    server, files, uri = model_server
+    store = tmp_path / "store"
+    agent = AgentProcess(store, log_dir=tmp_path, allow_hosts=("10.9.9.9",)).start()
+    try:
+        side = store / "models" / parse(uri).key
+        side.mkdir(parents=True)
+        mount = tmp_path / "mnt"
+        code, err, _ = run_init(uri, mount, side, agent.url, store / "admin-token")
+        assert code == 0, err
+        assert mounted(mount) == files
+        status, model = agent.call("GET", f"/api/v1/models/{parse(uri).key}")
+        assert status == 200 and model["state"] == "failed"
+        assert "loopback address" in model["error"]
+        status, metrics = agent.call("GET", "/metrics")
+        assert 'modelcache_cache_requests_total{result="fallback"} 1.0' in metrics
+    finally:
+        agent.stop()
