@@ -153,7 +153,7 @@ def test_an_agent_that_cannot_pull_leads_to_a_counted_fallback(
         tmp_path: Path, model_server: tuple[FaultyServer, dict[str, bytes], str]) -> None:
     """The pod can reach a source that the agent's egress policy refuses: the agent's pull
     fails, the init container downloads itself and reports the fallback."""
-    server, files, uri = model_server
+    _, files, uri = model_server
     store = tmp_path / "store"
     agent = AgentProcess(store, log_dir=tmp_path, allow_hosts=("10.9.9.9",)).start()
     try:
