@@ -65,6 +65,8 @@ async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
         "resuming": len(report.intents), "removed_partials": report.removed_partials,
         "removed_blobs": report.removed_blobs, "broken_models": report.broken_models})
     metrics = Metrics(node=settings.node_name, version=__version__)
+    metrics.store_watermark.labels(level="high").set(settings.store.high_watermark)
+    metrics.store_watermark.labels(level="low").set(settings.store.low_watermark)
     egress = Egress(settings.egress)
     fetcher = Fetcher(store, egress, settings.fetch, settings.archive)
     index = Index()

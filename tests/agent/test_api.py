@@ -86,7 +86,9 @@ async def test_endpoints_and_shapes(tmp_path: Path, faulty: FaultyServer) -> Non
                             ('modelcache_models{state="ready"}', 1),
                             ('modelcache_store_bytes{kind="cached"}', len(data)),
                             ('modelcache_served_bytes_total{to="peer"}', 10 + len(data)),
-                            ('modelcache_agent_info{node="test-node",version="0.1.0"}', 1)):
+                            ('modelcache_agent_info{node="test-node",version="0.1.0"}', 1),
+                            ('modelcache_store_watermark_ratio{level="high"}', 0.8),
+                            ('modelcache_store_watermark_ratio{level="low"}', 0.7)):
             assert samples.get(name) == value, (name, samples.get(name))
         # delete, then the model is gone and gc frees its blob
         async with http.delete(f"/api/v1/models/{key}", headers=auth) as r:
