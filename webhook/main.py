@@ -119,7 +119,8 @@ async def serve(
     """Serve until SIGTERM or SIGINT; the exit status."""
     metrics = WebhookMetrics()
     try:
-        reloader = CertReloader(server.tls_cert, server.tls_key, log, metrics.cert_reloaded)
+        reloader = CertReloader(server.tls_cert, server.tls_key, log,
+                                metrics.cert_reloaded, metrics.cert_loaded)
     except (OSError, ValueError) as e:
         log.error("cannot load the TLS certificate", extra={"fields": {"error": str(e)}})
         return 1

@@ -6,7 +6,7 @@ a namespace or a URI). The Grafana dashboard uses exactly these names.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .admission import OUTCOMES
@@ -41,6 +41,12 @@ class WebhookMetrics:
             "Reloads of the serving certificate after its files changed, by result.",
             ["result"], registry=r,
         )
+        self.cert_expiry = Gauge(
+            "modelcache_webhook_cert_expiry_timestamp_seconds",
+            "Expiry (notAfter, Unix time) of the serving certificate in use; set when it is "
+            "loaded and on every reload.",
+            registry=r,
+        )
         for outcome in OUTCOMES:
             self.admissions.labels(outcome=outcome)
         for result in ("ok", "error"):
@@ -48,6 +54,9 @@ class WebhookMetrics:
 
     def cert_reloaded(self, ok: bool) -> None:
         self.cert_reloads.labels(result="ok" if ok else "error").inc()
+
+    def cert_loaded(self, not_after: float) -> None:
+        self.cert_expiry.set(not_after)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""

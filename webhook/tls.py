@@ -7,6 +7,10 @@ handshake after it. The pair is first copied to a private directory and loaded i
 scratch context: a half-written pair (new certificate, old key) is refused there, and the
 live context, which a failed ``load_cert_chain`` could leave half-changed, is never touched
 by it. The old certificate stays in use and the next poll tries again.
+
+The expiry (``notAfter``) of the certificate in use is known from the first load and after
+every successful reload (``not_after``, and ``on_load``), so that it can be exported as a
+metric and alerted on before the API server starts refusing the webhook.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from cryptography import x509
+
 Signature = tuple[tuple[int, int, int], tuple[int, int, int]]
 
 
@@ -28,17 +34,30 @@ class CertReloader:
     def __init__(
         self, cert_file: str, key_file: str, log: logging.Logger,
         on_reload: Callable[[bool], None] | None = None,
+        on_load: Callable[[float], None] | None = None,
     ) -> None:
+        """Load the pair (``OSError``, ``ssl.SSLError`` or ``ValueError`` if it is not
+        usable). ``on_reload(ok)`` follows every reload attempt; ``on_load(not_after)``
+        every certificate put in use, the first one included."""
         self.cert_file = cert_file
         self.key_file = key_file
         self.log = log
         self.on_reload = on_reload
+        self.on_load = on_load
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.context.set_alpn_protocols(["http/1.1"])
         self._scratch = tempfile.TemporaryDirectory(prefix="modelcache-tls-")
-        self._signature = self._stat()
-        self.context.load_cert_chain(cert_file, key_file)
+        try:
+            self._signature = self._stat()
+            cert, key, pem = self._copy()
+            self.not_after = not_after(pem)
+            self.context.load_cert_chain(cert, key)
+        except BaseException:
+            self._scratch.cleanup()
+            raise
+        if on_load:
+            on_load(self.not_after)
         self.loads = 1
         self.failures = 0
         self._checked = asyncio.Event()
@@ -58,10 +77,11 @@ class CertReloader:
         if signature == self._signature:
             return False
         try:
-            cert, key = self._copy()
+            cert, key, pem = self._copy()
+            expiry = not_after(pem)
             ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)  # a dry run
             self.context.load_cert_chain(cert, key)
-        except (OSError, ssl.SSLError) as e:
+        except (OSError, ssl.SSLError, ValueError) as e:
             self.log.warning("TLS certificate reload failed; keeping the current one",
                              extra={"fields": {"error": str(e)[:200]}})
             self.failures += 1
@@ -70,10 +90,13 @@ class CertReloader:
             self._notify()
             return False
         self._signature = signature
+        self.not_after = expiry
         self.loads += 1
         self.log.info("TLS certificate reloaded", extra={"fields": {"loads": self.loads}})
         if self.on_reload:
             self.on_reload(True)
+        if self.on_load:
+            self.on_load(expiry)
         self._notify()
         return True
 
@@ -81,16 +104,18 @@ class CertReloader:
         self._checked.set()
         self._checked = asyncio.Event()
 
-    def _copy(self) -> tuple[str, str]:
-        """Both files as one consistent snapshot, readable only by this process."""
+    def _copy(self) -> tuple[str, str, bytes]:
+        """Both files as one consistent snapshot, readable only by this process; and the
+        certificate chain's PEM."""
         directory = Path(self._scratch.name)
         cert, key = directory / "tls.crt", directory / "tls.key"
-        for source, target in ((self.cert_file, cert), (self.key_file, key)):
-            data = Path(source).read_bytes()
+        cert_pem = Path(self.cert_file).read_bytes()
+        key_pem = Path(self.key_file).read_bytes()
+        for data, target in ((cert_pem, cert), (key_pem, key)):
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-        return str(cert), str(key)
+        return str(cert), str(key), cert_pem
 
     def close(self) -> None:
         self._scratch.cleanup()
@@ -105,3 +130,10 @@ class CertReloader:
         while True:
             await asyncio.sleep(interval)
             self.check()
+
+
+def not_after(pem: bytes) -> float:
+    """The expiry (Unix time) of the first certificate of a PEM chain: the server's own.
+
+    ``ValueError`` if there is none."""
+    return x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()

@@ -19,9 +19,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from webhook_testkit import CertFiles, RunningApi, admission_review, apply, decoded_patch
 
 import webhook
+from webhook.tls import not_after
 
 ROOT = Path(webhook.__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
@@ -126,6 +128,14 @@ async def test_serves_without_cluster_access_and_stops_on_sigterm(
             f"{process.url}/readyz", ssl=client_ssl
         ) as ready:
             assert ready.status == 200
+        async with aiohttp.ClientSession() as session, session.get(
+            f"{process.url}/metrics", ssl=client_ssl
+        ) as scraped:
+            exposition = await scraped.text()
+        samples = {s.name: s.value for f in text_string_to_metric_families(exposition)
+                   for s in f.samples}
+        assert samples["modelcache_webhook_cert_expiry_timestamp_seconds"] == not_after(
+            cert_files.cert.read_bytes())
         process.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.proc.wait(), TIMEOUT) == 0
         await process.wait_log("stopped")
