@@ -3,8 +3,9 @@
     modelcache webhook [--listen HOST:PORT] --tls-cert FILE --tls-key FILE
                        [--store-path DIR] [--agent-url URL] [--image IMAGE]
                        [--namespace NS] [--allow-host HOST ...]
-    modelcache webhook certs --service NAME --namespace NS --out-dir DIR
-                       [--webhook-config NAME] [--days N]
+    modelcache webhook certs --service NAME --namespace NS
+                       [--secret NAME] [--out-dir DIR] [--webhook-config NAME]
+                       [--days N] [--renew-before-days N]
 
 Shutdown on SIGTERM: not ready -> keep serving for ``--shutdown-delay`` (endpoints drop the
 pod) -> close the listener -> finish in-flight reviews -> stop background work -> close the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import gc
 import logging
 import os
@@ -43,7 +45,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["certs"]:
         return _certs(argv[1:], env)
     try:
-        args = _serve_parser(env).parse_args(argv)
+        args = serve_parser(env).parse_args(argv)
         server, planning = settings_from(args)
     except SystemExit as e:
         return int(e.code or 0)
@@ -54,7 +56,8 @@ def main(argv: list[str]) -> int:
         return 130
 
 
-def _serve_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+def serve_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The flags of ``modelcache webhook`` (defaults from ``env``: ``POD_NAMESPACE``)."""
     p = argparse.ArgumentParser(prog="modelcache webhook",
                                 description="Mutating admission webhook that mounts models.")
     p.add_argument("--listen", default="0.0.0.0:8443", metavar="HOST:PORT")
@@ -174,21 +177,45 @@ async def serve(
 # --- certs ----------------------------------------------------------------------------------
 
 
-def _certs(argv: list[str], env: Mapping[str, str]) -> int:
+def certs_parser() -> argparse.ArgumentParser:
+    """The flags of ``modelcache webhook certs``."""
     p = argparse.ArgumentParser(
         prog="modelcache webhook certs",
-        description="Mint a CA and a serving certificate for the webhook Service; print "
-                    "the caBundle (base64 of the CA PEM).")
+        description="Mint a CA and a serving certificate for the webhook Service, or keep "
+                    "the good pair a Secret already holds; print the caBundle (base64 of the "
+                    "CA PEM).")
     p.add_argument("--service", required=True)
     p.add_argument("--namespace", required=True)
-    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("--secret", metavar="NAME",
+                   help="kubernetes.io/tls Secret in NAMESPACE to create or renew (tls.crt, "
+                        "tls.key, ca.crt); needs cluster access")
+    p.add_argument("--out-dir", type=Path, metavar="DIR",
+                   help="also (or only) write ca.crt, tls.crt and tls.key here")
     p.add_argument("--webhook-config", metavar="NAME",
                    help="MutatingWebhookConfiguration whose caBundle to patch (needs access)")
     p.add_argument("--days", type=int, default=365, help="serving certificate lifetime")
+    p.add_argument("--renew-before-days", type=int, default=certs.RENEW_BEFORE.days,
+                   metavar="N", help="with --secret: re-mint a pair expiring within N days")
+    return p
+
+
+def _certs(argv: list[str], env: Mapping[str, str]) -> int:
+    p = certs_parser()
     try:
         args = p.parse_args(argv)
+        if not (args.secret or args.out_dir):
+            p.error("give --secret NAME, --out-dir DIR, or both")
+        if args.days <= args.renew_before_days:
+            p.error("--days must be more than --renew-before-days")
     except SystemExit as e:
         return int(e.code or 0)
+    config, why = find_config(env)
+    if args.secret:
+        if config is None:
+            print(f"no cluster access ({why}): cannot write Secret "
+                  f"{args.namespace}/{args.secret}", file=sys.stderr)
+            return 1
+        return asyncio.run(_certs_in_cluster(config, args))
     minted = certs.mint(args.service, args.namespace, days=args.days)
     paths = certs.write(minted, args.out_dir)
     print(minted.ca_bundle)
@@ -196,7 +223,6 @@ def _certs(argv: list[str], env: Mapping[str, str]) -> int:
     print(f"wrote {', '.join(str(p) for p in paths.values())} for {names}", file=sys.stderr)
     if not args.webhook_config:
         return 0
-    config, why = find_config(env)
     if config is None:
         print(f"no cluster access ({why}): caBundle of {args.webhook_config} not patched",
               file=sys.stderr)
@@ -204,12 +230,41 @@ def _certs(argv: list[str], env: Mapping[str, str]) -> int:
     return asyncio.run(_patch(config, args.webhook_config, minted.ca_bundle))
 
 
+async def _certs_in_cluster(config: ClusterConfig, args: argparse.Namespace) -> int:
+    """The Secret (kept or re-minted), then the files and the caBundle from what it holds."""
+    where = f"Secret {args.namespace}/{args.secret}"
+    async with aiohttp.ClientSession() as session:
+        api = KubeApi(config, session)
+        try:
+            ensured = await certs.ensure_secret(
+                api, args.secret, args.service, args.namespace, days=args.days,
+                renew_before=datetime.timedelta(days=args.renew_before_days))
+        except (ClusterError, aiohttp.ClientError, OSError) as e:
+            print(f"{where} failed: {e}", file=sys.stderr)
+            return 1
+        print(f"{where} {ensured.action}" + (f": {ensured.why}" if ensured.why else ""),
+              file=sys.stderr)
+        if args.out_dir:
+            certs.write(ensured.pair, args.out_dir)
+        print(ensured.pair.ca_bundle)
+        if not args.webhook_config:
+            return 0
+        return await _patch_with(api, args.webhook_config, ensured.pair.ca_bundle)
+
+
 async def _patch(config: ClusterConfig, name: str, ca_bundle: str) -> int:
     async with aiohttp.ClientSession() as session:
-        try:
-            count = await certs.patch_ca_bundle(KubeApi(config, session), name, ca_bundle)
-        except (ClusterError, aiohttp.ClientError, OSError) as e:
-            print(f"patching {name} failed: {e}", file=sys.stderr)
-            return 1
-    print(f"patched caBundle of {count} webhook(s) in {name}", file=sys.stderr)
+        return await _patch_with(KubeApi(config, session), name, ca_bundle)
+
+
+async def _patch_with(api: KubeApi, name: str, ca_bundle: str) -> int:
+    try:
+        count = await certs.patch_ca_bundle(api, name, ca_bundle)
+    except (ClusterError, aiohttp.ClientError, OSError) as e:
+        print(f"patching {name} failed: {e}", file=sys.stderr)
+        return 1
+    if count:
+        print(f"patched caBundle of {count} webhook(s) in {name}", file=sys.stderr)
+    else:
+        print(f"caBundle of {name} already current", file=sys.stderr)
     return 0
