@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
+from tests.deploy.families import AGENT_METRICS, HISTOGRAMS, WEBHOOK_METRICS
 from tests.deploy.render import DEPLOY, ROOT
-from tests.deploy.standin import AGENT_METRICS, HISTOGRAMS, WEBHOOK_METRICS
 
 RULES = DEPLOY / "prometheus" / "modelcache-rules.yaml"
 RULES_TEST = DEPLOY / "prometheus" / "modelcache-rules.test.yaml"

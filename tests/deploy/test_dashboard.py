@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from tests.deploy import prom
+from tests.deploy.families import AGENT_METRICS, HISTOGRAMS, WEBHOOK_METRICS
 from tests.deploy.render import ROOT
-from tests.deploy.standin import AGENT_METRICS, HISTOGRAMS, WEBHOOK_METRICS
 
 DASHBOARD = ROOT / "dashboards" / "modelcache.json"
 SCHEMA_VERSION = 41  # Grafana 11.6 / 12
