@@ -4,14 +4,18 @@
   models, two of which share a weights file;
 - two real agent processes (``python -m agent agent --standalone``), one per "node"
   (``--node-name``), each with its own store, pulling from the hub;
+- a plain HTTP server on 127.0.0.2, which pods may reach but the agents' egress policy
+  refuses (loopback is allowed only as 127.0.0.1): a real init container
+  (``python -m agent init``) asks its node's agent, whose pull fails, falls back to the
+  source itself and reports the fallback;
 - a real webhook process (``python -m webhook``) serving TLS with a certificate minted by
   ``modelcache webhook certs`` for the Service's DNS names, called by name the way the API
   server calls it, and sent AdmissionReviews built from the pods of ``deploy/examples``.
 
-:meth:`Cluster.round` is one round of activity (misses, hits, a pull that fails, dedup, a
-blob served to a peer, a delete and a gc, admissions of every outcome). The test runs one
-round before Prometheus starts and one after it has scraped twice, so that every counter
-moves between two scrapes and ``rate()`` sees real increases. :attr:`Cluster.expected`
+:meth:`Cluster.round` is one round of activity (misses, hits, pulls that fail, dedup, a
+blob served to a peer, a delete and a gc, a fallback, admissions of every outcome). The
+test runs one round before Prometheus starts and one after it has scraped twice, so that
+every counter moves between two scrapes and ``rate()`` sees real increases. :attr:`Cluster.expected`
 counts what the rounds did, to compare with what Prometheus saw.
 """
 
@@ -36,6 +40,7 @@ import yaml
 from tests.deploy import prom
 from tests.deploy.render import DEPLOY, ROOT
 from tests.servers.agent import AgentProcess
+from tests.servers.faulty import FaultyServer, faulty_server
 from tests.servers.hfhub import HubServer, hub_server
 from tests.servers.net import free_port, wait_until
 from tests.servers.proc import ManagedProcess
@@ -171,8 +176,11 @@ def outcome_of(pod: dict[str, Any] | None, response: dict[str, Any]) -> str:
 @dataclass
 class Cluster:
     hub: HubServer
+    outside: FaultyServer
+    """Reachable by pods, refused by the agents' egress policy."""
     agents: dict[str, AgentProcess]
     webhook: Webhook
+    workdir: Path
     rounds: int = 0
     expected: Counter[tuple[str, ...]] = field(default_factory=Counter)
     """(metric, node or "", label value) -> how many times the rounds made it happen."""
@@ -183,14 +191,39 @@ class Cluster:
         return f"hf://{repo}@main"
 
     def _pull(self, node: str, uri: str) -> dict[str, Any]:
+        """A miss: the agent pulls, and the caller then has the model from the cache."""
         agent = self.agents[node]
         model = agent.wait_ready(agent.ensure(uri)["key"], timeout=30)
+        assert model["state"] == "ready", model
         self.expected["cache_requests", node, "miss"] += 1
+        self.expected["served_bytes", node, "pod"] += model["size_bytes"]
         return model
 
     def _hit(self, node: str, uri: str) -> None:
-        assert self.agents[node].ensure(uri)["state"] == "ready"
+        model = self.agents[node].ensure(uri)
+        assert model["state"] == "ready"
         self.expected["cache_requests", node, "hit"] += 1
+        self.expected["served_bytes", node, "pod"] += model["size_bytes"]
+
+    def _fallback(self, node: str, r: int) -> None:
+        """The injected init container, for a model the node's agent may not fetch."""
+        data = _weights(f"outside-{r}", 40 * KiB)
+        self.outside.add(f"/outside-{r}.safetensors", data)
+        uri = self.outside.url(f"/outside-{r}.safetensors")
+        agent = self.agents[node]
+        mount = self.workdir / node / f"mount-{r}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent", "init", "--uri", uri, "--mount-path", str(mount),
+             "--side-path", str(agent.store / "models" / "none"), "--agent-url", agent.url,
+             "--token-file", str(agent.store / "admin-token"), "--connect-timeout", "5",
+             "--log-level", "warning"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+            text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert (mount / f"outside-{r}.safetensors").read_bytes() == data
+        self.expected["cache_requests", node, "miss"] += 1  # the agent was asked first
+        self.expected["pull_failures", node, "not_allowed"] += 1
+        self.expected["cache_requests", node, "fallback"] += 1
 
     def round(self) -> None:
         """One round of everything the dashboard shows."""
@@ -229,6 +262,7 @@ class Cluster:
         third = self._model(f"org/third-{r}", {"model.safetensors": _weights(f"t{r}", 48 * KiB)})
         self._pull("node-b", third)
         self._hit("node-b", third)
+        self._fallback("node-b", r)
         self._admit()
 
     def _admit(self) -> None:
@@ -256,7 +290,8 @@ class Cluster:
 @contextlib.contextmanager
 def cluster(workdir: Path) -> Iterator[Cluster]:
     """The hub, two agents and the webhook, started; everything stopped on exit."""
-    with hub_server() as hub, contextlib.ExitStack() as stack:
+    with hub_server() as hub, faulty_server("127.0.0.2") as outside, \
+            contextlib.ExitStack() as stack:
         agents = {}
         for node in NODES:
             high, low = WATERMARKS[node]
@@ -270,4 +305,4 @@ def cluster(workdir: Path) -> Iterator[Cluster]:
         webhook = Webhook(workdir / "webhook")
         webhook.workdir.mkdir(parents=True)
         stack.callback(webhook.stop)
-        yield Cluster(hub, agents, webhook.start())
+        yield Cluster(hub, outside, agents, webhook.start(), workdir)

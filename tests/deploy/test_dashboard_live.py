@@ -1,6 +1,7 @@
 """Every dashboard query through a real Prometheus scraping two real agents and a real
-webhook while they work (``live.py``: pulls from a loopback hub, a failed pull, dedup, hits,
-a peer read, a delete and a gc; admissions of every outcome over TLS):
+webhook while they work (``live.py``: pulls from a loopback hub, failed pulls, dedup, hits,
+a peer read, a delete and a gc, a real init container falling back to the source; admissions
+of every outcome over TLS):
 
 - each query parses (``format_query``) and returns data, and data that moved: a non-zero
   value, except where the real processes have nothing to count (``NOTHING_TO_COUNT``, each
@@ -30,7 +31,7 @@ from tests.deploy import families, live, prom
 from tests.deploy.render import DEPLOY, ROOT
 from webhook.tls import not_after
 
-pytestmark = pytest.mark.slow  # real processes and a real Prometheus: ~15 s
+pytestmark = pytest.mark.slow  # real processes and a real Prometheus: ~16 s
 
 DASHBOARD = json.loads((ROOT / "dashboards" / "modelcache.json").read_text())
 QUERIES = prom.dashboard_queries(DASHBOARD)
@@ -38,9 +39,6 @@ RULES = yaml.safe_load((DEPLOY / "prometheus" / "modelcache-rules.yaml").read_te
 
 #: panels that show zero from the real processes, and why that is the truth
 NOTHING_TO_COUNT = {
-    ("Fallbacks to the source by node", "A"):
-        "a fallback happens in the pod's init container, which does not report it to the "
-        "agent: modelcache_cache_requests_total{result=\"fallback\"} exists but stays 0",
     ("Cached bytes and blobs by node", "B"):
         "bytes reserved for running pulls: none is running when the queries run",
 }
@@ -142,9 +140,10 @@ def test_prometheus_holds_what_happened(scene: Live) -> None:
     (expiry,) = _values(scene.prometheus.query(
         "modelcache_webhook_cert_expiry_timestamp_seconds"))
     assert expiry == not_after(scene.cluster.webhook.cert_file.read_bytes())
-    # pulls by source and their time: two rounds, three good pulls and one failure each
+    # pulls by source and their time: two rounds of three good pulls and two failures
     assert _by(scene, "sum by (scheme, result) (modelcache_pull_duration_seconds_count)",
-               "scheme", "result") == {("hf", "ok"): 6, ("hf", "error"): 2}
+               "scheme", "result") == {("hf", "ok"): 6, ("hf", "error"): 2,
+                                       ("http", "error"): 2}
 
 
 def _used_series() -> set[str]:
