@@ -30,7 +30,11 @@ ROOT = Path(webhook.__file__).resolve().parent.parent
 NS, SERVICE, CONFIG = "modelcache", "modelcache-webhook", "modelcache"
 SECRET = "modelcache-webhook-tls"
 DAY = datetime.timedelta(days=1)
-NOW = datetime.datetime.now(datetime.UTC)
+
+
+@pytest.fixture
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
 
 
 @pytest.fixture
@@ -62,7 +66,8 @@ def writes(api: FakeKubeApi, resource: str) -> int:
     return sum(api.count(verb, resource) for verb in ("create", "update", "patch"))
 
 
-async def test_created_then_kept(api: FakeKubeApi, kube: KubeApi) -> None:
+async def test_created_then_kept(api: FakeKubeApi, kube: KubeApi, now: datetime.datetime
+                                 ) -> None:
     first = await certs.ensure_secret(kube, SECRET, SERVICE, NS)
     assert (first.action, first.why) == ("created", "the Secret does not exist")
     stored = secret(api)
@@ -70,9 +75,9 @@ async def test_created_then_kept(api: FakeKubeApi, kube: KubeApi) -> None:
     assert base64.b64decode(stored["data"]["tls.crt"]) == first.pair.cert_pem
     assert stored["metadata"]["labels"]["app.kubernetes.io/managed-by"] == \
         "modelcache-webhook-certs"
-    assert certs.problem(first.pair, SERVICE, NS, NOW) == ""
+    assert certs.problem(first.pair, SERVICE, NS, now) == ""
     (leaf,) = pems(stored, "tls.crt")
-    assert abs(leaf.not_valid_after_utc - NOW - DAY * 365) < datetime.timedelta(minutes=1)
+    assert abs(leaf.not_valid_after_utc - now - DAY * 365) < datetime.timedelta(minutes=1)
 
     again = await certs.ensure_secret(kube, SECRET, SERVICE, NS)
     assert again.action == "kept" and again.pair == first.pair
@@ -81,15 +86,15 @@ async def test_created_then_kept(api: FakeKubeApi, kube: KubeApi) -> None:
 
 
 async def test_renewed_near_expiry_keeping_the_old_ca_trusted(
-    api: FakeKubeApi, kube: KubeApi
+    api: FakeKubeApi, kube: KubeApi, now: datetime.datetime
 ) -> None:
     first = await certs.ensure_secret(kube, SECRET, SERVICE, NS, days=60)
     old_ca = pems(secret(api), "ca.crt")
     assert len(old_ca) == 1
-    assert (await certs.ensure_secret(kube, SECRET, SERVICE, NS, now=NOW + DAY * 29)).action \
+    assert (await certs.ensure_secret(kube, SECRET, SERVICE, NS, now=now + DAY * 29)).action \
         == "kept"
 
-    later = NOW + DAY * 31  # 29 days left: inside the 30-day renewal window
+    later = now + DAY * 31  # 29 days left: inside the 30-day renewal window
     renewed = await certs.ensure_secret(kube, SECRET, SERVICE, NS, days=60, now=later)
     assert renewed.action == "renewed" and "serving certificate expires" in renewed.why
     assert renewed.pair.cert_pem != first.pair.cert_pem
@@ -130,7 +135,7 @@ def _broken(how: str, stored: dict[str, Any], other: certs.Minted) -> None:
     ("garbage", "cannot be read"),
 ])
 async def test_a_broken_pair_is_replaced(
-    api: FakeKubeApi, kube: KubeApi, how: str, why: str
+    api: FakeKubeApi, kube: KubeApi, how: str, why: str, now: datetime.datetime
 ) -> None:
     await certs.ensure_secret(kube, SECRET, SERVICE, NS)
     stored = secret(api)
@@ -138,7 +143,7 @@ async def test_a_broken_pair_is_replaced(
     api.cluster.update("secrets", SECRET, stored, NS)
     fixed = await certs.ensure_secret(kube, SECRET, SERVICE, NS)
     assert fixed.action == "renewed" and why in fixed.why, fixed.why
-    assert certs.problem(fixed.pair, SERVICE, NS, NOW) == ""
+    assert certs.problem(fixed.pair, SERVICE, NS, now) == ""
 
 
 async def test_a_secret_of_another_type_is_not_taken_over(
@@ -156,11 +161,13 @@ async def test_a_secret_of_another_type_is_not_taken_over(
                            NS)
 
 
-async def test_a_concurrent_writer_is_never_overwritten(api: FakeKubeApi, kube: KubeApi) -> None:
+async def test_a_concurrent_writer_is_never_overwritten(
+    api: FakeKubeApi, kube: KubeApi, now: datetime.datetime
+) -> None:
     """Another run renews the Secret between our read and our write: our update carries the
     resourceVersion we read, gets 409, and we judge the Secret again (now good: kept)."""
     await certs.ensure_secret(kube, SECRET, SERVICE, NS, days=40)
-    later = NOW + DAY * 20
+    later = now + DAY * 20
     theirs: list[certs.Ensured] = []
     real_request = kube.request
 
