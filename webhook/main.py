@@ -205,8 +205,8 @@ def _certs(argv: list[str], env: Mapping[str, str]) -> int:
         args = p.parse_args(argv)
         if not (args.secret or args.out_dir):
             p.error("give --secret NAME, --out-dir DIR, or both")
-        if args.days <= args.renew_before_days:
-            p.error("--days must be more than --renew-before-days")
+        if args.secret and args.days <= args.renew_before_days:
+            p.error("--days must be more than --renew-before-days (or every run re-mints)")
     except SystemExit as e:
         return int(e.code or 0)
     config, why = find_config(env)
