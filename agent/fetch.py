@@ -182,7 +182,10 @@ class Fetcher:
                          extra={"path": file.path})
                 parts, restarted = 1, True
                 continue
-            except (IntegrityError, NoSpace, SourceNotFound, NotAllowed):
+            except IntegrityError as e:
+                await asyncio.to_thread(ingest.discard)
+                raise IntegrityError(f"{file.path}: {e}") from e
+            except (NoSpace, SourceNotFound, NotAllowed):
                 await asyncio.to_thread(ingest.discard)
                 raise
             except BaseException:
