@@ -70,9 +70,8 @@ class Control:
             except TransientError as e:
                 if attempt >= self.retries:
                     raise TransientError(f"{e} (after {attempt} attempts)") from e
-                delay = random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** attempt))
-                if e.retry_after is not None:
-                    delay = max(delay, min(e.retry_after, self.backoff_max))
+                delay = backoff_delay(attempt, self.backoff_base, self.backoff_max,
+                                      e.retry_after)
                 log.info("retrying control request", extra={
                     "url": shown_url(url), "attempt": attempt, "delay": round(delay, 3),
                     "error": str(e)})
@@ -95,3 +94,14 @@ class Control:
     async def json(self, url: str, *, headers: Mapping[str, str] | None = None) -> Reply:
         return await self.request("GET", url, headers={"Accept": "application/json",
                                                        **(headers or {})})
+
+
+def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None,
+                  rng: random.Random | None = None) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: full jitter over an exponential
+    window, and never before the server's ``Retry-After`` (capped). The jitter is added
+    *after* ``Retry-After``, so nodes told "1 s" together do not come back together."""
+    draw = (rng or random).uniform(0, min(cap, base * 2 ** attempt))
+    if retry_after is None:
+        return draw
+    return min(cap, retry_after + draw)
