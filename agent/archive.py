@@ -21,6 +21,7 @@ import logging
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -37,6 +38,8 @@ from agent.store.trees import FileEntry
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
 WHITEOUT = ".wh."
+#: what the decoders raise on a damaged or cut archive
+_CORRUPT = (tarfile.TarError, EOFError, zlib.error, zipfile.BadZipFile, zstandard.ZstdError)
 
 
 def kind_of(name: str) -> str | None:
@@ -59,16 +62,21 @@ def unpack(path: Path, kind: str, root: str, store: Store,
     entries: list[FileEntry] = []
     seen: set[str] = set()
     root = root.strip("/")
+    name = ""
     with open(path, "rb") as raw:
-        for name, size, reader in _members(raw, kind, budget):
-            rel = _select(name, root)
-            if rel is None:
-                _skip(reader, size, budget)
-                continue
-            if rel in seen:
-                raise ArchiveRejected(f"archive member {name!r} appears twice")
-            seen.add(rel)
-            entries.append(_ingest(store, rel, size, reader, budget))
+        try:
+            for name, size, reader in _members(raw, kind, budget):
+                rel = _select(name, root)
+                if rel is None:
+                    _skip(reader, size, budget)
+                    continue
+                if rel in seen:
+                    raise ArchiveRejected(f"archive member {name!r} appears twice")
+                seen.add(rel)
+                entries.append(_ingest(store, rel, size, reader, budget))
+        except _CORRUPT as e:  # raised while a member's bytes are read, outside _members
+            raise ArchiveRejected(
+                f"archive is corrupt or truncated (in member {name!r}): {e}") from e
     if not entries:
         where = f" under {root}/" if root else ""
         raise ArchiveRejected(f"archive holds no regular files{where}")
@@ -151,7 +159,9 @@ def _zip_members(raw: IO[bytes], budget: _Budget) -> Iterator[tuple[str, int, IO
                     continue
                 if stat.S_ISLNK(mode):
                     raise ArchiveRejected(f"archive member {info.filename!r} is a symlink")
-                if mode and not stat.S_ISREG(mode):
+                # Python's zipfile and many tools store permission bits without a file
+                # type: only a stated type other than "regular" is refused.
+                if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
                     raise ArchiveRejected(
                         f"archive member {info.filename!r} is not a regular file")
                 if info.flag_bits & 0x1:

@@ -48,8 +48,6 @@ from agent.egress import (
     strip_credentials,
 )
 from agent.errors import (
-    IntegrityError,
-    NoSpace,
     NotAllowed,
     SourceAuthError,
     SourceError,
@@ -137,6 +135,8 @@ class Fetcher:
                 if running.cancelled() and task is not None and not task.cancelling():
                     continue  # the leader was stopped, not us: take over
                 raise
+            if not await asyncio.to_thread(self._hold_all, entries):
+                continue  # collected since: fetch it again
             progress(sum(e.size for e in entries))
             if file.unpack:
                 return entries
@@ -157,6 +157,15 @@ class Fetcher:
             return entries
         finally:
             del self._inflight[ref]
+
+    def _hold_all(self, entries: list[FileEntry]) -> bool:
+        """Hold blobs another caller fetched, for this caller; False if one is gone."""
+        for i, e in enumerate(entries):
+            self.store.blobs.hold(e.blake3)
+            if not self.store.blobs.exists(e.blake3):
+                self.store.blobs.release(x.blake3 for x in entries[: i + 1])
+                return False
+        return True
 
     # --- one file ------------------------------------------------------------------------
 
@@ -182,14 +191,14 @@ class Fetcher:
                          extra={"path": file.path})
                 parts, restarted = 1, True
                 continue
+            except (TransientError, SourceAuthError, asyncio.CancelledError):
+                await asyncio.to_thread(ingest.close)  # worth resuming: keep the partial
+                raise
             except IntegrityError as e:
                 await asyncio.to_thread(ingest.discard)
                 raise IntegrityError(f"{file.path}: {e}") from e
-            except (NoSpace, SourceNotFound, NotAllowed):
-                await asyncio.to_thread(ingest.discard)
-                raise
             except BaseException:
-                await asyncio.to_thread(ingest.close)  # keep the partial for a resume
+                await asyncio.to_thread(ingest.discard)  # wrong, refused or out of space
                 raise
             stats.files_downloaded += 1
             return entries
@@ -368,7 +377,7 @@ class Fetcher:
             ingest.write(seg, buf[:n])
             stats.add(n)
             progress(n)
-            ingest.maybe_checkpoint(every)
+            ingest.maybe_checkpoint(every, self.settings.checkpoint_seconds)
         if seg.end is not None and not seg.complete:
             raise TransientError(
                 f"{shown_url(url)}: short body, the connection ended at byte {seg.offset} of "
@@ -590,6 +599,9 @@ def ref_id(file: RemoteFile) -> str:
     """The partial download's name: by strong digest when known, else by where it comes
     from and its change detector (a presigned URL's signature does not count)."""
     if file.sha256:
+        if file.unpack:  # an archive's members, not one file: never shared with a file
+            how = blake3.blake3(f"{file.unpack}\0{file.unpack_root}".encode()).hexdigest()
+            return f"sha256-{file.sha256}-{how[:12]}"
         return f"sha256-{file.sha256}"
     ident = f"{shown_url(file.url)}\0{file.etag or ''}\0{file.size}\0{file.unpack or ''}"
     return "src-" + blake3.blake3(ident.encode()).hexdigest()[:40]

@@ -151,6 +151,8 @@ class Puller:
         if not ref.cached:
             raise NotAllowed(f"{ref.scheme}:// references are mounted by the webhook, not cached")
         self.egress.check_scheme(ref.scheme)
+        if ref.scheme == "file":
+            self.egress.check_path(ref.path)  # refuse at once, not after a failed pull
         model = self.index.get(ref.key)
         now = time.time()
         if model is not None and model.state in (READY, PULLING):
@@ -218,6 +220,7 @@ class Puller:
                     intent: dict[str, Any], refresh: bool = False) -> None:
         ref = model.ref
         started = time.monotonic()
+        held: list[str] = []  # blobs fetched for this pull, held until it is published
         try:
             source = self._source(ref.scheme)
             resolved = await source.resolve(ref, credentials)
@@ -233,9 +236,12 @@ class Puller:
             await asyncio.to_thread(self.store.write_intent, ref.key, intent)
             if not refresh:
                 model.bytes_total = sum(f.size or 0 for f in files)
-            async with self.reserver.reserve(ref.key, sum(f.size or 0 for f in files)):
+            # content the store already has (by the digest the source states) needs no room
+            needed = sum(f.size or 0 for f in files
+                         if not (f.sha256 and self.store.knows_sha256(f.sha256)))
+            async with self.reserver.reserve(ref.key, needed):
                 entries = await self._fetch_all(model, locator, files, credentials, intent,
-                                                refresh)
+                                                refresh, held)
             now = time.time()
             manifest = Manifest(
                 key=ref.key, uri=ref.uri, revision=resolved.revision, tree="",
@@ -269,6 +275,7 @@ class Puller:
                 log.warning("pull failed", extra={"key": ref.key, "uri": ref.display,
                                                   "error": message})
         finally:
+            self.store.blobs.release(held)
             model.refreshing = False
             model.intent = None
             self.index.notify(model)
@@ -292,7 +299,7 @@ class Puller:
 
     async def _fetch_all(self, model: Model, source: Source, files: list[RemoteFile],
                          credentials: Credentials | None, intent: dict[str, Any],
-                         refresh: bool) -> list[FileEntry]:
+                         refresh: bool, held: list[str]) -> list[FileEntry]:
         progress = _Progress(model, self.metrics, model.ref.scheme)
         stats = FetchStats(on_download=progress.downloaded)
         limit = asyncio.Semaphore(self.settings.fetch.max_files)
@@ -306,6 +313,7 @@ class Puller:
                                                    progress.done if not refresh else _ignore,
                                                    stats)
             results[i] = entries
+            held.extend(e.blake3 for e in entries)
             intent["blobs"].extend(e.blake3 for e in entries)
             if time.monotonic() - last_flush > INTENT_FLUSH_SECONDS:
                 last_flush = time.monotonic()

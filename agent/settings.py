@@ -48,8 +48,12 @@ class FetchSettings:
     buffer_bytes: int = 1 * MiB
     """Receive buffer per connection (reused: no new bytes object per chunk)."""
 
-    checkpoint_bytes: int = 256 * MiB
-    """Progress of a partial download is made durable (fdatasync + state) this often."""
+    checkpoint_bytes: int = 64 * MiB
+    """Progress of a partial download is made durable (fdatasync + state) this often, and
+    at least every ``checkpoint_seconds``: a restart re-fetches at most that much."""
+
+    checkpoint_seconds: float = 1.0
+    """Longest time between two checkpoints of a download that is making progress."""
 
     retries: int = 8
     """Attempts per segment before the pull fails (resets, 5xx, 429, short bodies)."""

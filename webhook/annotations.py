@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Literal, cast
 
-from agent.errors import InvalidInput, InvalidReference
-from agent.reference import Reference, parse
+from agent.reference import InvalidInput, InvalidReference, Reference, parse
 
 from .hosts import refused_host
 

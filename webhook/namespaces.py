@@ -74,7 +74,7 @@ class Backoff:
     def next(self) -> float:
         delay = min(self.cap, self.base * 2**self.attempt)
         self.attempt += 1
-        return random.uniform(delay / 2, delay)  # noqa: S311 - jitter, not a secret
+        return random.uniform(delay / 2, delay)
 
     def reset(self) -> None:
         self.attempt = 0

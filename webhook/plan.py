@@ -327,7 +327,9 @@ def init_command(request: ModelRequest, mode: str, settings: PlanSettings) -> li
     if request.reference.include:
         command += ["--include", ",".join(request.reference.include)]
     if request.credentials is not None:
-        command += ["--credentials-dir", CREDENTIALS_DIR]
+        # the name lets the agent read the Secret in the pod's namespace itself; the
+        # mounted copy serves the fallback download
+        command += ["--credentials", request.credentials, "--credentials-dir", CREDENTIALS_DIR]
     return command
 
 

@@ -27,8 +27,10 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -45,6 +47,14 @@ HASH_CHUNK = 4 * 1024 * 1024
 DIRECT_ALIGN = 4096
 SEGMENT_ALIGN = 1024 * 1024
 STATE_VERSION = 1
+_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_ref(ref: str) -> str:
+    """A ref names a directory under ``partial/``: one plain path segment, nothing more."""
+    if not isinstance(ref, str) or not _REF.match(ref):
+        raise StoreError(f"{str(ref)[:80]!r} is not a valid ingest ref")
+    return ref
 
 
 @dataclass
@@ -90,6 +100,7 @@ class Ingest:
         self._lock_fd = lock_fd
         self.identity = identity
         self.data_path = directory / "data"
+        self._forget_committed_data()
         self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
         self.dfd = _open_direct(self.data_path)
         """The same file opened O_DIRECT (-1 where the file system refuses it): aligned
@@ -98,6 +109,7 @@ class Ingest:
         self._cond = threading.Condition()
         self._state_lock = threading.Lock()
         self._since_checkpoint = 0
+        self._checkpointed = time.monotonic()
         self._closed = False
         self._hash_error: BaseException | None = None
         self._hasher: threading.Thread | None = None
@@ -117,7 +129,7 @@ class Ingest:
         ``identity`` (size, sha256, etag, url) decides whether bytes already on disk belong
         to the same content: if it differs, the partial download starts over.
         """
-        directory = partial_root / ref
+        directory = partial_root / check_ref(ref)
         directory.mkdir(parents=True, exist_ok=True)
         lock_path = directory / "lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -136,6 +148,18 @@ class Ingest:
             os.close(fd)
             raise
 
+    def _forget_committed_data(self) -> None:
+        """A crash after :meth:`commit` linked ``data`` into ``blobs/`` but before the partial
+        was removed leaves ``data`` as a second name of a committed blob: never write (or
+        truncate) through it; the content is already in the store."""
+        try:
+            st = os.stat(self.data_path, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if st.st_nlink > 1:
+            self.data_path.unlink()
+            (self.dir / "state.json").unlink(missing_ok=True)
+
     def _load_state(self) -> None:
         try:
             state = json.loads((self.dir / "state.json").read_text())
@@ -149,6 +173,12 @@ class Ingest:
             self.segments = [Segment(int(s), None if e is None else int(e), int(d))
                              for s, e, d in state.get("segments", [])]
         else:
+            self.segments = []
+        # The state only claims bytes that were on disk when it was written; if the data
+        # file no longer holds them (it was moved into blobs/ by a commit that did not
+        # finish its cleanup), the claim is void.
+        on_disk = os.fstat(self.fd).st_size
+        if not self.segments or any(s.offset > on_disk for s in self.segments):
             self.segments = []
             os.ftruncate(self.fd, 0)
 
@@ -165,11 +195,12 @@ class Ingest:
         if size is None:
             self.segments = [Segment(0, None)]
         else:
-            n = max(1, min(parts, size // max(min_part, 1)))
-            step = -(-size // n)
-            step = -(-step // SEGMENT_ALIGN) * SEGMENT_ALIGN  # direct I/O wants alignment
-            self.segments = [Segment(i * step, min(size, (i + 1) * step)) for i in range(n)
-                             if i * step < size] or [Segment(0, 0)]
+            n = max(1, min(parts, size // max(min_part, 1), size // SEGMENT_ALIGN))
+            # boundaries on SEGMENT_ALIGN, so that full chunks can be written O_DIRECT
+            bounds = sorted({0, size, *(i * size // n // SEGMENT_ALIGN * SEGMENT_ALIGN
+                                        for i in range(1, n))})
+            self.segments = [Segment(a, b) for a, b in itertools.pairwise(bounds)] \
+                or [Segment(0, 0)]
             self._preallocate(size)
         self._write_state()
         return self.segments
@@ -250,9 +281,12 @@ class Ingest:
         finally:
             self._hash_lock.release()
 
-    def maybe_checkpoint(self, every: int) -> None:
-        """Make progress durable if ``every`` bytes arrived since the last checkpoint."""
-        if self._since_checkpoint >= every and self._state_lock.acquire(blocking=False):
+    def maybe_checkpoint(self, every: int, seconds: float = 1.0) -> None:
+        """Make progress durable if ``every`` bytes arrived, or ``seconds`` passed, since the
+        last checkpoint (a restart re-fetches at most that much)."""
+        due = self._since_checkpoint >= every or (
+            self._since_checkpoint and time.monotonic() - self._checkpointed >= seconds)
+        if due and self._state_lock.acquire(blocking=False):
             try:
                 self._checkpoint_locked()
             finally:
@@ -267,6 +301,7 @@ class Ingest:
         with self._cond:
             snapshot = [(s.start, s.end, s.done) for s in self.segments]
             self._since_checkpoint = 0
+            self._checkpointed = time.monotonic()
         try:
             os.fdatasync(self.fd)
         except OSError as e:
@@ -379,7 +414,7 @@ class Ingest:
         self._drop_direct()
         os.close(self.fd)
         self.fd = -1
-        blobs.commit(sealed.path, sealed.blake3)
+        blobs.commit(sealed.path, sealed.blake3, hold=True)
         self.discard()
         return sealed
 
@@ -485,7 +520,7 @@ class BlobWriter:
                     f"sha256 mismatch: expected {self._expected_sha256}, the bytes are {sha}"
                 )
             digest = self._b3.hexdigest()
-            blobs.commit(self.path, digest)
+            blobs.commit(self.path, digest, hold=True)
         except BaseException:
             self.path.unlink(missing_ok=True)
             raise
