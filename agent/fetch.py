@@ -48,6 +48,7 @@ from agent.egress import (
     strip_credentials,
 )
 from agent.errors import (
+    IntegrityError,
     NotAllowed,
     SourceAuthError,
     SourceError,
