@@ -295,7 +295,7 @@ class Puller:
         for f in files:
             safe_relpath(f.path)
         check_unique(f.path for f in files)
-        return sorted(files, key=lambda f: -(f.size or 0))
+        return files  # in the source's order: image layers overlay in that order
 
     async def _fetch_all(self, model: Model, source: Source, files: list[RemoteFile],
                          credentials: Credentials | None, intent: dict[str, Any],
@@ -319,7 +319,8 @@ class Puller:
                 last_flush = time.monotonic()
                 await asyncio.to_thread(self.store.write_intent, model.key, intent)
 
-        tasks = [asyncio.create_task(one(i, f)) for i, f in enumerate(files)]
+        biggest_first = sorted(range(len(files)), key=lambda i: -(files[i].size or 0))
+        tasks = [asyncio.create_task(one(i, files[i])) for i in biggest_first]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
