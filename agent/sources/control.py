@@ -81,12 +81,7 @@ class Control:
                     ok: tuple[int, ...], data: bytes | None, max_body: int) -> Reply:
         resp = await self.egress.request(self._http(), method, url, headers=headers, data=data)
         async with resp:
-            try:
-                body = await resp.content.read(max_body + 1)
-            except (TimeoutError, aiohttp.ClientError, OSError) as e:
-                raise TransientError(f"{method} {shown_url(url)}: {e}") from e
-            if len(body) > max_body:
-                raise SourceError(f"{shown_url(url)} answered more than {max_body} bytes")
+            body = await _read_capped(resp, method, url, max_body)
             if resp.status not in ok:
                 raise status_error(resp.status, shown_url(url), resp.headers.get("Retry-After"))
             return Reply(resp.status, resp.headers, body, str(resp.url))
@@ -94,6 +89,23 @@ class Control:
     async def json(self, url: str, *, headers: Mapping[str, str] | None = None) -> Reply:
         return await self.request("GET", url, headers={"Accept": "application/json",
                                                        **(headers or {})})
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, method: str, url: str,
+                       max_body: int) -> bytes:
+    """The whole body (``read(n)`` returns what has arrived, not ``n`` bytes), refused
+    once it grows past ``max_body``."""
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        while chunk := await resp.content.read(64 * 1024):
+            total += len(chunk)
+            if total > max_body:
+                raise SourceError(f"{shown_url(url)} answered more than {max_body} bytes")
+            chunks.append(chunk)
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        raise TransientError(f"{method} {shown_url(url)}: {e}") from e
+    return b"".join(chunks)
 
 
 def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.egress import Egress
-from agent.errors import NotAllowed, SourceNotFound, TransientError
+from agent.errors import NotAllowed, SourceError, SourceNotFound, TransientError
 from agent.settings import EgressSettings
 from agent.sources.control import Control, backoff_delay
 from tests.servers.faulty import Fault, FaultyServer
@@ -58,5 +59,21 @@ async def test_loopback_refused_unless_allowed(faulty: FaultyServer) -> None:
         with pytest.raises(NotAllowed, match="loopback"):
             await control.json(faulty.url("/x.json"))
         assert not faulty.log()
+    finally:
+        await control.close()
+
+
+async def test_a_large_body_is_read_whole_and_capped(faulty: FaultyServer) -> None:
+    """``read(n)`` returns what has arrived: a listing bigger than one TCP read must not
+    be cut short."""
+    big = json.dumps([{"path": f"f{i}", "size": i} for i in range(60_000)]).encode()
+    faulty.add("/big.json", big)
+    faulty.always("/big.json", Fault(rate=16 * 1024 * 1024))
+    control = Control(Egress(EgressSettings(allow_hosts=("127.0.0.1",))))
+    try:
+        reply = await control.json(faulty.url("/big.json"))
+        assert reply.body == big
+        with pytest.raises(SourceError, match=f"more than {len(big) - 1} bytes"):
+            await control.request("GET", faulty.url("/big.json"), max_body=len(big) - 1)
     finally:
         await control.close()
