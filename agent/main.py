@@ -34,6 +34,7 @@ from agent.sources.control import Control
 from agent.sources.file import FileSource
 from agent.sources.hf import HfSource
 from agent.sources.http import HttpSource
+from agent.sources.oci import OciSource
 from agent.sources.s3 import S3Source
 from agent.store.local import Store
 from agent.store.recovery import recover
@@ -53,6 +54,7 @@ def build_sources(egress: Egress, settings: AgentSettings) -> dict[str, Source]:
         "file": FileSource(egress),
         "hf": HfSource(control, s.hf_endpoint, os.environ.get("HF_TOKEN")),
         "s3": S3Source(control, s),
+        "oci": OciSource(control, s.oci_plain_http),
     }
 
 
