@@ -239,6 +239,8 @@ class Puller:
             # content the store already has (by the digest the source states) needs no room
             needed = sum(f.size or 0 for f in files
                          if not (f.sha256 and self.store.knows_sha256(f.sha256)))
+            if resolved.source_uri and resolved.credentials is not None:
+                credentials = resolved.credentials  # the referred-to source's own
             async with self.reserver.reserve(ref.key, needed):
                 entries = await self._fetch_all(model, locator, files, credentials, intent,
                                                 refresh, held)
