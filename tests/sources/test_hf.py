@@ -14,7 +14,7 @@ import pytest
 
 from agent.client import AgentClient
 from agent.egress import Egress
-from agent.errors import SourceError
+from agent.errors import SourceAuthError, SourceError
 from agent.index import FAILED
 from agent.reference import parse
 from agent.settings import EgressSettings, SourceSettings
@@ -97,6 +97,10 @@ async def test_private_repo_token_from_credentials_dropped_at_the_cdn(
     assert cdn and all(r.status in (200, 206) for r in cdn)
     assert all(r.authorization is None for r in cdn), "the token must not reach the CDN"
     assert "hf_secret" not in str(model.to_json())
+    source = p.sources["hf"]
+    await source.check_access(parse("hf://org/private"), {"token": "hf_secret"})
+    with pytest.raises(SourceAuthError):
+        await source.check_access(parse("hf://org/private"), None)
 
 
 async def test_corrupted_lfs_bytes_fail_and_commit_nothing(

@@ -12,9 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import NotAllowed
+from agent.cli import parser
+from agent.config import agent_settings
+from agent.egress import Egress
+from agent.errors import NotAllowed, SourceAuthError
 from agent.index import FAILED
 from agent.reference import parse
+from agent.settings import EgressSettings
+from agent.sources.control import Control
 from agent.sources.oci import OciSource
 from tests.servers import oci
 from tests.servers.faulty import Fault, FaultyServer
@@ -116,6 +121,9 @@ async def test_basic_auth(
     source = p.sources["oci"]
     resolved = await source.resolve(parse(uri), {".dockerconfigjson": docker_config})
     assert resolved.revision == image.digest
+    await source.check_access(parse(uri), {".dockerconfigjson": docker_config})
+    with pytest.raises(SourceAuthError, match="refused the credentials given"):
+        await source.check_access(parse(uri), {"username": "alice", "password": "nope"})
 
 
 async def test_bearer_token_with_realm_on_the_registry_host(
@@ -310,3 +318,21 @@ async def test_moved_tag_is_a_new_tree_after_the_refresh_interval(
     assert p.tree(model)["config.json"] == b'{"v": 2}'
     assert read_tree(old_tree) == FILES and old_tree.name in model.manifest.previous
 
+
+
+def test_plain_http_only_for_loopback_and_listed_registries(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text('ociPlainHttp: ["registry.internal:5000", "mirror.corp"]\n')
+    args = parser().parse_args(["agent", "--config", str(config), "--store", str(tmp_path)])
+    settings = agent_settings(args)
+    assert settings.sources.oci_plain_http == ("registry.internal:5000", "mirror.corp")
+
+    control = Control(Egress(EgressSettings()))
+    source = OciSource(control, settings.sources.oci_plain_http)
+    assert source._base("registry.internal:5000") == "http://registry.internal:5000"
+    assert source._base("registry.internal:5001") == "https://registry.internal:5001"
+    assert source._base("mirror.corp:8443") == "http://mirror.corp:8443"
+    assert source._base("127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert source._base("[::1]:5000") == "http://[::1]:5000"
+    assert source._base("localhost") == "http://localhost"
+    assert source._base("ghcr.io") == "https://ghcr.io"

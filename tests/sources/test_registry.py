@@ -52,6 +52,10 @@ async def test_version_pulled_from_its_hf_artifact_and_both_uris_recorded(
     hub_requests = hub.log("info") + hub.log("tree") + hub.log("resolve")
     assert {r.authorization for r in hub_requests} == {"Bearer hf-secret"}, \
         "the registry's token never reaches the hub"
+    source = p.sources["model-registry"]
+    await source.check_access(parse(uri), {"token": "mr-secret", "hf_token": "hf-secret"})
+    with pytest.raises(SourceAuthError, match="401"):
+        await source.check_access(parse(uri), {"token": "mr-secret"})
 
 
 async def test_default_host_and_an_s3_artifact(
