@@ -336,3 +336,31 @@ def test_plain_http_only_for_loopback_and_listed_registries(tmp_path: Path) -> N
     assert source._base("[::1]:5000") == "http://[::1]:5000"
     assert source._base("localhost") == "http://localhost"
     assert source._base("ghcr.io") == "https://ghcr.io"
+
+
+async def test_docker_v2_list_and_manifest_with_an_attestation_entry(
+    oci_registry: Registry, oci_repo: str, pipeline: PipelineFactory
+) -> None:
+    files = {"config.json": b"{}", "w.bin": os.urandom(200_000)}
+    layer, diff_id = oci.tar_layer(oci.model_entries(files), "gzip")
+    layer = oci.Blob(layer.data, "application/vnd.docker.image.rootfs.diff.tar.gzip")
+    config = oci.Blob(json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": [diff_id]}}).encode(),
+        "application/vnd.docker.container.image.v1+json")
+    docker = "application/vnd.docker.distribution.manifest.v2+json"
+    image = oci.raw_manifest({"schemaVersion": 2, "mediaType": docker,
+                              "config": config.descriptor(), "layers": [layer.descriptor()]},
+                             blobs=[config, layer], media_type=docker)
+    attestation = oci.artifact({"sbom.json": b"{}"})
+    listing = "application/vnd.docker.distribution.manifest.list.v2+json"
+    top = oci.raw_manifest({"schemaVersion": 2, "mediaType": listing, "manifests": [
+        attestation.descriptor({"os": "unknown", "architecture": "unknown"}),
+        image.descriptor({"os": "linux", "architecture": "s390x"})]}, media_type=listing)
+    top = oci.Image(top.manifest, listing, (), (attestation, image))
+    oci_registry.client().push(top, oci_repo, "v1")
+    p = await pipeline()
+
+    model = await p.pull(oci_registry.ref(oci_repo, "v1"))
+
+    assert p.tree(model) == files, "the only image, not the attestation"
+    assert model.manifest is not None and model.manifest.revision == top.digest
