@@ -33,8 +33,15 @@ class StoreSettings:
 
 @dataclass(frozen=True)
 class FetchSettings:
-    connections_per_file: int = 6
-    """Parallel ranged connections for one large file."""
+    connections_per_file: int = 8
+    """Most parallel ranged connections for one large file. A file starts with one; a
+    stream slower than ``split_below_rate`` is split in two, every ``split_interval``."""
+
+    split_below_rate: int = 64 * MiB
+    """Bytes per second per stream below which a file gets another connection."""
+
+    split_interval: float = 1.0
+    """Seconds between two looks at a file's streams."""
 
     max_connections: int = 16
     """Connections open at once across all pulls (bounds threads and sockets)."""
@@ -42,8 +49,8 @@ class FetchSettings:
     max_files: int = 4
     """Files downloaded at once within one pull."""
 
-    segment_min_bytes: int = 64 * MiB
-    """Files smaller than twice this are fetched over a single connection."""
+    segment_min_bytes: int = 32 * MiB
+    """No stream is split into parts smaller than this."""
 
     buffer_bytes: int = 1 * MiB
     """Receive buffer per connection (reused: no new bytes object per chunk)."""

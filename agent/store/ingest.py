@@ -183,6 +183,30 @@ class Ingest:
             os.ftruncate(self.fd, 0)
 
     @property
+    def received_bytes(self) -> int:
+        """Bytes written so far (all segments)."""
+        return sum(s.done for s in self.segments)
+
+    def split(self, seg: Segment, min_part: int, margin: int) -> Segment | None:
+        """Cut the rest of a running segment in two; return the new second half, or None
+        if the rest is too small. ``margin`` bytes past the segment's current offset stay
+        with it, so that a chunk already being received cannot cross the cut."""
+        with self._cond:
+            if seg.end is None or seg not in self.segments:
+                return None
+            start = seg.offset + margin
+            remaining = seg.end - start
+            if remaining < 2 * min_part:
+                return None
+            cut = (start + remaining // 2) // SEGMENT_ALIGN * SEGMENT_ALIGN
+            if cut <= start or seg.end - cut < min_part:
+                return None
+            new = Segment(cut, seg.end)
+            seg.end = cut
+            self.segments.insert(self.segments.index(seg) + 1, new)
+            return new
+
+    @property
     def resumed_bytes(self) -> int:
         """Bytes already on disk from an earlier attempt."""
         return sum(s.done for s in self.segments)

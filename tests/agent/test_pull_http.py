@@ -146,8 +146,29 @@ async def test_twenty_concurrent_requests_download_each_file_once(
         text = await client.metrics()
     assert faulty.bytes_sent("/m.bin") == len(data)
     assert faulty.bytes_sent_twice("/m.bin") == 0
-    assert len(faulty.gets("/m.bin")) == 4, "one ranged GET per segment, once"
+    assert len(faulty.gets("/m.bin")) == 1, "a fast stream is not split: one GET, once"
     assert 'modelcache_cache_requests_total{result="miss"} 1.0' in text
+
+
+async def test_a_slow_stream_is_split_across_connections(tmp_path: Path,
+                                                         faulty: FaultyServer) -> None:
+    data = os.urandom(8 * MiB)
+    faulty.add("/m.bin", data)
+    faulty.always("/m.bin", Fault(rate=2 * MiB, methods=("GET",)))  # per connection
+    settings = fast_settings(tmp_path, segment_min_bytes=MiB, connections_per_file=4,
+                             split_interval=0.2, split_below_rate=8 * MiB)
+    async with InProcessAgent(settings) as agent, agent.client() as client:
+        model = await client.ensure(faulty.url("/m.bin"))
+        model = await client.model(model["key"], wait=30)
+        assert model["state"] == "ready", model["error"]
+        assert (tree_of(agent, model["key"]) / "m.bin").read_bytes() == data
+    gets = faulty.gets("/m.bin")
+    assert 2 <= len(gets) <= 4, "slow streams got more connections, up to the cap"
+    starts = sorted(g.start for g in gets)
+    assert starts[0] == 0 and all(s % MiB == 0 for s in starts), "cuts on 1 MiB boundaries"
+    # the cut streams stop at the cut: bytes past it may be in flight, but each byte of the
+    # file was written once and the result is exact
+    assert faulty.bytes_sent("/m.bin") < 2 * len(data)
 
 
 async def test_a_server_that_ignores_ranges_is_fetched_over_one_connection(
@@ -155,7 +176,8 @@ async def test_a_server_that_ignores_ranges_is_fetched_over_one_connection(
     data = os.urandom(4 * MiB)
     faulty.add("/m.bin", data)
     faulty.always("/m.bin", Fault(ignore_range=True, methods=("GET",)))
-    settings = fast_settings(tmp_path, segment_min_bytes=MiB, connections_per_file=4)
+    settings = fast_settings(tmp_path, segment_min_bytes=MiB, connections_per_file=4,
+                             split_interval=0.05, split_below_rate=1 << 40)
     async with InProcessAgent(settings) as agent, agent.client() as client:
         model = await client.ensure(faulty.url("/m.bin"))
         model = await client.model(model["key"], wait=30)
