@@ -56,7 +56,11 @@ def unpack(path: Path, kind: str, root: str, store: Store,
            settings: ArchiveSettings) -> list[FileEntry]:
     """Unpack the archive at ``path`` into blobs; return the tree entries.
 
-    Only members under ``root`` (e.g. ``models``) are kept, with ``root/`` stripped.
+    Only members under ``root`` (e.g. ``models``) are kept, with ``root/`` stripped. Every
+    member's name is checked, but links and devices outside ``root`` are skipped, not
+    refused: they are never written (a modelcar's base layer holds ``bin/sh`` and
+    ``dev/null``). With a ``root``, an archive with nothing under it yields nothing (an
+    image layer that does not touch ``/models``); without one, it is refused.
     """
     budget = _Budget(path.stat().st_size, settings)
     entries: list[FileEntry] = []
@@ -65,7 +69,7 @@ def unpack(path: Path, kind: str, root: str, store: Store,
     name = ""
     with open(path, "rb") as raw:
         try:
-            for name, size, reader in _members(raw, kind, budget):
+            for name, size, reader in _members(raw, kind, budget, root):
                 rel = _select(name, root)
                 if rel is None:
                     _skip(reader, size, budget)
@@ -77,9 +81,8 @@ def unpack(path: Path, kind: str, root: str, store: Store,
         except _CORRUPT as e:  # raised while a member's bytes are read, outside _members
             raise ArchiveRejected(
                 f"archive is corrupt or truncated (in member {name!r}): {e}") from e
-    if not entries:
-        where = f" under {root}/" if root else ""
-        raise ArchiveRejected(f"archive holds no regular files{where}")
+    if not entries and not root:
+        raise ArchiveRejected("archive holds no regular files")
     return entries
 
 
@@ -107,7 +110,7 @@ class _Budget:
                 f"(at {name!r}): refused as a decompression bomb")
 
 
-def _members(raw: IO[bytes], kind: str, budget: _Budget
+def _members(raw: IO[bytes], kind: str, budget: _Budget, root: str = ""
              ) -> Iterator[tuple[str, int, IO[bytes]]]:
     if kind == "zip":
         yield from _zip_members(raw, budget)
@@ -130,6 +133,12 @@ def _members(raw: IO[bytes], kind: str, budget: _Budget
                     continue
                 name = _check_name(member.name)
                 if member.isdir():
+                    continue
+                if root and not name.startswith(root + "/"):
+                    if member.isreg():  # read through, so its bytes count for the budget
+                        reader = tar.extractfile(member)
+                        if reader is not None:
+                            yield name, member.size, reader
                     continue
                 if member.issym() or member.islnk():
                     raise ArchiveRejected(

@@ -48,6 +48,7 @@ from agent.egress import (
     strip_credentials,
 )
 from agent.errors import (
+    IntegrityError,
     NotAllowed,
     SourceAuthError,
     SourceError,
@@ -195,6 +196,9 @@ class Fetcher:
             except (TransientError, SourceAuthError, asyncio.CancelledError):
                 await asyncio.to_thread(ingest.close)  # worth resuming: keep the partial
                 raise
+            except IntegrityError as e:
+                await asyncio.to_thread(ingest.discard)
+                raise IntegrityError(f"{file.path}: {e}") from e
             except BaseException:
                 await asyncio.to_thread(ingest.discard)  # wrong, refused or out of space
                 raise

@@ -240,6 +240,8 @@ class Puller:
             # content the store already has (by the digest the source states) needs no room
             needed = sum(f.size or 0 for f in files
                          if not (f.sha256 and self.store.knows_sha256(f.sha256)))
+            if resolved.source_uri and resolved.credentials is not None:
+                credentials = resolved.credentials  # the referred-to source's own
             async with self.reserver.reserve(ref.key, needed):
                 entries = await self._fetch_all(model, locator, files, credentials, intent,
                                                 refresh, held)
@@ -299,7 +301,7 @@ class Puller:
         for f in files:
             safe_relpath(f.path)
         check_unique(f.path for f in files)
-        return sorted(files, key=lambda f: -(f.size or 0))
+        return files  # in the source's order: image layers overlay in that order
 
     async def _fetch_all(self, model: Model, source: Source, files: list[RemoteFile],
                          credentials: Credentials | None, intent: dict[str, Any],
@@ -323,7 +325,8 @@ class Puller:
                 last_flush = time.monotonic()
                 await asyncio.to_thread(self.store.write_intent, model.key, intent)
 
-        tasks = [asyncio.create_task(one(i, f)) for i, f in enumerate(files)]
+        biggest_first = sorted(range(len(files)), key=lambda i: -(files[i].size or 0))
+        tasks = [asyncio.create_task(one(i, files[i])) for i in biggest_first]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:

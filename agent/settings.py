@@ -111,6 +111,10 @@ class SourceSettings:
     s3_addressing: str = "auto"
     """``path``, ``virtual`` or ``auto`` (path-style for custom endpoints)."""
 
+    oci_plain_http: tuple[str, ...] = ()
+    """OCI registries (``host`` or ``host:port``) reached over plain HTTP, like Docker's
+    insecure registries; loopback registries always are. Every other one is HTTPS."""
+
     model_registry: str | None = None
     """Default Kubeflow Model Registry ``host:port`` for ``model-registry://MODEL/VERSION``."""
 

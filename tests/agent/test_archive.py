@@ -169,10 +169,17 @@ def test_root_selects_and_strips(tmp_path: Path, store: Store) -> None:
     assert len(list(store.blobs)) == 2  # skipped members are not stored
 
 
-def test_nothing_under_root_is_refused(tmp_path: Path, store: Store) -> None:
-    raw = tar_bytes([("other/a", b"a")])
-    with pytest.raises(ArchiveRejected, match="no regular files under models/"):
-        unpack(write(tmp_path, "l.tar", raw), "tar", "models", store, DEFAULTS)
+def test_nothing_under_root_yields_nothing(tmp_path: Path, store: Store) -> None:
+    """An image layer that does not touch /models contributes no file (the puller refuses
+    a model that ends up empty); links and devices outside the root are never written,
+    so they are skipped, not refused (a modelcar's base layer has bin/sh and dev/null)."""
+    raw = tar_bytes([("other/a", b"a"), special("bin/sh", tarfile.SYMTYPE, "/bin/busybox"),
+                     special("dev/null", tarfile.CHRTYPE), special("h", tarfile.LNKTYPE, "a")])
+    assert unpack(write(tmp_path, "l.tar", raw), "tar", "models", store, DEFAULTS) == []
+    with pytest.raises(ArchiveRejected, match="is a link"):
+        unpack(write(tmp_path, "l.tar", raw), "tar", "", store, DEFAULTS)
+    with pytest.raises(ArchiveRejected, match="no regular files"):
+        unpack(write(tmp_path, "e.tar", tar_bytes([])), "tar", "", store, DEFAULTS)
 
 
 # --- hostile archives ------------------------------------------------------------------------
