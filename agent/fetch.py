@@ -409,24 +409,38 @@ class Fetcher:
     def _receive(self, resp: http.client.HTTPResponse, ingest: Ingest, seg: Segment,
                  cancel: threading.Event, progress: ProgressFn, stats: FetchStats,
                  url: str) -> None:
-        buf = _buffers.get(self.settings.buffer_bytes)
+        # two buffers in turn: one is received into while the sha256 thread (if the source
+        # stated a sha256) still reads the other
+        bufs = _buffers.get(self.settings.buffer_bytes)
+        pending: list[threading.Event | None] = [None, None]
+        turn = 0
         every = self.settings.checkpoint_bytes
-        while True:
-            if cancel.is_set():
-                raise asyncio.CancelledError()
-            want = len(buf) if seg.end is None else min(len(buf), seg.end - seg.offset)
-            if want == 0:
-                break
-            try:
-                n = resp.readinto(buf[:want])
-            except (OSError, http.client.HTTPException) as e:
-                raise TransientError(f"{shown_url(url)}: {describe_error(e)}") from e
-            if not n:
-                break
-            ingest.write(seg, buf[:n])
-            stats.add(n)
-            progress(n)
-            ingest.maybe_checkpoint(every, self.settings.checkpoint_seconds)
+        try:
+            while True:
+                if cancel.is_set():
+                    raise asyncio.CancelledError()
+                turn ^= 1
+                buf = bufs[turn]
+                waiting = pending[turn]
+                if waiting is not None:
+                    waiting.wait()
+                want = len(buf) if seg.end is None else min(len(buf), seg.end - seg.offset)
+                if want == 0:
+                    break
+                try:
+                    n = resp.readinto(buf[:want])
+                except (OSError, http.client.HTTPException) as e:
+                    raise TransientError(f"{shown_url(url)}: {describe_error(e)}") from e
+                if not n:
+                    break
+                pending[turn] = ingest.write(seg, buf[:n])
+                stats.add(n)
+                progress(n)
+                ingest.maybe_checkpoint(every, self.settings.checkpoint_seconds)
+        finally:
+            for waiting in pending:  # the buffers are this thread's: free them first
+                if waiting is not None:
+                    waiting.wait()
         if seg.end is not None and not seg.complete:
             raise TransientError(
                 f"{shown_url(url)}: short body, the connection ended at byte {seg.offset} of "
@@ -609,14 +623,14 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
 
 
 class _Buffers(threading.local):
-    """One reusable, page-aligned receive buffer per worker thread (aligned so that
-    full chunks can be written O_DIRECT straight from it)."""
+    """Two reusable, page-aligned receive buffers per worker thread (aligned so that
+    full chunks can be written O_DIRECT straight from them)."""
 
-    def get(self, size: int) -> memoryview:
-        buf: memoryview | None = getattr(self, "buf", None)
-        if buf is None or len(buf) != size:
-            self.buf = buf = memoryview(mmap.mmap(-1, size))
-        return buf
+    def get(self, size: int) -> tuple[memoryview, memoryview]:
+        bufs: tuple[memoryview, memoryview] | None = getattr(self, "bufs", None)
+        if bufs is None or len(bufs[0]) != size:
+            self.bufs = bufs = (memoryview(mmap.mmap(-1, size)), memoryview(mmap.mmap(-1, size)))
+        return bufs
 
 
 _buffers = _Buffers()

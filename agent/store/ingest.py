@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import json
 import os
+import queue
 import re
 import shutil
 import threading
@@ -90,6 +91,43 @@ class Sealed:
     sha256: str | None
 
 
+class ShaPipe:
+    """sha256 on a thread of its own, fed in order, so that it runs beside the receiving
+    thread's recv + blake3 + write instead of after them (sha256 is the slowest of the
+    three). A buffer handed to :meth:`feed` must not change until its event is set."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._queue: queue.SimpleQueue[tuple[memoryview, threading.Event] | None] = \
+            queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+        self._digest: str | None = None
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            view, done = item
+            self._sha.update(view)
+            done.set()
+
+    def feed(self, view: memoryview) -> threading.Event:
+        done = threading.Event()
+        self._queue.put((view, done))
+        return done
+
+    def hexdigest(self) -> str:
+        """The digest of everything fed (waits for it; ends the thread)."""
+        if self._digest is None:
+            self.close()
+            self._digest = self._sha.hexdigest()
+        return self._digest
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
 class Ingest:
     """One partial download. Create with :meth:`open`; finish with :meth:`commit`,
     :meth:`seal` + :meth:`discard`, or :meth:`close` (keeps it for a later resume)."""
@@ -117,7 +155,7 @@ class Ingest:
         self._hash_lock = threading.Lock()
         """Held by whoever advances the hashes (the hash thread or an in-order writer)."""
         self._b3 = blake3.blake3()
-        self._sha = hashlib.sha256() if identity.get("sha256") else None
+        self._sha = ShaPipe() if identity.get("sha256") else None
         self._load_state()
 
     # --- opening -------------------------------------------------------------------------
@@ -258,8 +296,11 @@ class Ingest:
                                             daemon=True)
             self._hasher.start()
 
-    def write(self, seg: Segment, data: memoryview) -> None:
-        """Write bytes at the segment's current offset and advance it."""
+    def write(self, seg: Segment, data: memoryview) -> threading.Event | None:
+        """Write bytes at the segment's current offset and advance it.
+
+        Returns an event to wait for before ``data``'s buffer is reused (the sha256 thread
+        may still be reading it), or None if the buffer is free at once."""
         if seg.end is not None and seg.offset + len(data) > seg.end:
             raise IntegrityError(
                 f"server sent more bytes than the range {seg.start}-{seg.end - 1} holds"
@@ -283,27 +324,30 @@ class Ingest:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"no space left writing {self.ref}: {e.strerror}") from e
             raise StoreError(f"cannot write partial download {self.ref}: {e.strerror}") from e
-        self._hash_inline(start, data)  # before the write is published to the hash thread
+        pending = self._hash_inline(start, data)  # before the hash thread sees the write
         with self._cond:
             seg.done += len(data)
             self._since_checkpoint += len(data)
             self._cond.notify_all()
+        return pending
 
-    def _hash_inline(self, offset: int, data: memoryview) -> None:
+    def _hash_inline(self, offset: int, data: memoryview) -> threading.Event | None:
         """Hash bytes straight from the receive buffer when they are next in order, so
-        the hash thread does not read them back from the page cache."""
+        the hash thread does not read them back."""
         if self._hashed != offset or not self._hash_lock.acquire(blocking=False):
-            return
+            return None
+        pending = None
         try:
             if self._hashed == offset:
                 self._b3.update(data)
                 if self._sha is not None:
-                    self._sha.update(data)
+                    pending = self._sha.feed(data)
                 with self._cond:
                     self._hashed += len(data)
                     self._cond.notify_all()
         finally:
             self._hash_lock.release()
+        return pending
 
     def maybe_checkpoint(self, every: int, seconds: float = 1.0) -> None:
         """Make progress durable if ``every`` bytes arrived, or ``seconds`` passed, since the
@@ -354,8 +398,9 @@ class Ingest:
         return all(s.complete for s in self.segments) and self.segments[-1].end is not None
 
     def _hash_loop(self) -> None:
-        buf = bytearray(HASH_CHUNK)
-        view = memoryview(buf)
+        views = [memoryview(bytearray(HASH_CHUNK)), memoryview(bytearray(HASH_CHUNK))]
+        pending: list[threading.Event | None] = [None, None]
+        turn = 0
         try:
             while True:
                 with self._cond:
@@ -367,6 +412,11 @@ class Ingest:
                         return
                     target = self._contiguous()
                 while self._hashed < target:
+                    turn ^= 1
+                    view = views[turn]
+                    waiting = pending[turn]
+                    if waiting is not None:
+                        waiting.wait()  # the sha256 thread is done with this buffer
                     with self._hash_lock:
                         pos = self._hashed
                         if pos >= target:
@@ -377,7 +427,7 @@ class Ingest:
                                 f"partial download {self.ref} is shorter than written")
                         self._b3.update(view[:n])
                         if self._sha is not None:
-                            self._sha.update(view[:n])
+                            pending[turn] = self._sha.feed(view[:n])
                         with self._cond:
                             self._hashed = pos + n
                             self._cond.notify_all()
@@ -446,6 +496,8 @@ class Ingest:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        if self._sha is not None:
+            self._sha.close()
         if self._hasher is not None:
             self._hasher.join()
 
