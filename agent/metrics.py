@@ -17,6 +17,7 @@ CACHE_RESULTS = ("hit", "miss", "fallback")
 MODEL_STATES = ("pulling", "ready", "failed")
 STORE_KINDS = ("used", "capacity", "cached", "dedup_saved", "reserved")
 SERVED_TO = ("pod", "peer")
+WATERMARK_LEVELS = ("high", "low")
 
 PULL_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
@@ -63,6 +64,12 @@ class Metrics:
             "dedup, bytes reserved for running pulls.",
             ["kind"], registry=r,
         )
+        self.store_watermark = Gauge(
+            "modelcache_store_watermark_ratio",
+            "Eviction watermarks, as a fraction of the store's filesystem: eviction starts "
+            "above high and stops at low.",
+            ["level"], registry=r,
+        )
         self.store_blobs = Gauge(
             "modelcache_store_blobs", "Distinct blobs in the store.", registry=r,
         )
@@ -70,7 +77,9 @@ class Metrics:
             "modelcache_models", "Models known to the agent, by state.", ["state"], registry=r,
         )
         self.evictions = Counter(
-            "modelcache_evictions_total", "Models evicted, by reason.", ["reason"], registry=r,
+            "modelcache_evictions_total",
+            "Models evicted, by reason (watermark, quota, inodes, no_space, api).",
+            ["reason"], registry=r,
         )
         self.evicted_bytes = Counter(
             "modelcache_evicted_bytes_total",
@@ -88,6 +97,8 @@ class Metrics:
             self.models.labels(state=state)
         for kind in STORE_KINDS:
             self.store_bytes.labels(kind=kind)
+        for level in WATERMARK_LEVELS:
+            self.store_watermark.labels(level=level)
         for to in SERVED_TO:
             self.served_bytes.labels(to=to)
 

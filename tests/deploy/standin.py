@@ -48,14 +48,11 @@ GiB = 1024**3
 
 
 def agent_standin(node: str) -> tuple[CollectorRegistry, Callable[[], None]]:
-    """The agent's own Metrics class, plus the watermark gauge it is to export, fed with
+    """The agent's own Metrics class (watermark gauge included), fed with
     synthetic activity; returns the registry and a tick that advances it one scrape."""
     m = Metrics(node=node, version="0.1.0")
-    watermark = Gauge("modelcache_store_watermark_ratio",
-                      "Store eviction watermarks, as a fraction of the filesystem.",
-                      ["level"], registry=m.registry)
-    watermark.labels(level="high").set(0.80)
-    watermark.labels(level="low").set(0.70)
+    m.store_watermark.labels(level="high").set(0.80)
+    m.store_watermark.labels(level="low").set(0.70)
     m.store_bytes.labels(kind="capacity").set(500 * GiB)
     m.store_bytes.labels(kind="reserved").set(0)
     m.models.labels(state="failed").set(0)
