@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -43,33 +43,15 @@ LAST_USED_FLUSH_SECONDS = 300.0
 
 
 class Reserver(Protocol):
-    """Holds disk space for a pull while it runs (eviction plugs in here)."""
+    """Holds disk space for a pull while it runs, and makes room when a write runs out of
+    it (:class:`agent.evict.Evictor`)."""
 
     def reserve(self, key: str, nbytes: int) -> contextlib.AbstractAsyncContextManager[None]:
         ...
 
-
-class FreeSpaceReserver:
-    """Refuses a pull whose declared size does not fit in what is free minus what running
-    pulls have reserved."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.reserved: dict[str, int] = {}
-
-    @contextlib.asynccontextmanager
-    async def reserve(self, key: str, nbytes: int) -> AsyncIterator[None]:
-        usage = await asyncio.to_thread(self.store.usage)
-        held = sum(self.reserved.values())
-        if nbytes > usage.free_bytes - held:
-            raise NoSpace(
-                f"model {key} needs {nbytes} bytes; {usage.free_bytes} are free and "
-                f"{held} are reserved by running pulls")
-        self.reserved[key] = nbytes
-        try:
-            yield
-        finally:
-            self.reserved.pop(key, None)
+    async def relieve(self, key: str, error: NoSpace) -> None:
+        """Out of space mid-write: make room for one more try, or raise :class:`NoSpace`."""
+        ...
 
 
 class _Progress:
@@ -92,7 +74,7 @@ class _Progress:
 class Puller:
     def __init__(self, *, store: Store, fetcher: Fetcher, sources: Mapping[str, Source],
                  index: Index, egress: Egress, settings: AgentSettings,
-                 metrics: Metrics | None = None, reserver: Reserver | None = None) -> None:
+                 reserver: Reserver, metrics: Metrics | None = None) -> None:
         self.store = store
         self.fetcher = fetcher
         self.sources = dict(sources)
@@ -100,7 +82,7 @@ class Puller:
         self.egress = egress
         self.settings = settings
         self.metrics = metrics
-        self.reserver = reserver or FreeSpaceReserver(store)
+        self.reserver = reserver
         self._stopping = False
         self._last_flush: dict[str, float] = {}
 
@@ -233,9 +215,15 @@ class Puller:
             await asyncio.to_thread(self.store.write_intent, ref.key, intent)
             if not refresh:
                 model.bytes_total = sum(f.size or 0 for f in files)
+            fetched: dict[int, list[FileEntry]] = {}
             async with self.reserver.reserve(ref.key, sum(f.size or 0 for f in files)):
-                entries = await self._fetch_all(model, locator, files, credentials, intent,
-                                                refresh)
+                try:
+                    entries = await self._fetch_all(model, locator, files, credentials, intent,
+                                                    refresh, fetched)
+                except NoSpace as e:  # out of space mid-write: evict, then one more try
+                    await self.reserver.relieve(ref.key, e)
+                    entries = await self._fetch_all(model, locator, files, credentials, intent,
+                                                    refresh, fetched)
             now = time.time()
             manifest = Manifest(
                 key=ref.key, uri=ref.uri, revision=resolved.revision, tree="",
@@ -292,11 +280,12 @@ class Puller:
 
     async def _fetch_all(self, model: Model, source: Source, files: list[RemoteFile],
                          credentials: Credentials | None, intent: dict[str, Any],
-                         refresh: bool) -> list[FileEntry]:
+                         refresh: bool, results: dict[int, list[FileEntry]]
+                         ) -> list[FileEntry]:
+        """Fetch the files not in ``results`` yet (by index), filling it in."""
         progress = _Progress(model, self.metrics, model.ref.scheme)
         stats = FetchStats(on_download=progress.downloaded)
         limit = asyncio.Semaphore(self.settings.fetch.max_files)
-        results: dict[int, list[FileEntry]] = {}
         last_flush = time.monotonic()
 
         async def one(i: int, f: RemoteFile) -> None:
@@ -311,7 +300,7 @@ class Puller:
                 last_flush = time.monotonic()
                 await asyncio.to_thread(self.store.write_intent, model.key, intent)
 
-        tasks = [asyncio.create_task(one(i, f)) for i, f in enumerate(files)]
+        tasks = [asyncio.create_task(one(i, f)) for i, f in enumerate(files) if i not in results]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
