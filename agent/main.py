@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -76,6 +77,9 @@ async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
     puller.load()
     if settings.standalone:  # in-use is the leases; in a cluster the pod informer sets it
         evictor.in_use_known.set()
+    gc.collect()
+    gc.freeze()  # what start-up loaded (manifests, index) is left out of later collections:
+    # with 100k blobs a full collection would pause the event loop for tens of ms
     if auth is None:
         assert settings.api.token_file is not None
         auth = await asyncio.to_thread(TokenFileAuth.from_file, settings.api.token_file)
