@@ -37,17 +37,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from agent.errors import Conflict, InvalidInput, NoSpace, NotFound, StoreError
+from agent.errors import Conflict, NoSpace, NotFound, StoreError
 from agent.index import FAILED, READY, Index, Model
 from agent.leases import Leases
+from agent.limits import Disk, Limits, Shortfall, measure, plan, shortfall
 from agent.metrics import Metrics
 from agent.settings import StoreSettings
 from agent.store.local import Store
@@ -68,70 +68,6 @@ BATCH = 64
 """Victims removed per thread hand-off (each batch is logged as it completes)."""
 
 
-# --- limits and measurements ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Limits:
-    high: float
-    low: float
-    quota_bytes: int | None
-    min_free_inodes: float
-
-    @classmethod
-    def of(cls, s: StoreSettings) -> Limits:
-        return cls(s.high_watermark, s.low_watermark, s.quota_bytes, s.min_free_inodes)
-
-    def check(self) -> None:
-        if not 0 < self.low < self.high <= 1:
-            raise InvalidInput(f"watermarks must satisfy 0 < low < high <= 1 "
-                               f"(low {self.low}, high {self.high})")
-        if self.quota_bytes is not None and self.quota_bytes <= 0:
-            raise InvalidInput(f"the cache quota must be positive, not {self.quota_bytes}")
-        if not 0 <= self.min_free_inodes < 1:
-            raise InvalidInput(f"the inode floor must be in [0, 1), not {self.min_free_inodes}")
-
-
-@dataclass(frozen=True)
-class Disk:
-    """One look at the store's filesystem and at the cache."""
-
-    capacity: int
-    used: int
-    free: int
-    """Bytes available to the agent (``f_bavail``)."""
-    cache: int
-    """Bytes of distinct blobs."""
-    inodes: int
-    inodes_free: int
-    block: int
-
-
-@dataclass(frozen=True)
-class Shortfall:
-    """What must be freed to meet each limit (zero or less: met)."""
-
-    watermark: int = 0
-    quota: int = 0
-    inodes: int = 0
-    space: int = 0
-    """Bytes that must become physically free (out of space mid-write)."""
-
-    def __bool__(self) -> bool:
-        return max(self.watermark, self.quota, self.inodes, self.space) > 0
-
-    def reason(self) -> str:
-        """The limit to name as the reason of the next eviction."""
-        for name in ("space", "watermark", "quota", "inodes"):
-            if getattr(self, name) > 0:
-                return "no_space" if name == "space" else name
-        return "watermark"
-
-    def minus(self, nbytes: int, blocks: int, inodes: int) -> Shortfall:
-        return Shortfall(self.watermark - blocks, self.quota - nbytes, self.inodes - inodes,
-                         self.space - blocks)
-
-
 @dataclass(frozen=True)
 class Eviction:
     """One evicted model, as logs, metrics and hooks see it."""
@@ -147,39 +83,20 @@ class Eviction:
 
 
 @dataclass(frozen=True)
+class _Step:
+    garbage: int
+    short: Shortfall
+    victims: list[tuple[str, str]] = field(default_factory=list)
+    left: Shortfall = field(default_factory=Shortfall)
+    would_free: int = 0
+
+
+@dataclass(frozen=True)
 class _Relief:
     freed: int
     short: Shortfall
     evictable: int
     """Bytes every possible victim would have freed (known when the plan fell short)."""
-
-
-def plan(order: Sequence[tuple[str, Sequence[FileEntry]]], refs: Counter[str],
-         need: Shortfall, block: int) -> tuple[list[tuple[str, str]], Shortfall, int]:
-    """Choose victims from ``order`` (least recently used first) until ``need`` is met.
-
-    ``refs`` counts the links of every blob from every current tree, plus one for each blob
-    a running pull needs; it is updated as victims are chosen. Returns the victims with the
-    reason of each, what is still short (nothing, unless every candidate was taken), and the
-    bytes the victims free.
-    """
-    victims: list[tuple[str, str]] = []
-    freed = 0
-    for key, files in order:
-        if not need:
-            break
-        nbytes = blocks = blobs = 0
-        for f in files:
-            left = refs[f.blake3] - 1
-            refs[f.blake3] = left
-            if left == 0:
-                nbytes += f.size
-                blocks += -(-f.size // block) * block
-                blobs += 1
-        victims.append((key, need.reason()))
-        need = need.minus(nbytes, blocks, blobs + 2)  # + its tree directory and manifest
-        freed += nbytes
-    return victims, need, freed
 
 
 # --- the evictor -----------------------------------------------------------------------------
@@ -267,7 +184,7 @@ class Evictor:
         while True:
             async with self._lock:
                 disk, pending = await self._look()
-                short = self._shortfall(disk, pending + nbytes, self.limits.high)
+                short = shortfall(self.limits, disk, pending + nbytes, self.limits.high)
                 if short and self.in_use_known.is_set():
                     relief = await self._free(pending + nbytes, self.limits.high, strict=True)
                     if relief.short:
@@ -337,7 +254,7 @@ class Evictor:
     async def _look(self) -> tuple[Disk, int]:
         """The filesystem, the cache and what running pulls still need."""
         pulls = self._pulls()
-        return await asyncio.to_thread(lambda: (self._measure(), self._pending(pulls)))
+        return await asyncio.to_thread(lambda: (measure(self.store), self._pending(pulls)))
 
     # --- periodic checks, gc, removal -------------------------------------------------------
 
@@ -360,7 +277,7 @@ class Evictor:
             return 0
         async with self._lock:
             disk, pending = await self._look()
-            if not self._shortfall(disk, pending, self.limits.high):
+            if not shortfall(self.limits, disk, pending, self.limits.high):
                 return 0
             relief = await self._free(pending, self.limits.low, strict=False)
             now = time.monotonic()
@@ -377,7 +294,7 @@ class Evictor:
         abandoned partial downloads, then evict down to the low watermark. Returns the bytes
         freed."""
         async with self._lock:
-            freed = await self._cleanup(full=True)
+            freed = await self._collect_garbage()
             freed += await self._discard_partials(None, quiet=True)
             if self.in_use_known.is_set():
                 _, pending = await self._look()
@@ -420,51 +337,47 @@ class Evictor:
 
     # --- freeing space ---------------------------------------------------------------------
 
-    def _shortfall(self, disk: Disk, extra: int, level: float, space: int = 0) -> Shortfall:
-        lim = self.limits
-        quota = disk.cache + extra - lim.quota_bytes if lim.quota_bytes is not None else 0
-        floor = math.ceil(lim.min_free_inodes * disk.inodes)
-        return Shortfall(
-            watermark=disk.used + extra - int(level * disk.capacity),
-            quota=quota,
-            inodes=floor - disk.inodes_free if disk.inodes else 0,
-            space=space - disk.free if space else 0,
-        )
-
     async def _free(self, extra: int, level: float, *, space: int = 0,
                     reason: str | None = None, strict: bool, cleanup: bool = True) -> _Relief:
-        """Evict until ``extra`` more bytes fit under ``level`` and the other limits.
-        ``strict``: if even every candidate would not do, evict nothing and report it."""
-        freed = await self._cleanup(full=False) if cleanup else 0
-        short = Shortfall()
+        """Evict until ``extra`` more bytes fit under ``level`` and the other limits; first
+        (``cleanup``) drop older trees nobody uses and unreferenced blobs. ``strict``: if
+        even every candidate would not do, evict nothing and report it."""
+        freed = 0
         for round_ in range(ROUNDS):
-            disk = await asyncio.to_thread(self._measure)
-            short = self._shortfall(disk, extra, level, space)
-            if not short:
-                break
-            order = self._candidates()
-            if not order:
-                return _Relief(freed, short, 0)
-            keep = self._keep()
-            victims, left, would_free = await asyncio.to_thread(
-                self._plan, [(m.key, m.manifest.files) for m in order if m.manifest], keep,
-                short, disk.block)
-            if left and strict and round_ == 0:
-                return _Relief(freed, left, would_free)
-            by_key = {m.key: m for m in order}
-            freed += await self._evict([(by_key[k], reason or why) for k, why in victims])
-        else:
-            disk = await asyncio.to_thread(self._measure)
-            short = self._shortfall(disk, extra, level, space)
-        return _Relief(freed, short, 0)
+            trees = self._older_trees() if cleanup and round_ == 0 else []
+            candidates = self._candidates()
+            order = [(m.key, m.manifest.files) for m in candidates if m.manifest is not None]
+            step = await asyncio.to_thread(self._step, trees, self._keep(), cleanup and
+                                           round_ == 0, order, extra, level, space)
+            freed += self._cleaned(trees, step.garbage)
+            if not step.short or not order:
+                return _Relief(freed, step.short, 0)
+            if step.left and strict and round_ == 0:
+                return _Relief(freed, step.left, step.would_free)
+            by_key = {m.key: m for m in candidates}
+            freed += await self._evict([(by_key[k], reason or why) for k, why in step.victims])
+        disk = await asyncio.to_thread(self._disk)
+        return _Relief(freed, shortfall(self.limits, disk, extra, level, space), 0)
 
-    def _plan(self, order: list[tuple[str, tuple[FileEntry, ...]]], keep: frozenset[str],
-              need: Shortfall, block: int) -> tuple[list[tuple[str, str]], Shortfall, int]:
+    def _step(self, trees: list[tuple[str, tuple[str, ...]]], keep: frozenset[str],
+              cleanup: bool, order: list[tuple[str, tuple[FileEntry, ...]]], extra: int,
+              level: float, space: int) -> _Step:
+        """One round, in a thread: garbage, a measure, and the victims to meet the limits."""
         refs: Counter[str] = Counter()
         for manifest in self.store.manifests():
             refs.update(f.blake3 for f in manifest.files)
+        garbage = 0
+        if cleanup:
+            self._drop_trees(trees)
+            garbage = self._drop_blobs(d for d in self.store.blob_sizes()
+                                       if d not in refs and d not in keep)
+        disk = measure(self.store)
+        short = shortfall(self.limits, disk, extra, level, space)
+        if not short or not order:
+            return _Step(garbage, short)
         refs.update(keep)
-        return plan(order, refs, need, block)
+        victims, left, would_free = plan(order, refs, short, disk.block)
+        return _Step(garbage, short, victims, left, would_free)
 
     def _candidates(self) -> list[Model]:
         """Models that may be evicted, least recently used first."""
@@ -557,14 +470,25 @@ class Evictor:
             except Exception:
                 log.exception("eviction hook failed", extra={"key": model.key})
 
-    async def _cleanup(self, full: bool) -> int:
-        """Older trees of models not in use, then blobs no tree links. ``full`` scans the
-        blob directory; otherwise the blobs the store knows are checked."""
-        trees = [(m.key, m.manifest.previous) for m in self.index
-                 if m.manifest is not None and m.manifest.previous and not m.in_use
-                 and not m.refreshing and (m.task is None or m.task.done())]
+    def _older_trees(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Older trees of models not in use (nor being pulled): they go first."""
+        return [(m.key, m.manifest.previous) for m in self.index
+                if m.manifest is not None and m.manifest.previous and not m.in_use
+                and not m.refreshing and (m.task is None or m.task.done())]
+
+    async def _collect_garbage(self) -> int:
+        """Older trees nobody uses, then every blob no tree links (a full scan)."""
+        trees = self._older_trees()
         keep = self._keep()
-        freed = await asyncio.to_thread(self._drop_garbage, trees, keep, full)
+
+        def collect() -> int:
+            self._drop_trees(trees)
+            on_disk = {d for i in self.store.intents().values() for d in i.get("blobs", ())}
+            return self._drop_blobs(self.store.unreferenced_blobs(keep | on_disk))
+
+        return self._cleaned(trees, await asyncio.to_thread(collect))
+
+    def _cleaned(self, trees: list[tuple[str, tuple[str, ...]]], freed: int) -> int:
         for key, _ in trees:
             model = self.index.get(key)
             current = self.store.manifest(key)
@@ -577,8 +501,7 @@ class Evictor:
                 "freed_bytes": freed, "older_trees": sum(len(t) for _, t in trees)})
         return freed
 
-    def _drop_garbage(self, trees: list[tuple[str, tuple[str, ...]]], keep: frozenset[str],
-                      full: bool) -> int:
+    def _drop_trees(self, trees: list[tuple[str, tuple[str, ...]]]) -> None:
         for key, names in trees:
             for tree in names:
                 try:
@@ -586,13 +509,9 @@ class Evictor:
                 except (OSError, StoreError) as e:
                     log.warning("cannot remove an older tree",
                                 extra={"key": key, "tree": tree, "error": str(e)})
-        if full:
-            keep = keep | {d for i in self.store.intents().values() for d in i.get("blobs", ())}
-            candidates: Iterable[str] = self.store.unreferenced_blobs(keep)
-        else:
-            referenced = {f.blake3 for m in self.store.manifests() for f in m.files}
-            candidates = [d for d in self.store.blob_sizes()
-                          if d not in referenced and d not in keep]
+
+    def _drop_blobs(self, candidates: Iterable[str]) -> int:
+        """Remove the unreferenced blobs among ``candidates`` older than the grace."""
         old = time.time() - self.orphan_grace
         return self.store.remove_unreferenced(d for d in candidates if self._older(d, old))
 
@@ -627,17 +546,8 @@ class Evictor:
 
     # --- measuring and explaining ----------------------------------------------------------
 
-    def _measure(self) -> Disk:
-        st = os.statvfs(self.store.root)
-        return Disk(
-            capacity=st.f_blocks * st.f_frsize,
-            used=(st.f_blocks - st.f_bfree) * st.f_frsize,
-            free=st.f_bavail * st.f_frsize,
-            cache=self.store.cache_bytes(),
-            inodes=st.f_files,
-            inodes_free=st.f_favail,
-            block=st.f_frsize or 4096,
-        )
+    def _disk(self) -> Disk:
+        return measure(self.store)
 
     def _explain(self, key: str, nbytes: int, disk: Disk, relief: _Relief, pending: int) -> str:
         lim = self.limits
