@@ -259,7 +259,7 @@ async def store_info(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     await deps.auth.authenticate(request, "read")
     usage = await asyncio.to_thread(deps.store.usage)
-    s = deps.settings.store
+    limits = deps.evictor.limits
     return web.json_response({
         "path": str(deps.store.root),
         "capacity_bytes": usage.capacity_bytes,
@@ -267,8 +267,8 @@ async def store_info(request: web.Request) -> web.Response:
         "cache_bytes": usage.cache_bytes,
         "blobs": usage.blobs,
         "dedup_saved_bytes": usage.dedup_saved_bytes,
-        "high_watermark": s.high_watermark,
-        "low_watermark": s.low_watermark,
+        "high_watermark": limits.high,
+        "low_watermark": limits.low,
     })
 
 

@@ -47,6 +47,8 @@ async def test_fill_past_high_watermark_evicts_lru_down_to_low(
     assert (await agent.wait(key_of(uris["A"])))["last_used"] > before
 
     agent.evictor.set_limits(high=0.8, low=0.7)
+    status, info = await agent.call("GET", "/api/v1/store")
+    assert (info["high_watermark"], info["low_watermark"]) == (0.8, 0.7)
     assert used_ratio(fs) < 0.8
     caplog.set_level(logging.INFO, logger="agent.evict")
     fill(fs / "filler", int(0.3 * 64 * MiB))  # someone else's data: past the high watermark
