@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -41,10 +40,10 @@ async def test_fill_past_high_watermark_evicts_lru_down_to_low(
         assert model["state"] == "ready", model
     status, _ = await agent.lease(key_of(uris["D"]), "job-1")
     assert status == 201
-    before = (await agent.wait(key_of(uris["A"])))["last_used"]
-    await asyncio.sleep(1.1)  # last_used is shown to the second
+    a = agent.deps.index.get(key_of(uris["A"]))
+    before = a.last_used
     await agent.pull(uris["A"])  # ... until it is asked for again: now B is
-    assert (await agent.wait(key_of(uris["A"])))["last_used"] > before
+    assert a.last_used > max(m.last_used for m in agent.deps.index if m is not a) > before
 
     agent.evictor.set_limits(high=0.8, low=0.7)
     status, info = await agent.call("GET", "/api/v1/store")
@@ -54,7 +53,7 @@ async def test_fill_past_high_watermark_evicts_lru_down_to_low(
     fill(fs / "filler", int(0.3 * 64 * MiB))  # someone else's data: past the high watermark
     assert used_ratio(fs) > 0.8
     await until(lambda: used_ratio(fs) <= 0.7)
-    await asyncio.sleep(0.1)  # a few more checks: nothing more goes
+    assert await agent.evictor.check() == 0  # and nothing more goes
 
     lru = [key_of(uris[n]) for n in "BEFA"]  # C is pinned, D is in use
     gone = [e.key for e in events]
@@ -99,10 +98,11 @@ async def test_pinned_in_use_and_pulling_models_survive_when_everything_else_goe
     fill(fs / "filler", 16 * MiB)
     await until(lambda: {key_of(uris[n]) for n in "CD"}.isdisjoint(
         m.key for m in agent.deps.index))
-    await asyncio.sleep(0.1)
+    await agent.evictor.check()  # once more: still nothing else may go
     keys = {m.key for m in agent.deps.index}
     assert keys == {key_of(uris[n]) for n in "ABE"}, "pinned, in use and pulling stay"
     assert used_ratio(fs) > 0.3  # the low watermark cannot be reached: nothing else goes
+    agent.evictor.set_limits(high=0.95, low=0.9)  # once ready, E could go too
     hold.set()
     assert (await agent.wait(pulling["key"]))["state"] == "ready"
     assert set(visible_models(fs / "store")) >= {key_of(uris[n]) for n in "AB"}
