@@ -171,7 +171,7 @@ class Evictor:
             freed = self._relieved.get(key)
             if freed is None:
                 raise
-            disk, pending = await self._look()
+            disk, pending, _ = await self._look()
             raise NoSpace(
                 f"model {key} ran out of space again after eviction freed {freed} bytes "
                 f"({disk.free} bytes free now, {pending} still needed by running pulls): "
@@ -183,12 +183,12 @@ class Evictor:
     async def _admit(self, key: str, nbytes: int) -> None:
         while True:
             async with self._lock:
-                disk, pending = await self._look()
+                disk, pending, _ = await self._look()
                 short = shortfall(self.limits, disk, pending + nbytes, self.limits.high)
                 if short and self.in_use_known.is_set():
                     relief = await self._free(pending + nbytes, self.limits.high, strict=True)
                     if relief.short:
-                        disk, pending = await self._look()
+                        disk, pending, _ = await self._look()
                         raise NoSpace(self._explain(key, nbytes, disk, relief, pending))
                     short = relief.short
                 if not short:
@@ -204,38 +204,48 @@ class Evictor:
 
     async def relieve(self, key: str, error: NoSpace) -> None:
         """Out of space mid-write: evict what may be evicted so that the pull of ``key`` can
-        try once more. Raises :class:`NoSpace` if nothing can make enough room."""
+        try once more. Raises :class:`NoSpace` if no room can be made."""
         if not self.in_use_known.is_set():
             raise NoSpace(f"{error} (nothing is evicted until the models in use are known "
                           "again after the restart)")
         async with self._lock:
             await self._discard_partials(None, quiet=True)
-            _, pending = await self._look()
+            _, pending, own = await self._look(key)
             # Room on the disk itself (not under the watermark: what filled it may not be
-            # ours) for what running pulls still need plus this pull whole again: its
-            # declared size can be short of what it writes (an archive and its members).
-            need = pending + self.reserved.get(key, 0)
-            relief = await self._free(need, 1.0, space=need, reason="no_space", strict=True)
+            # ours) for what running pulls still need; then, if models may go, as much
+            # again for this pull, whose declared size can be short of what it writes (an
+            # archive is unpacked next to itself).
+            relief = await self._free(pending, 1.0, space=pending, reason="no_space",
+                                      strict=True)
             if relief.short:
-                disk, pending = await self._look()
+                disk, pending, _ = await self._look(key)
                 raise NoSpace(
                     f"model {key} ran out of space while writing ({error}); {disk.free} bytes "
-                    f"are free, {need} are needed to try again, and evicting every model "
+                    f"are free, running pulls still need {pending}, and evicting every model "
                     "that is not in use, pinned or being pulled would free only "
                     f"{relief.evictable}")
-            self._relieved[key] = relief.freed
+            need = pending + own
+            more = await self._free(need, 1.0, space=need, reason="no_space", strict=False)
+            freed = relief.freed + more.freed
+            if not freed and more.short:
+                disk, _, _ = await self._look(key)
+                raise NoSpace(
+                    f"model {key} ran out of space while writing ({error}); {disk.free} bytes "
+                    f"are free, about {need} are needed to try again, and nothing may be "
+                    "evicted (every model is in use, pinned or being pulled)")
+            self._relieved[key] = freed
 
-    def _pulls(self) -> list[tuple[int, list[str], list[str]]]:
+    def _pulls(self) -> dict[str, tuple[int, list[str], list[str]]]:
         """Each running pull's reservation, committed blobs and partial downloads."""
-        pulls = []
+        pulls = {}
         for key, nbytes in self.reserved.items():
             model = self.index.get(key)
             intent = model.intent if model is not None else None
-            pulls.append((nbytes, list(intent.get("blobs", ())) if intent else [],
-                          list(intent.get("refs", ())) if intent else []))
+            pulls[key] = (nbytes, list(intent.get("blobs", ())) if intent else [],
+                          list(intent.get("refs", ())) if intent else [])
         return pulls
 
-    def _pending(self, pulls: list[tuple[int, list[str], list[str]]]) -> int:
+    def _pending(self, pulls: Iterable[tuple[int, list[str], list[str]]]) -> int:
         """Bytes running pulls reserved and do not hold on disk yet (blocking: a few stats).
         What a pull committed, found already stored, or allocated for its partial downloads
         is counted in the filesystem's used bytes already."""
@@ -251,10 +261,13 @@ class Evictor:
             total += max(0, nbytes - held)
         return total
 
-    async def _look(self) -> tuple[Disk, int]:
-        """The filesystem, the cache and what running pulls still need."""
+    async def _look(self, key: str = "") -> tuple[Disk, int, int]:
+        """The filesystem and the cache, what running pulls still need, and what the pull
+        of ``key`` still needs."""
         pulls = self._pulls()
-        return await asyncio.to_thread(lambda: (measure(self.store), self._pending(pulls)))
+        own = [pulls[key]] if key in pulls else []
+        return await asyncio.to_thread(
+            lambda: (measure(self.store), self._pending(pulls.values()), self._pending(own)))
 
     # --- periodic checks, gc, removal -------------------------------------------------------
 
@@ -276,7 +289,7 @@ class Evictor:
         if not self.in_use_known.is_set():
             return 0
         async with self._lock:
-            disk, pending = await self._look()
+            disk, pending, _ = await self._look()
             if not shortfall(self.limits, disk, pending, self.limits.high):
                 return 0
             relief = await self._free(pending, self.limits.low, strict=False)
@@ -297,7 +310,7 @@ class Evictor:
             freed = await self._collect_garbage()
             freed += await self._discard_partials(None, quiet=True)
             if self.in_use_known.is_set():
-                _, pending = await self._look()
+                _, pending, _ = await self._look()
                 freed += (await self._free(pending, self.limits.low, strict=False,
                                            cleanup=False)).freed
             return freed

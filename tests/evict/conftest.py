@@ -25,6 +25,7 @@ from agent.settings import (
     ApiSettings,
     EgressSettings,
     FetchSettings,
+    SourceSettings,
     StoreSettings,
 )
 from tests.evict.helpers import TOKEN, Agent
@@ -64,7 +65,7 @@ async def agent_on(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
                     quota: int | None = None, min_free_inodes: float = 0.0,
                     interval: float = 3600.0, standalone: bool = True,
                     allow_paths: tuple[Path, ...] = (), max_files: int = 4,
-                    refresh_interval: float = 3600.0) -> Agent:
+                    refresh_interval: float = 3600.0, hf_endpoint: str = "") -> Agent:
         settings = AgentSettings(
             node_name="evict-test",
             standalone=standalone,
@@ -75,6 +76,7 @@ async def agent_on(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             egress=EgressSettings(allow_hosts=("127.0.0.1",), allow_paths=allow_paths),
             fetch=FetchSettings(max_files=max_files, retries=2, backoff_base=0.01),
             api=ApiSettings(listen="127.0.0.1:0", token_file=tmp_path / "token"),
+            sources=SourceSettings(hf_endpoint=hf_endpoint or SourceSettings.hf_endpoint),
         )
         deps = await build(settings, auth=TokenFileAuth(TOKEN))
         stop, started = asyncio.Event(), asyncio.Event()

@@ -30,6 +30,7 @@ from tests.evict.helpers import (
     visible_models,
 )
 from tests.servers.faulty import Fault, FaultyServer
+from tests.servers.hfhub import HubServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,7 +96,7 @@ async def test_enospc_mid_write_with_nothing_to_evict_fails_cleanly(
     error = model["error"]
     assert f"model {model['key']} ran out of space while writing" in error
     assert "no space left writing a blob: No space left on device" in error  # a write()
-    assert "would free only 0" in error
+    assert "nothing may be evicted" in error
     assert len(faulty.gets("/T.tar")) == 1, "nothing could be evicted: no retry"
     assert not os.listdir(fs / "store" / "partial"), "its partial download is removed"
     assert not [n for n in os.listdir(fs / "store" / "tmp") if n.startswith("blob-")]
@@ -103,3 +104,36 @@ async def test_enospc_mid_write_with_nothing_to_evict_fails_cleanly(
     assert committed.items() <= blob_digests(fs / "store").items()
     verify_blobs(fs / "store")
     assert await agent.metric("modelcache_pull_failures_total", reason="no_space") == 1
+
+
+async def test_enospc_preallocating_the_next_file_evicts_and_fetches_only_what_is_left(
+        tmpfs: Callable[..., Path], agent_on: Callable[..., Any], faulty: FaultyServer,
+        hf_hub: HubServer) -> None:
+    fs = tmpfs(64)
+    agent = await agent_on(fs / "store", high=0.99, low=0.9, max_files=1,
+                           hf_endpoint=hf_hub.base_url)
+    events: list[Eviction] = []
+    agent.evictor.on_evict(events.append)
+    uris = serve_models(faulty, "P", 10 * MiB) | serve_models(faulty, "E", 16 * MiB)
+    assert (await agent.pull(uris["P"], pin=True))["state"] == "ready"
+    assert (await agent.pull(uris["E"]))["state"] == "ready"
+    hf_hub.create_repo("org/big")
+    hf_hub.commit("org/big", {"a.bin": os.urandom(12 * MiB), "b.bin": os.urandom(10 * MiB)},
+                  lfs=["a.bin", "b.bin"])
+    hold = threading.Event()  # a.bin (the larger) goes first: held once it is preallocated
+    hf_hub.fault("resolve", Fault(hold=hold, stall_after=MiB, methods=("GET",)))
+    _, model = await agent.call("POST", "/api/v1/models", {"uri": "hf://org/big"})
+    await until(lambda: sum(r.sent for r in hf_hub.log("resolve")) >= MiB)
+    st = os.statvfs(fs)
+    fill(fs / "squeeze", st.f_bavail * st.f_frsize - 6 * MiB)  # b.bin (10 MiB) cannot fit
+    hold.set()
+
+    model = await agent.wait(model["key"])
+    assert model["state"] == "ready", model
+    assert [(e.key, e.reason) for e in events] == [(key_of(uris["E"]), "no_space")]
+    gets = sorted(r.path.rsplit("/", 1)[1] for r in hf_hub.log("resolve") if r.method == "GET")
+    # b.bin failed before its first byte (at its preallocation), a.bin was not fetched again
+    assert gets == [".gitattributes", "a.bin", "b.bin"]
+    assert set(visible_models(fs / "store")) == {key_of(uris["P"]), model["key"]}
+    assert not os.listdir(fs / "store" / "partial")
+    verify_blobs(fs / "store")
