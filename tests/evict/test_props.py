@@ -217,6 +217,6 @@ def test_eviction_invariants(tmpfs: Callable[..., Path]) -> None:
     uris = make_sources(fs / "seed")
     run_state_machine_as_test(
         lambda: EvictionMachine(fs, uris, fs / "seed"),
-        settings=settings(max_examples=40, stateful_step_count=25, deadline=None,
+        settings=settings(max_examples=30, stateful_step_count=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow]),
     )
