@@ -490,14 +490,17 @@ class Evictor:
                 and not m.refreshing and (m.task is None or m.task.done())]
 
     async def _collect_garbage(self) -> int:
-        """Older trees nobody uses, then every blob no tree links (a full scan)."""
+        """Older trees nobody uses, then every blob no tree links: a scan of ``blobs/``
+        (blobs no manifest names are checked on disk: an older tree may link them)."""
         trees = self._older_trees()
         keep = self._keep()
 
         def collect() -> int:
             self._drop_trees(trees)
-            on_disk = {d for i in self.store.intents().values() for d in i.get("blobs", ())}
-            return self._drop_blobs(self.store.unreferenced_blobs(keep | on_disk))
+            named = {f.blake3 for m in self.store.manifests() for f in m.files}
+            named.update(d for i in self.store.intents().values() for d in i.get("blobs", ()))
+            return self._drop_blobs(d for d in self.store.blobs.digests()
+                                    if d not in named and d not in keep)
 
         return self._cleaned(trees, await asyncio.to_thread(collect))
 
