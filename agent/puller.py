@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 from agent.egress import Egress
 from agent.errors import (
-    Conflict,
     ModelcacheError,
     NoSpace,
     NotAllowed,
@@ -168,23 +167,6 @@ class Puller:
             model.manifest = replace(model.manifest, pinned=pinned)
             await asyncio.to_thread(self.store.update_manifest, model.manifest)
         self.index.notify(model)
-
-    async def remove(self, key: str, force: bool = False) -> Model:
-        """Evict a model (its blobs go at the next garbage collection)."""
-        model = self.index.get(key)
-        if model is None:
-            raise NotFound(f"model {key} is not in the store")
-        if model.in_use and not force:
-            raise Conflict(f"model {key} is in use ({', '.join(sorted(model.holders))}); "
-                           "use force to remove it anyway")
-        if model.task is not None and not model.task.done():
-            model.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await model.task
-        await asyncio.to_thread(self.store.remove_model, key)
-        await asyncio.to_thread(self.store.remove_intent, key)
-        self.index.remove(key)
-        return model
 
     async def stop(self) -> None:
         """Stop taking work; cancel running pulls (their partial data stays for a resume)."""
