@@ -114,7 +114,8 @@ class Leases:
         for key, owner in expired:
             del table[key][owner]
             model = self.index.get(key)
-            if model is not None and model.holders.get(HOLDER + owner, 1.0) <= now:
+            until = model.holders.get(HOLDER + owner) if model is not None else None
+            if model is not None and until is not None and 0 < until <= now:
                 del model.holders[HOLDER + owner]
         await self._commit(table)
 

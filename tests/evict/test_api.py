@@ -155,3 +155,20 @@ def gc_cli(url: str, token: Path) -> int:
     with contextlib.redirect_stdout(out):
         assert cli(["gc", "--agent", url, "--token-file", str(token), "--json"]) == 0
     return int(json.loads(out.getvalue())["freed_bytes"])
+
+
+async def test_expired_leases_are_pruned(tmp_path: Path, agent_on: Callable[..., Any],
+                                         faulty: FaultyServer) -> None:
+    agent = await agent_on(tmp_path / "store")
+    uris = serve_models(faulty, "AB", 100)
+    a, b = key_of(uris["A"]), key_of(uris["B"])
+    for n in "AB":
+        await agent.pull(uris[n])
+    for key in (a, b):
+        assert (await agent.lease(key, "batch", ttl=0.2))[0] == 201
+    agent.deps.index.get(b).holders.clear()  # e.g. a new copy of the model
+    await until(lambda: not agent.deps.index.get(a).in_use)
+    await agent.evictor.leases.expire()
+    assert agent.evictor.leases.table == {}
+    assert agent.deps.index.get(a).holders == {}
+    assert json.loads((tmp_path / "store" / "leases.json").read_text())["leases"] == {}
