@@ -19,14 +19,16 @@ from aiohttp import web
 from agent import errors
 from agent.auth import Authenticator
 from agent.credentials import CredentialsProvider
-from agent.gc import Collector
-from agent.index import Index, Model
+from agent.evict import Evictor
+from agent.index import Index
+from agent.leases import check_lease
 from agent.metrics import CONTENT_TYPE, Metrics
 from agent.puller import Puller
 from agent.reference import KEY_HEX, parse
 from agent.settings import AgentSettings
 from agent.store.blobs import valid_digest
 from agent.store.local import Store
+from agent.store.trees import iso
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
@@ -48,7 +50,7 @@ class Deps:
     store: Store
     index: Index
     puller: Puller
-    collector: Collector
+    evictor: Evictor
     metrics: Metrics
     auth: Authenticator
     credentials: CredentialsProvider
@@ -113,6 +115,8 @@ def make_app(deps: Deps) -> web.Application:
     app.router.add_get("/api/v1/models/{key}", get_model)
     app.router.add_delete("/api/v1/models/{key}", delete_model)
     app.router.add_post("/api/v1/models/{key}/fallback", report_fallback)
+    app.router.add_post("/api/v1/models/{key}/leases", take_lease)
+    app.router.add_delete("/api/v1/models/{key}/leases/{owner}", release_lease)
     app.router.add_get("/api/v1/store", store_info)
     app.router.add_post("/api/v1/gc", gc)
     app.router.add_get("/api/v1/blobs/{digest}", get_blob)
@@ -147,8 +151,7 @@ async def update_gauges(deps: Deps) -> None:
     m.store_bytes.labels(kind="capacity").set(usage.capacity_bytes)
     m.store_bytes.labels(kind="cached").set(usage.cache_bytes)
     m.store_bytes.labels(kind="dedup_saved").set(usage.dedup_saved_bytes)
-    reserved = getattr(deps.puller.reserver, "reserved", {})
-    m.store_bytes.labels(kind="reserved").set(sum(reserved.values()))
+    m.store_bytes.labels(kind="reserved").set(deps.evictor.reserved_bytes())
     m.store_blobs.set(usage.blobs)
     for state, n in deps.index.counts().items():
         m.models.labels(state=state).set(n)
@@ -221,11 +224,10 @@ async def delete_model(request: web.Request) -> web.Response:
     await deps.auth.authenticate(request, "write")
     key = _key(request)
     force = request.query.get("force", "false").lower() in ("1", "true", "yes")
-    model: Model = await deps.puller.remove(key, force=force)
-    if deps.metrics is not None:
-        deps.metrics.evictions.labels(reason="api").inc()
+    model, freed = await deps.evictor.remove(key, force=force)
     reply = model.to_json()
     reply["state"] = "evicted"
+    reply["freed_bytes"] = freed
     return web.json_response(reply)
 
 
@@ -240,6 +242,28 @@ async def report_fallback(request: web.Request) -> web.Response:
     return web.json_response({"key": key, "counted": "fallback"}, status=202)
 
 
+async def take_lease(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    await deps.auth.authenticate(request, "write")
+    key = _key(request)
+    body = await _json_body(request)
+    unknown = set(body) - {"owner", "ttl_seconds"}
+    if unknown:
+        raise errors.InvalidInput(f"unknown field(s) in body: {', '.join(sorted(unknown))}")
+    owner, ttl = check_lease(body.get("owner"), body.get("ttl_seconds"))
+    expires = await deps.evictor.leases.take(key, owner, ttl)
+    return web.json_response({"owner": owner, "expires": iso(expires)}, status=201)
+
+
+async def release_lease(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    await deps.auth.authenticate(request, "write")
+    key = _key(request)
+    owner = request.match_info["owner"]
+    await deps.evictor.leases.release(key, owner)
+    return web.json_response({"owner": owner, "released": True})
+
+
 # --- store ---------------------------------------------------------------------------------
 
 
@@ -247,7 +271,7 @@ async def store_info(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     await deps.auth.authenticate(request, "read")
     usage = await asyncio.to_thread(deps.store.usage)
-    s = deps.settings.store
+    limits = deps.evictor.limits
     return web.json_response({
         "path": str(deps.store.root),
         "capacity_bytes": usage.capacity_bytes,
@@ -255,15 +279,15 @@ async def store_info(request: web.Request) -> web.Response:
         "cache_bytes": usage.cache_bytes,
         "blobs": usage.blobs,
         "dedup_saved_bytes": usage.dedup_saved_bytes,
-        "high_watermark": s.high_watermark,
-        "low_watermark": s.low_watermark,
+        "high_watermark": limits.high,
+        "low_watermark": limits.low,
     })
 
 
 async def gc(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     await deps.auth.authenticate(request, "write")
-    freed = await deps.collector.collect()
+    freed = await deps.evictor.collect()
     return web.json_response({"freed_bytes": freed})
 
 

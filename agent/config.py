@@ -6,7 +6,7 @@ the field. Flags override the file; ``--allow-host`` and ``--allow-path`` add to
 .. code-block:: yaml
 
     store: {path: /var/lib/modelcache, highWatermark: 0.8, lowWatermark: 0.7,
-            quotaBytes: 500000000000}
+            quotaBytes: 500000000000, minFreeInodes: 0.05, evictInterval: 10}
     allowHosts: ["registry.internal:5000", "*.mirror.corp", "10.20.0.0/16"]
     onlyAllowedHosts: false
     allowPaths: [/mnt/seed]
@@ -58,6 +58,7 @@ SCHEMA: dict[str, Any] = {
                 "lowWatermark": _RATIO,
                 "quotaBytes": _POSITIVE_INT,
                 "minFreeInodes": {"type": "number", "minimum": 0, "maximum": 1},
+                "evictInterval": {"type": "number", "exclusiveMinimum": 0},
             },
         },
         "allowHosts": {"type": "array", "items": {"type": "string", "minLength": 1}},
@@ -127,6 +128,7 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
                                                           StoreSettings.low_watermark),
         quota_bytes=args.quota_bytes or store_cfg.get("quotaBytes"),
         min_free_inodes=store_cfg.get("minFreeInodes", StoreSettings.min_free_inodes),
+        evict_interval=float(store_cfg.get("evictInterval", StoreSettings.evict_interval)),
     )
     if store.low_watermark >= store.high_watermark:
         raise InvalidInput(

@@ -180,7 +180,7 @@ class Fetcher:
                     "etag": file.etag}
         split, restarted = True, False
         while True:
-            ingest = await asyncio.to_thread(self.store.open_ingest, ref, identity)
+            ingest = await _opened(lambda: self.store.open_ingest(ref, identity))
             try:
                 entries = await self._download_into(ingest, source, file, credentials, split,
                                                     progress, stats)
@@ -668,6 +668,19 @@ def ref_id(file: RemoteFile) -> str:
         return f"sha256-{file.sha256}"
     ident = f"{shown_url(file.url)}\0{file.etag or ''}\0{file.size}\0{file.unpack or ''}"
     return "src-" + blake3.blake3(ident.encode()).hexdigest()[:40]
+
+
+async def _opened(open_ingest: Callable[[], Ingest]) -> Ingest:
+    """Open an ingest in a thread. If the caller is cancelled meanwhile, the thread still
+    opens it: close it then, or its lock stays held by an object nobody has."""
+    future = asyncio.ensure_future(asyncio.to_thread(open_ingest))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            ingest = await future
+            await asyncio.to_thread(ingest.close)
+        raise
 
 
 async def _settle(tasks: list[asyncio.Task[None]]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -22,8 +23,8 @@ from agent.auth import Authenticator, TokenFileAuth
 from agent.credentials import CredentialsProvider, DirectoryCredentials
 from agent.egress import Egress
 from agent.errors import ModelcacheError
+from agent.evict import Evictor
 from agent.fetch import Fetcher
-from agent.gc import Collector
 from agent.index import Index
 from agent.metrics import Metrics
 from agent.puller import Puller
@@ -77,22 +78,31 @@ async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
     egress = Egress(settings.egress)
     fetcher = Fetcher(store, egress, settings.fetch, settings.archive)
     index = Index()
+    evictor = Evictor(store, index, settings.store, metrics)
     puller = Puller(store=store, fetcher=fetcher, sources=build_sources(egress, settings),
-                    index=index, egress=egress, settings=settings, metrics=metrics)
+                    index=index, egress=egress, settings=settings, metrics=metrics,
+                    reserver=evictor)
+    await evictor.leases.load()  # before the models load, so each gets its leases
     puller.load()
+    if settings.standalone:  # in-use is the leases; in a cluster the pod informer sets it
+        evictor.in_use_known.set()
+    gc.collect()
+    gc.freeze()  # what start-up loaded (manifests, index) is left out of later collections:
+    # with 100k blobs a full collection would pause the event loop for tens of ms
     if auth is None:
         assert settings.api.token_file is not None
         auth = await asyncio.to_thread(TokenFileAuth.from_file, settings.api.token_file)
     return Deps(settings=settings, store=store, index=index, puller=puller,
-                collector=Collector(store, index, metrics), metrics=metrics, auth=auth,
+                evictor=evictor, metrics=metrics, auth=auth,
                 credentials=credentials or DirectoryCredentials(credentials_dir))
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: resume interrupted pulls, prefetch warm models, refresh."""
+    """Cleanup context: resume interrupted pulls, prefetch warm models, refresh, evict."""
     deps = app[DEPS]
     tasks = [asyncio.create_task(_start_work(deps), name="start-work"),
-             asyncio.create_task(_refresh_loop(deps), name="refresh")]
+             asyncio.create_task(_refresh_loop(deps), name="refresh"),
+             asyncio.create_task(deps.evictor.run(), name="evict")]
     yield
     for t in tasks:
         t.cancel()

@@ -79,7 +79,9 @@ class Metrics:
             "modelcache_models", "Models known to the agent, by state.", ["state"], registry=r,
         )
         self.evictions = Counter(
-            "modelcache_evictions_total", "Models evicted, by reason.", ["reason"], registry=r,
+            "modelcache_evictions_total",
+            "Models evicted, by reason (watermark, quota, inodes, no_space, api).",
+            ["reason"], registry=r,
         )
         self.evicted_bytes = Counter(
             "modelcache_evicted_bytes_total",

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from agent import logs
 from agent.client import AgentClient, AgentError
 from agent.credentials import read_secret_dir
 from agent.egress import Egress
-from agent.errors import ModelcacheError
+from agent.errors import ModelcacheError, NoSpace
 from agent.fetch import Fetcher
 from agent.index import Index
 from agent.names import join_inside
@@ -193,7 +195,7 @@ async def from_source(ref: Reference, args: argparse.Namespace) -> None:
     fetcher = Fetcher(store, egress, settings.fetch, settings.archive)
     sources = build_sources(egress, settings)
     puller = Puller(store=store, fetcher=fetcher, sources=sources, index=Index(),
-                    egress=egress, settings=settings)
+                    egress=egress, settings=settings, reserver=_EmptyDirSpace())
     try:
         model = await puller.ensure(ref, credentials=credentials, count=False)
         if model.task is not None:
@@ -208,6 +210,18 @@ async def from_source(ref: Reference, args: argparse.Namespace) -> None:
     await asyncio.to_thread(place, store.models / ref.key / manifest.tree, manifest, mount)
     log.info("downloaded from the source", extra={"files": len(manifest.files),
                                                   "bytes": manifest.size_bytes})
+
+
+class _EmptyDirSpace:
+    """The fallback writes into the pod's own emptyDir: its size limit, set by the webhook
+    from the model's size, is the only budget; nothing there can be evicted."""
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, key: str, nbytes: int) -> AsyncIterator[None]:
+        yield
+
+    async def relieve(self, key: str, error: NoSpace) -> None:
+        raise error
 
 
 def prepare(args: argparse.Namespace) -> str | None:

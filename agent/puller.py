@@ -14,13 +14,12 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
 from agent.egress import Egress
 from agent.errors import (
-    Conflict,
     ModelcacheError,
     NoSpace,
     NotAllowed,
@@ -43,33 +42,15 @@ LAST_USED_FLUSH_SECONDS = 300.0
 
 
 class Reserver(Protocol):
-    """Holds disk space for a pull while it runs (eviction plugs in here)."""
+    """Holds disk space for a pull while it runs, and makes room when a write runs out of
+    it (:class:`agent.evict.Evictor`)."""
 
     def reserve(self, key: str, nbytes: int) -> contextlib.AbstractAsyncContextManager[None]:
         ...
 
-
-class FreeSpaceReserver:
-    """Refuses a pull whose declared size does not fit in what is free minus what running
-    pulls have reserved."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.reserved: dict[str, int] = {}
-
-    @contextlib.asynccontextmanager
-    async def reserve(self, key: str, nbytes: int) -> AsyncIterator[None]:
-        usage = await asyncio.to_thread(self.store.usage)
-        held = sum(self.reserved.values())
-        if nbytes > usage.free_bytes - held:
-            raise NoSpace(
-                f"model {key} needs {nbytes} bytes; {usage.free_bytes} are free and "
-                f"{held} are reserved by running pulls")
-        self.reserved[key] = nbytes
-        try:
-            yield
-        finally:
-            self.reserved.pop(key, None)
+    async def relieve(self, key: str, error: NoSpace) -> None:
+        """Out of space mid-write: make room for one more try, or raise :class:`NoSpace`."""
+        ...
 
 
 class _Progress:
@@ -92,7 +73,7 @@ class _Progress:
 class Puller:
     def __init__(self, *, store: Store, fetcher: Fetcher, sources: Mapping[str, Source],
                  index: Index, egress: Egress, settings: AgentSettings,
-                 metrics: Metrics | None = None, reserver: Reserver | None = None) -> None:
+                 reserver: Reserver, metrics: Metrics | None = None) -> None:
         self.store = store
         self.fetcher = fetcher
         self.sources = dict(sources)
@@ -100,7 +81,7 @@ class Puller:
         self.egress = egress
         self.settings = settings
         self.metrics = metrics
-        self.reserver = reserver or FreeSpaceReserver(store)
+        self.reserver = reserver
         self._stopping = False
         self._last_flush: dict[str, float] = {}
 
@@ -190,23 +171,6 @@ class Puller:
             await asyncio.to_thread(self.store.update_manifest, model.manifest)
         self.index.notify(model)
 
-    async def remove(self, key: str, force: bool = False) -> Model:
-        """Evict a model (its blobs go at the next garbage collection)."""
-        model = self.index.get(key)
-        if model is None:
-            raise NotFound(f"model {key} is not in the store")
-        if model.in_use and not force:
-            raise Conflict(f"model {key} is in use ({', '.join(sorted(model.holders))}); "
-                           "use force to remove it anyway")
-        if model.task is not None and not model.task.done():
-            model.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await model.task
-        await asyncio.to_thread(self.store.remove_model, key)
-        await asyncio.to_thread(self.store.remove_intent, key)
-        self.index.remove(key)
-        return model
-
     async def stop(self) -> None:
         """Stop taking work; cancel running pulls (their partial data stays for a resume)."""
         self._stopping = True
@@ -242,9 +206,15 @@ class Puller:
                          if not (f.sha256 and self.store.knows_sha256(f.sha256)))
             if resolved.source_uri and resolved.credentials is not None:
                 credentials = resolved.credentials  # the referred-to source's own
+            fetched: dict[int, list[FileEntry]] = {}
             async with self.reserver.reserve(ref.key, needed):
-                entries = await self._fetch_all(model, locator, files, credentials, intent,
-                                                refresh, held)
+                try:
+                    entries = await self._fetch_all(model, locator, files, credentials, intent,
+                                                    refresh, fetched, held)
+                except NoSpace as e:  # out of space mid-write: evict, then one more try
+                    await self.reserver.relieve(ref.key, e)
+                    entries = await self._fetch_all(model, locator, files, credentials, intent,
+                                                    refresh, fetched, held)
             now = time.time()
             manifest = Manifest(
                 key=ref.key, uri=ref.uri, revision=resolved.revision, tree="",
@@ -305,11 +275,13 @@ class Puller:
 
     async def _fetch_all(self, model: Model, source: Source, files: list[RemoteFile],
                          credentials: Credentials | None, intent: dict[str, Any],
-                         refresh: bool, held: list[str]) -> list[FileEntry]:
+                         refresh: bool, results: dict[int, list[FileEntry]],
+                         held: list[str]) -> list[FileEntry]:
+        """Fetch the files not in ``results`` yet (by index), filling it in; every blob
+        fetched is added to ``held`` (held until the pull publishes)."""
         progress = _Progress(model, self.metrics, model.ref.scheme)
         stats = FetchStats(on_download=progress.downloaded)
         limit = asyncio.Semaphore(self.settings.fetch.max_files)
-        results: dict[int, list[FileEntry]] = {}
         last_flush = time.monotonic()
 
         async def one(i: int, f: RemoteFile) -> None:
@@ -325,8 +297,9 @@ class Puller:
                 last_flush = time.monotonic()
                 await asyncio.to_thread(self.store.write_intent, model.key, intent)
 
-        biggest_first = sorted(range(len(files)), key=lambda i: -(files[i].size or 0))
-        tasks = [asyncio.create_task(one(i, files[i])) for i in biggest_first]
+        todo = sorted((i for i in range(len(files)) if i not in results),
+                      key=lambda i: -(files[i].size or 0))  # biggest first
+        tasks = [asyncio.create_task(one(i, files[i])) for i in todo]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:

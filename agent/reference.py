@@ -21,6 +21,7 @@ This module imports nothing of the agent but its error type: the webhook depends
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import ipaddress
 import posixpath
@@ -101,9 +102,10 @@ class Reference:
         """What the key is computed from: the canonical URI and the include globs."""
         return "\n".join((self.uri, *self.include))
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """The model's key: the first hex digits of sha256 of the canonical form."""
+        """The model's key: the first hex digits of sha256 of the canonical form (computed
+        once: indexes look models up by it all the time)."""
         return hashlib.sha256(self.canonical.encode()).hexdigest()[:KEY_HEX]
 
     @property

@@ -30,6 +30,10 @@ class StoreSettings:
     min_free_inodes: float = 0.05
     """Fraction of the filesystem's inodes that must stay free (evict below it)."""
 
+    evict_interval: float = 10.0
+    """Seconds between two checks of the watermarks, the quota and the inode floor (each
+    pull is also checked before it starts)."""
+
 
 @dataclass(frozen=True)
 class FetchSettings:

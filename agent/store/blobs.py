@@ -128,6 +128,17 @@ class BlobStore:
 
     def __iter__(self) -> Iterator[BlobInfo]:
         """Every committed blob (stale temporary names are skipped)."""
+        for entry in self._entries():
+            with contextlib.suppress(FileNotFoundError):
+                st = entry.stat(follow_symlinks=False)
+                yield BlobInfo(entry.name, st.st_size, st.st_nlink - 1)
+
+    def digests(self) -> Iterator[str]:
+        """The digest of every committed blob, from the directory listings alone (no
+        ``stat``: a tenth of the time of iterating the blobs)."""
+        return (entry.name for entry in self._entries())
+
+    def _entries(self) -> Iterator[os.DirEntry[str]]:
         try:
             shards = list(os.scandir(self.root))
         except FileNotFoundError:
@@ -136,11 +147,8 @@ class BlobStore:
             if not shard.is_dir(follow_symlinks=False) or len(shard.name) != 2:
                 continue
             for entry in os.scandir(shard.path):
-                if not valid_digest(entry.name) or entry.name[:2] != shard.name:
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    st = entry.stat(follow_symlinks=False)
-                    yield BlobInfo(entry.name, st.st_size, st.st_nlink - 1)
+                if valid_digest(entry.name) and entry.name[:2] == shard.name:
+                    yield entry
 
 
 def fsync_dir(path: Path) -> None:

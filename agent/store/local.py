@@ -10,6 +10,7 @@ Blocking: methods touch the disk; async callers use ``asyncio.to_thread``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -56,6 +57,9 @@ class Store:
         self.pulls = root / "pulls"
         self.trees = Trees(self.models, self.tmp, self.blobs)
         self._lock = threading.Lock()
+        self._removing = threading.Lock()
+        """Held while a model is removed, so a concurrent manifest update cannot bring
+        back the manifest of a model being evicted."""
         self._sizes: dict[str, int] = {}
         self._sha256: dict[str, str] = {}
         self._manifests: dict[str, Manifest] = {}
@@ -117,6 +121,28 @@ class Store:
                     del self._sha256[sha]
         return freed
 
+    def remove_unreferenced(self, digests: Iterable[str]) -> int:
+        """Remove those of ``digests`` that no tree links (the link count is checked on
+        disk, blob by blob); return the bytes freed. A blob a tree still links is kept."""
+        freed = 0
+        removed = []
+        for digest in digests:
+            path = self.blobs.path(digest)
+            try:
+                st = path.stat()
+                if st.st_nlink != 1:
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                removed.append(digest)
+                continue
+            freed += st.st_size
+            removed.append(digest)
+        with self._lock:  # sha256 aliases of removed blobs are dropped by find_sha256
+            for digest in removed:
+                self._sizes.pop(digest, None)
+        return freed
+
     def unreferenced_blobs(self, keep: Iterable[str] = ()) -> list[str]:
         """Blobs no published tree links, no pull holds (and not in ``keep``)."""
         keep = set(keep) | self.blobs.held()
@@ -154,10 +180,14 @@ class Store:
         return published
 
     def update_manifest(self, manifest: Manifest) -> None:
-        """Rewrite a manifest whose tree is unchanged (last use, pin)."""
-        self.trees.write_manifest(manifest)
-        with self._lock:
-            self._manifests[manifest.key] = manifest
+        """Rewrite a manifest whose tree is unchanged (last use, pin); a model removed
+        meanwhile stays removed."""
+        with self._removing:
+            if self.manifest(manifest.key) is None:
+                return
+            self.trees.write_manifest(manifest)
+            with self._lock:
+                self._manifests[manifest.key] = manifest
 
     def drop_tree(self, key: str, tree: str) -> None:
         """Remove an older tree of a model (never its current one)."""
@@ -172,10 +202,13 @@ class Store:
         self.trees.remove_tree(key, tree)
 
     def remove_model(self, key: str) -> None:
-        """Remove a model's manifest and trees (blobs stay until garbage collection)."""
-        with self._lock:
-            self._manifests.pop(key, None)
-        self.trees.remove_model(key)
+        """Remove a model: its manifest first (durably: it is no longer visible), then its
+        trees. Its blobs stay until :meth:`remove_unreferenced`; a crash at any point
+        leaves the model complete or invisible (recovery removes unnamed trees)."""
+        with self._removing:
+            with self._lock:
+                self._manifests.pop(key, None)
+            self.trees.remove_model(key)
 
     def load_manifest(self, manifest: Manifest) -> None:
         """Register a manifest found on disk (recovery)."""
@@ -213,6 +246,27 @@ class Store:
     def remove_partial(self, ref: str) -> None:
         shutil.rmtree(self.partial / check_ref(ref), ignore_errors=True)
 
+    def discard_partials(self, refs: Iterable[str]) -> int:
+        """Remove the named partial downloads that no writer holds (their lock is free);
+        return the bytes they took on disk."""
+        freed = 0
+        for ref in refs:
+            directory = self.partial / ref
+            try:
+                fd = os.open(directory / "lock", os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                freed += sum(e.stat().st_blocks * 512 for e in os.scandir(directory)
+                             if e.is_file(follow_symlinks=False))
+                shutil.rmtree(directory, ignore_errors=True)
+            except BlockingIOError:
+                continue  # a writer holds it
+            finally:
+                os.close(fd)
+        return freed
+
     # --- accounting ----------------------------------------------------------------------
 
     def usage(self) -> Usage:
@@ -232,6 +286,16 @@ class Store:
             distinct = sum(self._sizes.get(d, 0) for d in refs)
         return Usage(capacity, used, st.f_bavail * st.f_frsize, cache, blobs,
                      max(0, logical - distinct), st.f_favail / inodes)
+
+    def cache_bytes(self) -> int:
+        """Bytes of distinct committed blobs (cheaper than :meth:`usage`)."""
+        with self._lock:
+            return sum(self._sizes.values())
+
+    def blob_sizes(self) -> dict[str, int]:
+        """A copy of the committed blobs' sizes by digest."""
+        with self._lock:
+            return dict(self._sizes)
 
     def set_blob_sizes(self, sizes: dict[str, int]) -> None:
         with self._lock:

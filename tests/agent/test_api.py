@@ -90,13 +90,15 @@ async def test_endpoints_and_shapes(tmp_path: Path, faulty: FaultyServer) -> Non
                             ('modelcache_store_watermark_ratio{level="high"}', 0.8),
                             ('modelcache_store_watermark_ratio{level="low"}', 0.7)):
             assert samples.get(name) == value, (name, samples.get(name))
-        # delete, then the model is gone and gc frees its blob
+        # delete: the model is gone with the blob only it used; gc finds nothing more
         async with http.delete(f"/api/v1/models/{key}", headers=auth) as r:
-            assert r.status == 200 and (await r.json())["state"] == "evicted"
+            gone = await r.json()
+        assert r.status == 200 and gone["state"] == "evicted"
+        assert gone["freed_bytes"] == len(data)
         async with http.get(f"/api/v1/models/{key}") as r:
             assert r.status == 404 and "not in the store" in (await r.json())["error"]
         async with http.post("/api/v1/gc", headers=auth) as r:
-            assert r.status == 200 and (await r.json())["freed_bytes"] == len(data)
+            assert r.status == 200 and (await r.json())["freed_bytes"] == 0
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "words"), [

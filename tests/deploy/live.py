@@ -247,11 +247,11 @@ class Cluster:
         status, _ = a.call("GET", f"/api/v1/blobs/{shared['blake3']}")
         assert status == 200
         self.expected["served_bytes", "node-a", "peer"] += len(SHARED)
-        status, _ = a.call("DELETE", f"/api/v1/models/{first_model['key']}")
-        assert status == 200
+        status, gone = a.call("DELETE", f"/api/v1/models/{first_model['key']}")
+        assert status == 200 and gone["freed_bytes"] > 0  # first.safetensors, nobody's now
         self.expected["evictions", "node-a", "api"] += 1
-        status, freed = a.call("POST", "/api/v1/gc")
-        assert status == 200 and freed["freed_bytes"] > 0  # first.safetensors, nobody's now
+        status, _ = a.call("POST", "/api/v1/gc")
+        assert status == 200
         # node-b: a model that does not exist (a failed pull), and one that does, twice
         missing = b.wait_ready(b.ensure(f"hf://org/missing-{r}@main")["key"], timeout=30)
         assert missing["state"] == "failed", missing

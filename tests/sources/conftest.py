@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from agent.egress import Egress
+from agent.evict import Evictor
 from agent.fetch import Fetcher
 from agent.index import READY, Index, Model
 from agent.main import build_sources
@@ -127,8 +128,10 @@ async def pipeline(tmp_path: Path) -> AsyncIterator[PipelineFactory]:
         srcs = build_sources(eg, settings)
         index = Index()
         metrics = Metrics(node="test-node")
+        evictor = Evictor(st, index, settings.store, metrics)
+        evictor.in_use_known.set()  # standalone: nothing but the test uses these models
         puller = Puller(store=st, fetcher=fetcher, sources=srcs, index=index, egress=eg,
-                        settings=settings, metrics=metrics)
+                        settings=settings, metrics=metrics, reserver=evictor)
         p = Pipeline(settings, st, eg, fetcher, srcs, puller, metrics, index)
         made.append(p)
         return p

@@ -1,0 +1,169 @@
+"""Leases: standalone, a model is in use while someone holds a lease on it.
+
+``POST /api/v1/models/{key}/leases`` takes (or renews) a lease for an owner and a time to
+live; ``DELETE .../leases/{owner}`` releases it. A lease is a holder ``lease:<owner>`` in
+``Model.holders`` (the one source of in-use truth, which the cluster side feeds with
+``pod:<namespace>/<name>``), expiring with the lease. Leases are kept in
+``<store>/leases.json`` (temporary file, fsync, rename, fsync of the directory) before a
+request is answered, so that after a restart what is in use is known again from disk;
+expired leases are ignored when read and pruned by :meth:`Leases.expire`.
+
+Taking or releasing a lease counts as a use of the model (its last use moves to now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.errors import InvalidInput, NoSpace, NotFound, StoreError
+from agent.index import Index, Model
+from agent.store.blobs import fsync_dir
+
+log = logging.getLogger(__name__)
+
+LEASES_FILE = "leases.json"
+HOLDER = "lease:"
+MAX_TTL_SECONDS = 10 * 365 * 86400.0
+_OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}$")
+
+Table = dict[str, dict[str, float]]
+"""Expiry (epoch seconds) by model key, then owner."""
+
+
+def check_lease(owner: Any, ttl: Any) -> tuple[str, float]:
+    """Validate a lease request's ``owner`` and ``ttl_seconds``."""
+    if not isinstance(owner, str) or not _OWNER.match(owner):
+        raise InvalidInput('"owner" must be 1-253 characters: letters, digits and ._:@- '
+                           "(starting with a letter or a digit)")
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) \
+            or not 0 < ttl <= MAX_TTL_SECONDS:
+        raise InvalidInput('"ttl_seconds" must be a number of seconds above 0 and at most '
+                           f"{MAX_TTL_SECONDS:.0f}")
+    return owner, float(ttl)
+
+
+class Leases:
+    """The leases of one store, applied to the models of one index."""
+
+    def __init__(self, store_root: Path, tmp: Path, index: Index) -> None:
+        self.path = store_root / LEASES_FILE
+        self.tmp = tmp
+        self.index = index
+        self.table: Table = {}
+        self._write_lock = asyncio.Lock()
+        index.on_change(self._apply)  # a model (re)appearing gets its leases back
+
+    async def load(self) -> None:
+        """Read the leases kept on disk and apply them to the models in the index."""
+        self.table = await asyncio.to_thread(self._read)
+        for model in self.index:
+            self._apply(model)
+
+    async def take(self, key: str, owner: str, ttl: float) -> float:
+        """Hold the model in use for ``ttl`` seconds on behalf of ``owner`` (taking it again
+        renews it). Returns when it expires (epoch seconds)."""
+        if self.index.get(key) is None:
+            raise NotFound(f"model {key} is not in the store")
+        now = time.time()
+        expires = now + ttl
+        table = self._copy()
+        table.setdefault(key, {})[owner] = expires
+        await self._commit(table)
+        model = self.index.get(key)
+        if model is not None:
+            model.holders[HOLDER + owner] = expires
+            model.last_used = max(model.last_used, now)
+            self.index.notify(model)
+        return expires
+
+    async def release(self, key: str, owner: str) -> None:
+        if owner not in self.table.get(key, {}):
+            raise NotFound(f"model {key} has no lease held by {owner!r}")
+        table = self._copy()
+        del table[key][owner]
+        await self._commit(table)
+        model = self.index.get(key)
+        if model is not None:
+            model.holders.pop(HOLDER + owner, None)
+            model.last_used = max(model.last_used, time.time())
+            self.index.notify(model)
+
+    async def drop(self, key: str) -> None:
+        """Forget every lease on a model (it was removed by force)."""
+        if key in self.table:
+            table = self._copy()
+            del table[key]
+            await self._commit(table)
+
+    async def expire(self) -> None:
+        """Prune expired leases (they already stopped counting as in use)."""
+        now = time.time()
+        expired = [(k, o) for k, owners in self.table.items() for o, e in owners.items()
+                   if e <= now]
+        if not expired:
+            return
+        table = self._copy()
+        for key, owner in expired:
+            del table[key][owner]
+            model = self.index.get(key)
+            until = model.holders.get(HOLDER + owner) if model is not None else None
+            if model is not None and until is not None and 0 < until <= now:
+                del model.holders[HOLDER + owner]
+        await self._commit(table)
+
+    def _apply(self, model: Model) -> None:
+        for owner, expires in self.table.get(model.key, {}).items():
+            model.holders.setdefault(HOLDER + owner, expires)
+
+    def _copy(self) -> Table:
+        return {k: dict(v) for k, v in self.table.items()}
+
+    # --- on disk (blocking) --------------------------------------------------------------
+
+    async def _commit(self, table: Table) -> None:
+        """Make ``table`` the leases, on disk first."""
+        table = {k: v for k, v in table.items() if v}
+        async with self._write_lock:
+            await asyncio.to_thread(self._write, table)
+            self.table = table
+
+    def _read(self) -> Table:
+        try:
+            data = json.loads(self.path.read_text())
+            now = time.time()
+            table = {str(key): {str(o): float(e) for o, e in owners.items() if float(e) > now}
+                     for key, owners in data["leases"].items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("the leases file is unreadable; starting without leases",
+                        extra={"path": str(self.path), "error": str(e)})
+            return {}
+        return {k: v for k, v in table.items() if v}
+
+    def _write(self, table: Table) -> None:
+        data = json.dumps({"version": 1, "leases": table}, sort_keys=True).encode()
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"leases-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"cannot record the lease: {e.strerror}") from e
+            raise StoreError(f"cannot write {self.path}: {e.strerror}") from e
