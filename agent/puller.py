@@ -33,6 +33,7 @@ from agent.metrics import Metrics
 from agent.names import check_unique, safe_relpath
 from agent.reference import Reference, parse
 from agent.settings import AgentSettings
+from agent.sharing import SharedAccess
 from agent.sources.base import Credentials, RemoteFile, Resolved, Source
 from agent.store.local import Store
 from agent.store.trees import FileEntry, Manifest
@@ -92,7 +93,8 @@ class _Progress:
 class Puller:
     def __init__(self, *, store: Store, fetcher: Fetcher, sources: Mapping[str, Source],
                  index: Index, egress: Egress, settings: AgentSettings,
-                 metrics: Metrics | None = None, reserver: Reserver | None = None) -> None:
+                 metrics: Metrics | None = None, reserver: Reserver | None = None,
+                 sharing: SharedAccess | None = None) -> None:
         self.store = store
         self.fetcher = fetcher
         self.sources = dict(sources)
@@ -101,6 +103,8 @@ class Puller:
         self.settings = settings
         self.metrics = metrics
         self.reserver = reserver or FreeSpaceReserver(store)
+        #: the cross-namespace rule (cluster mode); ``None``: one tenant (standalone)
+        self.sharing = sharing
         self._stopping = False
         self._last_flush: dict[str, float] = {}
 
@@ -154,6 +158,9 @@ class Puller:
         model = self.index.get(ref.key)
         now = time.time()
         if model is not None and model.state in (READY, PULLING):
+            if self.sharing is not None:
+                await self.sharing.check(model, self._source(ref.scheme), namespace,
+                                         credentials_name, credentials)
             if pin and not model.pinned:
                 await self.set_pinned(model, True)
             if model.state == READY:
@@ -176,6 +183,7 @@ class Puller:
                   "credentials": credentials_name, "namespace": namespace,
                   "started": now, "refs": [], "blobs": []}
         model.intent = intent
+        model.pulled_with = (namespace, credentials_name)
         model.task = asyncio.create_task(self._pull(model, credentials, intent),
                                          name=f"pull-{ref.key}")
         return model
