@@ -165,7 +165,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def ensure_model(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    caller = await deps.auth.authenticate(request, "write")
+    caller = await deps.auth.authenticate(request, "ensure")
     body = await _json_body(request)
     uri = body.get("uri")
     if not isinstance(uri, str):
@@ -184,6 +184,7 @@ async def ensure_model(request: web.Request) -> web.Response:
     if unknown:
         raise errors.InvalidInput(f"unknown field(s) in body: {', '.join(sorted(unknown))}")
     ref = parse(uri, include)
+    await deps.auth.admit(caller, ref, cred_name, pin)
     credentials = None
     if cred_name:
         credentials = await deps.credentials.get(caller.namespace, cred_name)
