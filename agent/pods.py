@@ -103,6 +103,7 @@ class PodDirectory:
             return pod is not None and (pod.get("metadata") or {}).get("uid") == uid
 
         async with self._changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait_for(found), wait)
+            with contextlib.suppress(TimeoutError):  # (not wait_for: see agent/warm.py)
+                async with asyncio.timeout(wait):
+                    await self._changed.wait_for(found)
         return self._pods.get(key) if found() else None

@@ -135,8 +135,9 @@ class StatusWriter:
         while True:
             wake = await self.flush()
             timeout = None if wake is None else max(0.0, wake - self._clock())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), timeout)
+            with contextlib.suppress(TimeoutError):  # (not wait_for: see agent/warm.py)
+                async with asyncio.timeout(timeout):
+                    await self._dirty.wait()
             self._dirty.clear()
 
     async def flush(self) -> float | None:

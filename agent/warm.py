@@ -106,8 +106,11 @@ class Warm:
         while True:
             wake = await self.reconcile()
             timeout = max(0.0, wake - self._clock())
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
+            # arrives as the event is set, and the loop would never stop
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._dirty.wait()
             self._dirty.clear()
 
     async def reconcile(self) -> float:
