@@ -27,8 +27,7 @@ from agent.settings import (
     StoreSettings,
 )
 from tests.kubeapi import FakeKubeApi
-from tests.kubeapi.fixtures import AGENT_TOKEN, FAST
-from tests.kubeapi.fixtures import kube, kube_api, raw_kube  # noqa: F401
+from tests.kubeapi.fixtures import AGENT_TOKEN, FAST, kube, kube_api, raw_kube  # noqa: F401
 from tests.kubeapi.objects import node
 
 AUDIENCE = "modelcache"
@@ -69,10 +68,16 @@ class Agent:
 
     async def call(self, method: str, path: str, token: str | None = None,
                    body: Any = None) -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with aiohttp.ClientSession() as http, http.request(
-                method, self.url + path, json=body, headers=headers) as resp:
-            return resp.status, await resp.json(content_type=None)
+        return await call(self.url, method, path, token, body)
+
+
+async def call(url: str, method: str, path: str, token: str | None = None,
+               body: Any = None) -> tuple[int, Any]:
+    """One request to an agent's admin API: (status, JSON reply)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as http, http.request(
+            method, url + path, json=body, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
 
 
 AgentFactory = Callable[..., contextlib.AbstractAsyncContextManager[Agent]]
