@@ -112,6 +112,7 @@ def make_app(deps: Deps) -> web.Application:
     app.router.add_post("/api/v1/models", ensure_model)
     app.router.add_get("/api/v1/models/{key}", get_model)
     app.router.add_delete("/api/v1/models/{key}", delete_model)
+    app.router.add_post("/api/v1/models/{key}/fallback", report_fallback)
     app.router.add_get("/api/v1/store", store_info)
     app.router.add_post("/api/v1/gc", gc)
     app.router.add_get("/api/v1/blobs/{digest}", get_blob)
@@ -227,6 +228,17 @@ async def delete_model(request: web.Request) -> web.Response:
     reply = model.to_json()
     reply["state"] = "evicted"
     return web.json_response(reply)
+
+
+async def report_fallback(request: web.Request) -> web.Response:
+    """An init container tells that it got the model from the source itself (the agent
+    could not serve it): counted as a ``fallback`` cache request. Best effort by nature."""
+    deps = request.app[DEPS]
+    await deps.auth.authenticate(request, "write")
+    key = _key(request)
+    deps.metrics.cache_requests.labels(result="fallback").inc()
+    log.info("a pod fell back to the source", extra={"key": key})
+    return web.json_response({"key": key, "counted": "fallback"}, status=202)
 
 
 # --- store ---------------------------------------------------------------------------------

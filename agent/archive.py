@@ -21,6 +21,7 @@ import logging
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -37,6 +38,8 @@ from agent.store.trees import FileEntry
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
 WHITEOUT = ".wh."
+#: what the decoders raise on a damaged or cut archive
+_CORRUPT = (tarfile.TarError, EOFError, zlib.error, zipfile.BadZipFile, zstandard.ZstdError)
 
 
 def kind_of(name: str) -> str | None:
@@ -53,25 +56,33 @@ def unpack(path: Path, kind: str, root: str, store: Store,
            settings: ArchiveSettings) -> list[FileEntry]:
     """Unpack the archive at ``path`` into blobs; return the tree entries.
 
-    Only members under ``root`` (e.g. ``models``) are kept, with ``root/`` stripped.
+    Only members under ``root`` (e.g. ``models``) are kept, with ``root/`` stripped. Every
+    member's name is checked, but links and devices outside ``root`` are skipped, not
+    refused: they are never written (a modelcar's base layer holds ``bin/sh`` and
+    ``dev/null``). With a ``root``, an archive with nothing under it yields nothing (an
+    image layer that does not touch ``/models``); without one, it is refused.
     """
     budget = _Budget(path.stat().st_size, settings)
     entries: list[FileEntry] = []
     seen: set[str] = set()
     root = root.strip("/")
+    name = ""
     with open(path, "rb") as raw:
-        for name, size, reader in _members(raw, kind, budget):
-            rel = _select(name, root)
-            if rel is None:
-                _skip(reader, size, budget)
-                continue
-            if rel in seen:
-                raise ArchiveRejected(f"archive member {name!r} appears twice")
-            seen.add(rel)
-            entries.append(_ingest(store, rel, size, reader, budget))
-    if not entries:
-        where = f" under {root}/" if root else ""
-        raise ArchiveRejected(f"archive holds no regular files{where}")
+        try:
+            for name, size, reader in _members(raw, kind, budget, root):
+                rel = _select(name, root)
+                if rel is None:
+                    _skip(reader, size, budget)
+                    continue
+                if rel in seen:
+                    raise ArchiveRejected(f"archive member {name!r} appears twice")
+                seen.add(rel)
+                entries.append(_ingest(store, rel, size, reader, budget))
+        except _CORRUPT as e:  # raised while a member's bytes are read, outside _members
+            raise ArchiveRejected(
+                f"archive is corrupt or truncated (in member {name!r}): {e}") from e
+    if not entries and not root:
+        raise ArchiveRejected("archive holds no regular files")
     return entries
 
 
@@ -99,7 +110,7 @@ class _Budget:
                 f"(at {name!r}): refused as a decompression bomb")
 
 
-def _members(raw: IO[bytes], kind: str, budget: _Budget
+def _members(raw: IO[bytes], kind: str, budget: _Budget, root: str = ""
              ) -> Iterator[tuple[str, int, IO[bytes]]]:
     if kind == "zip":
         yield from _zip_members(raw, budget)
@@ -122,6 +133,12 @@ def _members(raw: IO[bytes], kind: str, budget: _Budget
                     continue
                 name = _check_name(member.name)
                 if member.isdir():
+                    continue
+                if root and not name.startswith(root + "/"):
+                    if member.isreg():  # read through, so its bytes count for the budget
+                        reader = tar.extractfile(member)
+                        if reader is not None:
+                            yield name, member.size, reader
                     continue
                 if member.issym() or member.islnk():
                     raise ArchiveRejected(
@@ -151,7 +168,9 @@ def _zip_members(raw: IO[bytes], budget: _Budget) -> Iterator[tuple[str, int, IO
                     continue
                 if stat.S_ISLNK(mode):
                     raise ArchiveRejected(f"archive member {info.filename!r} is a symlink")
-                if mode and not stat.S_ISREG(mode):
+                # Python's zipfile and many tools store permission bits without a file
+                # type: only a stated type other than "regular" is refused.
+                if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
                     raise ArchiveRejected(
                         f"archive member {info.filename!r} is not a regular file")
                 if info.flag_bits & 0x1:

@@ -93,6 +93,9 @@ class AgentClient:
                                                   params=params)
         return result
 
+    async def report_fallback(self, key: str) -> None:
+        await self._call("POST", f"/api/v1/models/{key}/fallback")
+
     async def gc(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("POST", "/api/v1/gc", read_timeout=600)
         return result

@@ -11,6 +11,7 @@ the field. Flags override the file; ``--allow-host`` and ``--allow-path`` add to
     onlyAllowedHosts: false
     allowPaths: [/mnt/seed]
     refreshInterval: 3600
+    ociPlainHttp: ["registry.internal:5000"]
     fetch: {connectionsPerFile: 6, maxConnections: 16, maxFiles: 4}
     models:
       - uri: hf://Qwen/Qwen2.5-0.5B@main
@@ -67,6 +68,7 @@ SCHEMA: dict[str, Any] = {
             "enum": ["hf", "s3", "oci", "http", "https", "model-registry", "file"]}},
         "allowPaths": {"type": "array", "items": {"type": "string", "pattern": "^/"}},
         "refreshInterval": {"type": "number", "minimum": 0},
+        "ociPlainHttp": {"type": "array", "items": {"type": "string", "minLength": 1}},
         "fetch": {
             "type": "object",
             "additionalProperties": False,
@@ -156,6 +158,7 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
         s3_endpoint=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
         s3_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
         model_registry=os.environ.get("MODEL_REGISTRY_ADDRESS"),
+        oci_plain_http=tuple(cfg.get("ociPlainHttp", ())),
     )
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
     kube = KubeSettings(kubeconfig=Path(kubeconfig) if kubeconfig else None)

@@ -49,7 +49,6 @@ from agent.egress import (
 )
 from agent.errors import (
     IntegrityError,
-    NoSpace,
     NotAllowed,
     SourceAuthError,
     SourceError,
@@ -110,6 +109,8 @@ class Fetcher:
             max_workers=settings.max_connections + 2, thread_name_prefix="fetch")
         self._pool = _ConnectionPool(settings)
         self._inflight: dict[str, asyncio.Future[list[FileEntry]]] = {}
+        self._streams = 0
+        """Connections transferring bytes right now (all files)."""
 
     async def close(self) -> None:
         self._pool.close()
@@ -137,6 +138,8 @@ class Fetcher:
                 if running.cancelled() and task is not None and not task.cancelling():
                     continue  # the leader was stopped, not us: take over
                 raise
+            if not await asyncio.to_thread(self._hold_all, entries):
+                continue  # collected since: fetch it again
             progress(sum(e.size for e in entries))
             if file.unpack:
                 return entries
@@ -158,6 +161,15 @@ class Fetcher:
         finally:
             del self._inflight[ref]
 
+    def _hold_all(self, entries: list[FileEntry]) -> bool:
+        """Hold blobs another caller fetched, for this caller; False if one is gone."""
+        for i, e in enumerate(entries):
+            self.store.blobs.hold(e.blake3)
+            if not self.store.blobs.exists(e.blake3):
+                self.store.blobs.release(x.blake3 for x in entries[: i + 1])
+                return False
+        return True
+
     # --- one file ------------------------------------------------------------------------
 
     async def _download(self, source: Source, file: RemoteFile, credentials: Credentials | None,
@@ -166,12 +178,11 @@ class Fetcher:
             return await self._copy_local(file, progress, stats)
         identity = {"url": shown_url(file.url), "size": file.size, "sha256": file.sha256,
                     "etag": file.etag}
-        parts = self.settings.connections_per_file if file.size is not None else 1
-        restarted = False
+        split, restarted = True, False
         while True:
             ingest = await asyncio.to_thread(self.store.open_ingest, ref, identity)
             try:
-                entries = await self._download_into(ingest, source, file, credentials, parts,
+                entries = await self._download_into(ingest, source, file, credentials, split,
                                                     progress, stats)
             except _RangeIgnored:
                 # the server sent the whole body: start over on one connection, from byte 0
@@ -180,21 +191,26 @@ class Fetcher:
                     raise
                 log.info("server ignores byte ranges; fetching over one connection",
                          extra={"path": file.path})
-                parts, restarted = 1, True
+                split, restarted = False, True
                 continue
-            except (IntegrityError, NoSpace, SourceNotFound, NotAllowed):
-                await asyncio.to_thread(ingest.discard)
+            except (TransientError, SourceAuthError, asyncio.CancelledError):
+                await asyncio.to_thread(ingest.close)  # worth resuming: keep the partial
                 raise
+            except IntegrityError as e:
+                await asyncio.to_thread(ingest.discard)
+                raise IntegrityError(f"{file.path}: {e}") from e
             except BaseException:
-                await asyncio.to_thread(ingest.close)  # keep the partial for a resume
+                await asyncio.to_thread(ingest.discard)  # wrong, refused or out of space
                 raise
             stats.files_downloaded += 1
             return entries
 
     async def _download_into(self, ingest: Ingest, source: Source, file: RemoteFile,
-                             credentials: Credentials | None, parts: int,
+                             credentials: Credentials | None, split: bool,
                              progress: ProgressFn, stats: FetchStats) -> list[FileEntry]:
-        segments = await asyncio.to_thread(ingest.plan, file.size, parts,
+        # One stream per file to begin with: its bytes are hashed straight from the receive
+        # buffer and written O_DIRECT. The splitter adds streams only where they are slow.
+        segments = await asyncio.to_thread(ingest.plan, file.size, 1,
                                            self.settings.segment_min_bytes)
         resumed = ingest.resumed_bytes
         if resumed:
@@ -204,16 +220,32 @@ class Fetcher:
         ingest.start_hasher()
         location = _SharedLocation(source, file, credentials)
         cancel = threading.Event()
-        tasks = [asyncio.create_task(self._segment(ingest, seg, file, location, cancel,
-                                                   progress, stats))
-                 for seg in segments if not seg.complete]
+        tasks: set[asyncio.Task[None]] = set()
+
+        def launch(seg: Segment) -> None:
+            tasks.add(asyncio.create_task(self._segment(ingest, seg, file, location, cancel,
+                                                        progress, stats)))
+
+        for seg in segments:
+            if not seg.complete:
+                launch(seg)
+        splitter = asyncio.create_task(self._splitter(ingest, launch)) \
+            if split and file.size is not None else None
+        running = set(tasks)
         try:
-            await _gather_all(tasks)
+            while running:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
+                for t in done:
+                    if not t.cancelled() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+                running = {t for t in tasks if not t.done()}
         except BaseException:
             cancel.set()
             raise
         finally:
-            await _settle(tasks)
+            if splitter is not None:
+                splitter.cancel()
+            await _settle([*tasks, *([splitter] if splitter else [])])
         if file.size is None:
             ingest.mark_complete()
         if file.unpack:
@@ -226,6 +258,30 @@ class Fetcher:
         sealed = await asyncio.to_thread(ingest.commit, self.store.blobs, file.size, file.sha256)
         await asyncio.to_thread(self.store.note_blob, sealed.blake3, sealed.size, sealed.sha256)
         return [FileEntry(file.path, sealed.size, sealed.blake3, sealed.sha256)]
+
+    async def _splitter(self, ingest: Ingest, launch: Callable[[Segment], None]) -> None:
+        """Give a file more connections while its streams are slow (a remote CDN or object
+        store caps each connection); leave fast ones alone (on a fast link the extra
+        streams would only cost a second read of their bytes for the ordered hash)."""
+        s = self.settings
+        last = ingest.received_bytes
+        while True:
+            await asyncio.sleep(s.split_interval)
+            now = ingest.received_bytes
+            active = [seg for seg in ingest.segments if not seg.complete]
+            per_stream = (now - last) / s.split_interval / max(len(active), 1)
+            last = now
+            if not active or per_stream >= s.split_below_rate:
+                continue
+            if len(active) >= s.connections_per_file or self._streams >= s.max_connections:
+                continue
+            seg = max(active, key=lambda x: x.remaining or 0)
+            new = ingest.split(seg, s.segment_min_bytes, margin=2 * s.buffer_bytes)
+            if new is not None:
+                log.debug("splitting a slow download", extra={
+                    "ref": ingest.ref, "at": new.start, "streams": len(active) + 1,
+                    "bytes_per_second": int(per_stream)})
+                launch(new)
 
     async def _segment(self, ingest: Ingest, seg: Segment, file: RemoteFile,
                        location: _SharedLocation, cancel: threading.Event,
@@ -276,6 +332,7 @@ class Fetcher:
         future = asyncio.get_running_loop().run_in_executor(
             self._executor, self._run_segment, ingest, seg, loc, file, addresses, cancel,
             attempt, progress, stats)
+        self._streams += 1
         try:
             await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -284,6 +341,8 @@ class Fetcher:
             with contextlib.suppress(BaseException):
                 await future
             raise
+        finally:
+            self._streams -= 1
 
     # --- the blocking data path (worker threads) ------------------------------------------
 
@@ -317,14 +376,15 @@ class Fetcher:
             if status in REDIRECTS:
                 location = resp.getheader("Location") or ""
                 _drain(resp)
-                reusable = not resp.will_close
+                reusable = resp.isclosed() and not resp.will_close
                 raise _Redirected(urljoin(loc.url, location))
             if status not in (200, 206):
                 _drain(resp)
-                reusable = not resp.will_close
+                reusable = resp.isclosed() and not resp.will_close
                 raise status_error(status, shown_url(loc.url), resp.getheader("Retry-After"))
-            whole = seg.start == 0 and (seg.end is None or seg.end == file.size)
-            if status == 200 and ranged and not (whole and seg.done == 0):
+            # a 200 is the body from byte 0: usable only by a segment that starts there
+            # (it reads no further than its end)
+            if status == 200 and ranged and seg.offset != 0:
                 raise _RangeIgnored(
                     f"{shown_url(loc.url)} ignored the byte range (or changed since it was "
                     "listed); starting the file over")
@@ -337,7 +397,8 @@ class Fetcher:
                     f"{file.path} changed at the source while being pulled (ETag {etag} != "
                     f"{file.etag}); pull again to resolve the new revision")
             self._receive(resp, ingest, seg, cancel, progress, stats, loc.url)
-            reusable = not resp.will_close
+            # a stream cut short by a split still has body bytes in flight: not reusable
+            reusable = resp.isclosed() and not resp.will_close
         finally:
             attempt.conn = None
             if reusable and not cancel.is_set():
@@ -348,24 +409,38 @@ class Fetcher:
     def _receive(self, resp: http.client.HTTPResponse, ingest: Ingest, seg: Segment,
                  cancel: threading.Event, progress: ProgressFn, stats: FetchStats,
                  url: str) -> None:
-        buf = _buffers.get(self.settings.buffer_bytes)
+        # two buffers in turn: one is received into while the sha256 thread (if the source
+        # stated a sha256) still reads the other
+        bufs = _buffers.get(self.settings.buffer_bytes)
+        pending: list[threading.Event | None] = [None, None]
+        turn = 0
         every = self.settings.checkpoint_bytes
-        while True:
-            if cancel.is_set():
-                raise asyncio.CancelledError()
-            want = len(buf) if seg.end is None else min(len(buf), seg.end - seg.offset)
-            if want == 0:
-                break
-            try:
-                n = resp.readinto(buf[:want])
-            except (OSError, http.client.HTTPException) as e:
-                raise TransientError(f"{shown_url(url)}: {describe_error(e)}") from e
-            if not n:
-                break
-            ingest.write(seg, buf[:n])
-            stats.add(n)
-            progress(n)
-            ingest.maybe_checkpoint(every)
+        try:
+            while True:
+                if cancel.is_set():
+                    raise asyncio.CancelledError()
+                turn ^= 1
+                buf = bufs[turn]
+                waiting = pending[turn]
+                if waiting is not None:
+                    waiting.wait()
+                want = len(buf) if seg.end is None else min(len(buf), seg.end - seg.offset)
+                if want == 0:
+                    break
+                try:
+                    n = resp.readinto(buf[:want])
+                except (OSError, http.client.HTTPException) as e:
+                    raise TransientError(f"{shown_url(url)}: {describe_error(e)}") from e
+                if not n:
+                    break
+                pending[turn] = ingest.write(seg, buf[:n])
+                stats.add(n)
+                progress(n)
+                ingest.maybe_checkpoint(every, self.settings.checkpoint_seconds)
+        finally:
+            for waiting in pending:  # the buffers are this thread's: free them first
+                if waiting is not None:
+                    waiting.wait()
         if seg.end is not None and not seg.complete:
             raise TransientError(
                 f"{shown_url(url)}: short body, the connection ended at byte {seg.offset} of "
@@ -548,14 +623,14 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
 
 
 class _Buffers(threading.local):
-    """One reusable, page-aligned receive buffer per worker thread (aligned so that
-    full chunks can be written O_DIRECT straight from it)."""
+    """Two reusable, page-aligned receive buffers per worker thread (aligned so that
+    full chunks can be written O_DIRECT straight from them)."""
 
-    def get(self, size: int) -> memoryview:
-        buf: memoryview | None = getattr(self, "buf", None)
-        if buf is None or len(buf) != size:
-            self.buf = buf = memoryview(mmap.mmap(-1, size))
-        return buf
+    def get(self, size: int) -> tuple[memoryview, memoryview]:
+        bufs: tuple[memoryview, memoryview] | None = getattr(self, "bufs", None)
+        if bufs is None or len(bufs[0]) != size:
+            self.bufs = bufs = (memoryview(mmap.mmap(-1, size)), memoryview(mmap.mmap(-1, size)))
+        return bufs
 
 
 _buffers = _Buffers()
@@ -587,23 +662,12 @@ def ref_id(file: RemoteFile) -> str:
     """The partial download's name: by strong digest when known, else by where it comes
     from and its change detector (a presigned URL's signature does not count)."""
     if file.sha256:
+        if file.unpack:  # an archive's members, not one file: never shared with a file
+            how = blake3.blake3(f"{file.unpack}\0{file.unpack_root}".encode()).hexdigest()
+            return f"sha256-{file.sha256}-{how[:12]}"
         return f"sha256-{file.sha256}"
     ident = f"{shown_url(file.url)}\0{file.etag or ''}\0{file.size}\0{file.unpack or ''}"
     return "src-" + blake3.blake3(ident.encode()).hexdigest()[:40]
-
-
-async def _gather_all(tasks: list[asyncio.Task[None]]) -> None:
-    """Wait for all tasks; on the first failure, cancel the rest and raise it."""
-    if not tasks:
-        return
-    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    for t in done:
-        if not t.cancelled() and t.exception() is not None:
-            for p in pending:
-                p.cancel()
-            raise t.exception()  # type: ignore[misc]
-    if pending:
-        await asyncio.gather(*pending)
 
 
 async def _settle(tasks: list[asyncio.Task[None]]) -> None:

@@ -40,6 +40,9 @@ from agent.sources.control import Control
 from agent.sources.file import FileSource
 from agent.sources.hf import HfSource
 from agent.sources.http import HttpSource
+from agent.sources.oci import OciSource
+from agent.sources.registry import ModelRegistrySource
+from agent.sources.s3 import S3Source
 from agent.store.local import Store
 from agent.store.recovery import recover
 
@@ -52,12 +55,16 @@ def build_sources(egress: Egress, settings: AgentSettings) -> dict[str, Source]:
     s = settings.sources
     http = HttpSource(egress)
     control = Control(egress, retries=s.control_retries)
-    return {
+    sources: dict[str, Source] = {
         "http": http,
         "https": http,
         "file": FileSource(egress),
         "hf": HfSource(control, s.hf_endpoint, os.environ.get("HF_TOKEN")),
+        "s3": S3Source(control, s),
+        "oci": OciSource(control, s.oci_plain_http),
     }
+    sources["model-registry"] = ModelRegistrySource(control, s, sources)
+    return sources
 
 
 async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
@@ -71,6 +78,8 @@ async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
         "resuming": len(report.intents), "removed_partials": report.removed_partials,
         "removed_blobs": report.removed_blobs, "broken_models": report.broken_models})
     metrics = Metrics(node=settings.node_name, version=__version__)
+    metrics.store_watermark.labels(level="high").set(settings.store.high_watermark)
+    metrics.store_watermark.labels(level="low").set(settings.store.low_watermark)
     egress = Egress(settings.egress)
     fetcher = Fetcher(store, egress, settings.fetch, settings.archive)
     index = Index()

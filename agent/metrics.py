@@ -17,6 +17,7 @@ CACHE_RESULTS = ("hit", "miss", "fallback")
 MODEL_STATES = ("pulling", "ready", "failed")
 STORE_KINDS = ("used", "capacity", "cached", "dedup_saved", "reserved")
 SERVED_TO = ("pod", "peer")
+WATERMARK_LEVELS = ("high", "low")
 
 PULL_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
@@ -54,7 +55,9 @@ class Metrics:
         )
         self.served_bytes = Counter(
             "modelcache_served_bytes_total",
-            "Bytes handed out, to pods (linked into mounts) and to peer agents.",
+            "Bytes handed out: to pods (the size of a ready model on each cache hit and on "
+            "each requested pull that completes; linked, not copied) and to peer agents "
+            "(blob reads).",
             ["to"], registry=r,
         )
         self.store_bytes = Gauge(
@@ -62,6 +65,12 @@ class Metrics:
             "The store: filesystem used and capacity, cached blob bytes, bytes saved by "
             "dedup, bytes reserved for running pulls.",
             ["kind"], registry=r,
+        )
+        self.store_watermark = Gauge(
+            "modelcache_store_watermark_ratio",
+            "Eviction watermarks, as a fraction of the store's filesystem: eviction starts "
+            "above high and stops at low.",
+            ["level"], registry=r,
         )
         self.store_blobs = Gauge(
             "modelcache_store_blobs", "Distinct blobs in the store.", registry=r,
@@ -88,6 +97,8 @@ class Metrics:
             self.models.labels(state=state)
         for kind in STORE_KINDS:
             self.store_bytes.labels(kind=kind)
+        for level in WATERMARK_LEVELS:
+            self.store_watermark.labels(level=level)
         for to in SERVED_TO:
             self.served_bytes.labels(to=to)
 

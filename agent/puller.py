@@ -155,6 +155,8 @@ class Puller:
         if not ref.cached:
             raise NotAllowed(f"{ref.scheme}:// references are mounted by the webhook, not cached")
         self.egress.check_scheme(ref.scheme)
+        if ref.scheme == "file":
+            self.egress.check_path(ref.path)  # refuse at once, not after a failed pull
         model = self.index.get(ref.key)
         now = time.time()
         if model is not None and model.state in (READY, PULLING):
@@ -168,6 +170,7 @@ class Puller:
                 await self._flush_last_used(model)
                 if count and self.metrics:
                     self.metrics.cache_requests.labels(result="hit").inc()
+                    self.metrics.served_bytes.labels(to="pod").inc(model.bytes_total)
                 self._maybe_refresh(model, credentials)
             return model
         if count and self.metrics:
@@ -181,7 +184,7 @@ class Puller:
             self.index.notify(model)
         intent = {"uri": ref.uri, "include": list(ref.include), "pin": model.pinned,
                   "credentials": credentials_name, "namespace": namespace,
-                  "started": now, "refs": [], "blobs": []}
+                  "started": now, "refs": [], "blobs": [], "requested": count}
         model.intent = intent
         model.pulled_with = (namespace, credentials_name)
         model.task = asyncio.create_task(self._pull(model, credentials, intent),
@@ -226,6 +229,7 @@ class Puller:
                     intent: dict[str, Any], refresh: bool = False) -> None:
         ref = model.ref
         started = time.monotonic()
+        held: list[str] = []  # blobs fetched for this pull, held until it is published
         try:
             source = self._source(ref.scheme)
             resolved = await source.resolve(ref, credentials)
@@ -241,9 +245,14 @@ class Puller:
             await asyncio.to_thread(self.store.write_intent, ref.key, intent)
             if not refresh:
                 model.bytes_total = sum(f.size or 0 for f in files)
-            async with self.reserver.reserve(ref.key, sum(f.size or 0 for f in files)):
+            # content the store already has (by the digest the source states) needs no room
+            needed = sum(f.size or 0 for f in files
+                         if not (f.sha256 and self.store.knows_sha256(f.sha256)))
+            if resolved.source_uri and resolved.credentials is not None:
+                credentials = resolved.credentials  # the referred-to source's own
+            async with self.reserver.reserve(ref.key, needed):
                 entries = await self._fetch_all(model, locator, files, credentials, intent,
-                                                refresh)
+                                                refresh, held)
             now = time.time()
             manifest = Manifest(
                 key=ref.key, uri=ref.uri, revision=resolved.revision, tree="",
@@ -255,6 +264,9 @@ class Puller:
             model.bytes_total = model.bytes_done = model.manifest.size_bytes
             await asyncio.to_thread(self.store.remove_intent, ref.key)
             self._observe(ref, "ok", started)
+            if intent.get("requested") and self.metrics and not refresh:
+                # the caller that missed now gets the model from the cache
+                self.metrics.served_bytes.labels(to="pod").inc(model.bytes_total)
             log.info("model ready", extra={
                 "key": ref.key, "uri": ref.display, "revision": resolved.revision,
                 "files": len(entries), "bytes": model.manifest.size_bytes,
@@ -277,6 +289,7 @@ class Puller:
                 log.warning("pull failed", extra={"key": ref.key, "uri": ref.display,
                                                   "error": message})
         finally:
+            self.store.blobs.release(held)
             model.refreshing = False
             model.intent = None
             self.index.notify(model)
@@ -296,11 +309,11 @@ class Puller:
         for f in files:
             safe_relpath(f.path)
         check_unique(f.path for f in files)
-        return sorted(files, key=lambda f: -(f.size or 0))
+        return files  # in the source's order: image layers overlay in that order
 
     async def _fetch_all(self, model: Model, source: Source, files: list[RemoteFile],
                          credentials: Credentials | None, intent: dict[str, Any],
-                         refresh: bool) -> list[FileEntry]:
+                         refresh: bool, held: list[str]) -> list[FileEntry]:
         progress = _Progress(model, self.metrics, model.ref.scheme)
         stats = FetchStats(on_download=progress.downloaded)
         limit = asyncio.Semaphore(self.settings.fetch.max_files)
@@ -314,12 +327,14 @@ class Puller:
                                                    progress.done if not refresh else _ignore,
                                                    stats)
             results[i] = entries
+            held.extend(e.blake3 for e in entries)
             intent["blobs"].extend(e.blake3 for e in entries)
             if time.monotonic() - last_flush > INTENT_FLUSH_SECONDS:
                 last_flush = time.monotonic()
                 await asyncio.to_thread(self.store.write_intent, model.key, intent)
 
-        tasks = [asyncio.create_task(one(i, f)) for i, f in enumerate(files)]
+        biggest_first = sorted(range(len(files)), key=lambda i: -(files[i].size or 0))
+        tasks = [asyncio.create_task(one(i, files[i])) for i in biggest_first]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:

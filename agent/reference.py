@@ -27,9 +27,11 @@ import posixpath
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
-from agent.errors import InvalidReference
+# The grammar's error types, re-exported: the webhook takes them from here, so that it
+# imports nothing of the agent but this module (an import-linter contract).
+from agent.errors import InvalidInput, InvalidReference, ModelcacheError
 
 SCHEMES = ("hf", "s3", "oci", "http", "https", "model-registry", "file", "pvc")
 #: schemes whose content the agent caches (``pvc://`` is mounted, not cached)
@@ -54,7 +56,7 @@ _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _K8S_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$")
 _REGISTRY_NAME = re.compile(r"^[^\x00-\x1f/]{1,255}$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_SECRET_QUERY_KEYS = re.compile(r"(?i)(signature|token|credential|secret|password|key|sig)")
+_SECRET_QUERY_KEYS = re.compile(r"(?i)(signature|token|credential|secret|pass|key|sig|auth|jwt)")
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ class Reference:
         parts = []
         for item in query.split("&"):
             name, eq, _value = item.partition("=")
-            parts.append(f"{name}=REDACTED" if eq and _SECRET_QUERY_KEYS.search(name) else item)
+            secret = eq and _SECRET_QUERY_KEYS.search(unquote_plus(name))
+            parts.append(f"{name}=REDACTED" if secret else item)
         return f"{self.scheme}://{self.host}/{path}?{'&'.join(parts)}"
 
     def matches(self, relpath: str) -> bool:
@@ -280,7 +283,10 @@ def _parse_oci(scheme: str, rest: str) -> tuple[str, str, str]:
 
 
 def _parse_http(scheme: str, rest: str) -> tuple[str, str, str]:
-    parts = urlsplit(f"{scheme}://{rest}")
+    try:
+        parts = urlsplit(f"{scheme}://{rest}")
+    except ValueError as e:  # e.g. an unbalanced '[' in the host
+        raise InvalidReference(f"{scheme}:// URI is malformed: {e}") from e
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise InvalidReference(
             f"{scheme}:// URI must not carry credentials; put them in the credentials Secret"
@@ -331,7 +337,7 @@ def _parse_file(scheme: str, rest: str) -> tuple[str, str, str]:
     host, _, path = rest.partition("/")
     if host not in ("", "localhost"):
         raise InvalidReference("file:// URI must name a local path (file:///PATH)")
-    path = "/" + path
+    path = "/" + path.lstrip("/")  # normpath would keep a leading "//"
     _check_path_segments(path.strip("/"), "file:// path")
     path = posixpath.normpath(path)
     if path == "/":
@@ -412,3 +418,9 @@ def split_host_port(host: str, default_port: int) -> tuple[str, int]:
     if sep and port.isdigit():
         return name, int(port)
     return host, default_port
+
+
+__all__ = [
+    "CACHED_SCHEMES", "KEY_HEX", "LABEL_PREFIX", "SCHEMES", "InvalidInput", "InvalidReference",
+    "ModelcacheError", "Reference", "key_of", "parse", "parse_include", "split_host_port",
+]

@@ -33,8 +33,15 @@ class StoreSettings:
 
 @dataclass(frozen=True)
 class FetchSettings:
-    connections_per_file: int = 6
-    """Parallel ranged connections for one large file."""
+    connections_per_file: int = 8
+    """Most parallel ranged connections for one large file. A file starts with one; a
+    stream slower than ``split_below_rate`` is split in two, every ``split_interval``."""
+
+    split_below_rate: int = 64 * MiB
+    """Bytes per second per stream below which a file gets another connection."""
+
+    split_interval: float = 1.0
+    """Seconds between two looks at a file's streams."""
 
     max_connections: int = 16
     """Connections open at once across all pulls (bounds threads and sockets)."""
@@ -42,14 +49,18 @@ class FetchSettings:
     max_files: int = 4
     """Files downloaded at once within one pull."""
 
-    segment_min_bytes: int = 64 * MiB
-    """Files smaller than twice this are fetched over a single connection."""
+    segment_min_bytes: int = 32 * MiB
+    """No stream is split into parts smaller than this."""
 
     buffer_bytes: int = 1 * MiB
     """Receive buffer per connection (reused: no new bytes object per chunk)."""
 
-    checkpoint_bytes: int = 256 * MiB
-    """Progress of a partial download is made durable (fdatasync + state) this often."""
+    checkpoint_bytes: int = 64 * MiB
+    """Progress of a partial download is made durable (fdatasync + state) this often, and
+    at least every ``checkpoint_seconds``: a restart re-fetches at most that much."""
+
+    checkpoint_seconds: float = 1.0
+    """Longest time between two checkpoints of a download that is making progress."""
 
     retries: int = 8
     """Attempts per segment before the pull fails (resets, 5xx, 429, short bodies)."""
@@ -99,6 +110,10 @@ class SourceSettings:
 
     s3_addressing: str = "auto"
     """``path``, ``virtual`` or ``auto`` (path-style for custom endpoints)."""
+
+    oci_plain_http: tuple[str, ...] = ()
+    """OCI registries (``host`` or ``host:port``) reached over plain HTTP, like Docker's
+    insecure registries; loopback registries always are. Every other one is HTTPS."""
 
     model_registry: str | None = None
     """Default Kubeflow Model Registry ``host:port`` for ``model-registry://MODEL/VERSION``."""

@@ -78,6 +78,10 @@ class Resolved:
     source_uri: str | None = None
     """For references that point elsewhere (model-registry): the URI actually pulled."""
 
+    credentials: Credentials | None = field(default=None, repr=False, compare=False)
+    """With ``source_uri``: the credentials meant for that URI's source, when they are not
+    the caller's (model-registry keeps its own token out of them). Never logged."""
+
     @property
     def declared_bytes(self) -> int:
         """Bytes the source declared (files without a size count as zero)."""

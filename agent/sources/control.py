@@ -70,9 +70,8 @@ class Control:
             except TransientError as e:
                 if attempt >= self.retries:
                     raise TransientError(f"{e} (after {attempt} attempts)") from e
-                delay = random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** attempt))
-                if e.retry_after is not None:
-                    delay = max(delay, min(e.retry_after, self.backoff_max))
+                delay = backoff_delay(attempt, self.backoff_base, self.backoff_max,
+                                      e.retry_after)
                 log.info("retrying control request", extra={
                     "url": shown_url(url), "attempt": attempt, "delay": round(delay, 3),
                     "error": str(e)})
@@ -82,12 +81,7 @@ class Control:
                     ok: tuple[int, ...], data: bytes | None, max_body: int) -> Reply:
         resp = await self.egress.request(self._http(), method, url, headers=headers, data=data)
         async with resp:
-            try:
-                body = await resp.content.read(max_body + 1)
-            except (TimeoutError, aiohttp.ClientError, OSError) as e:
-                raise TransientError(f"{method} {shown_url(url)}: {e}") from e
-            if len(body) > max_body:
-                raise SourceError(f"{shown_url(url)} answered more than {max_body} bytes")
+            body = await _read_capped(resp, method, url, max_body)
             if resp.status not in ok:
                 raise status_error(resp.status, shown_url(url), resp.headers.get("Retry-After"))
             return Reply(resp.status, resp.headers, body, str(resp.url))
@@ -95,3 +89,31 @@ class Control:
     async def json(self, url: str, *, headers: Mapping[str, str] | None = None) -> Reply:
         return await self.request("GET", url, headers={"Accept": "application/json",
                                                        **(headers or {})})
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, method: str, url: str,
+                       max_body: int) -> bytes:
+    """The whole body (``read(n)`` returns what has arrived, not ``n`` bytes), refused
+    once it grows past ``max_body``."""
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        while chunk := await resp.content.read(64 * 1024):
+            total += len(chunk)
+            if total > max_body:
+                raise SourceError(f"{shown_url(url)} answered more than {max_body} bytes")
+            chunks.append(chunk)
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        raise TransientError(f"{method} {shown_url(url)}: {e}") from e
+    return b"".join(chunks)
+
+
+def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None,
+                  rng: random.Random | None = None) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: full jitter over an exponential
+    window, and never before the server's ``Retry-After`` (capped). The jitter is added
+    *after* ``Retry-After``, so nodes told "1 s" together do not come back together."""
+    draw = (rng or random).uniform(0, min(cap, base * 2 ** attempt))
+    if retry_after is None:
+        return draw
+    return min(cap, retry_after + draw)

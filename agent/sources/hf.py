@@ -16,9 +16,10 @@ credentials' ``token`` (or ``HF_TOKEN``) key, else the agent's own ``HF_TOKEN``.
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit
 
 from agent.errors import SourceError
+from agent.names import check_unique, safe_relpath
 from agent.reference import Reference
 from agent.sources.base import Credentials, Location, RemoteFile, Resolved
 from agent.sources.control import Control
@@ -62,12 +63,13 @@ class HfSource:
             if not isinstance(entries, list):
                 raise SourceError(f"hf://{repo}: the tree listing is not a list")
             for entry in entries:
-                file = self._file(repo, sha, entry, headers)
+                file = self._file(repo, sha, entry)
                 if file is not None:
                     files.append(file)
-            url = _next_link(reply.headers.get("Link", ""), self.endpoint)
+            url = self._next_link(repo, reply.headers.get("Link", ""), reply.url)
         if not files:
             raise SourceError(f"hf://{repo}@{sha} has no files")
+        check_unique((f.path for f in files), what=f"hf://{repo} file name")
         return Resolved(ref, sha, tuple(files))
 
     async def _commit(self, repo: str, revision: str, headers: dict[str, str]) -> str:
@@ -80,8 +82,7 @@ class HfSource:
             raise SourceError(f"hf://{repo}@{revision}: the hub did not answer a commit sha")
         return sha
 
-    def _file(self, repo: str, sha: str, entry: object, headers: dict[str, str]
-              ) -> RemoteFile | None:
+    def _file(self, repo: str, sha: str, entry: object) -> RemoteFile | None:
         if not isinstance(entry, dict):
             raise SourceError(f"hf://{repo}: malformed tree entry")
         if entry.get("type") != "file":
@@ -89,18 +90,22 @@ class HfSource:
         path, size = entry.get("path"), entry.get("size")
         if not isinstance(path, str) or not isinstance(size, int) or size < 0:
             raise SourceError(f"hf://{repo}: tree entry without a valid path and size")
+        path = safe_relpath(path, what=f"hf://{repo} file name")
         digest = None
         lfs = entry.get("lfs")
         if isinstance(lfs, dict):
             oid = lfs.get("oid") or lfs.get("sha256")
+            lfs_size = lfs.get("size", size)
             if not isinstance(oid, str) or not _SHA256.match(oid):
                 raise SourceError(f"hf://{repo}: {path!r} has a malformed LFS sha256")
-            digest = oid
-            size = int(lfs.get("size", size))
+            if not isinstance(lfs_size, int) or lfs_size < 0:
+                raise SourceError(f"hf://{repo}: {path!r} has a malformed LFS size")
+            digest, size = oid, lfs_size
         url = f"{self.endpoint}/{repo}/resolve/{sha}/{quote(path)}"
         # No ETag: the commit in the URL pins the content (the hub's ETag for an LFS file
-        # is its sha256, not the tree's git oid, so the two must not be compared).
-        return RemoteFile(path=path, url=url, size=size, sha256=digest, headers=headers)
+        # is its sha256, not the tree's git oid, so the two must not be compared). No
+        # headers either: locate() adds the token for each connection.
+        return RemoteFile(path=path, url=url, size=size, sha256=digest)
 
     async def locate(self, file: RemoteFile, credentials: Credentials | None, *,
                      refresh: bool = False) -> Location:
@@ -114,9 +119,19 @@ class HfSource:
         await self.control.close()
 
 
-def _next_link(header: str, endpoint: str) -> str | None:
-    match = _NEXT.search(header)
-    if not match:
-        return None
-    url = match.group(1)
-    return url if url.startswith(("http://", "https://")) else endpoint + url
+    def _next_link(self, repo: str, header: str, current: str) -> str | None:
+        """The next page's URL, which must stay on the hub the token is meant for."""
+        match = _NEXT.search(header)
+        if not match:
+            return None
+        url = urljoin(current, str(match.group(1)))
+        if _origin(url) != _origin(self.endpoint):
+            raise SourceError(
+                f"hf://{repo}: the tree listing's next page is on another host "
+                f"({_origin(url)}, not {_origin(self.endpoint)}); refused")
+        return url
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"

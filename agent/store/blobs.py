@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,25 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._lock = threading.Lock()
+        self._holds: Counter[str] = Counter()
+        """Blobs a running pull committed or found and has not published yet: garbage
+        collection leaves them alone."""
+
+    def hold(self, digest: str) -> None:
+        with self._lock:
+            self._holds[digest] += 1
+
+    def release(self, digests: Iterable[str]) -> None:
+        with self._lock:
+            for digest in digests:
+                self._holds[digest] -= 1
+                if self._holds[digest] <= 0:
+                    del self._holds[digest]
+
+    def held(self) -> set[str]:
+        with self._lock:
+            return set(self._holds)
 
     def path(self, digest: str) -> Path:
         if not valid_digest(digest):
@@ -56,14 +77,17 @@ class BlobStore:
     def exists(self, digest: str) -> bool:
         return self.path(digest).exists()
 
-    def commit(self, src: Path, digest: str) -> bool:
+    def commit(self, src: Path, digest: str, hold: bool = False) -> bool:
         """Move a verified file into the store under its digest.
 
         ``src`` must already be fsynced and hold exactly the content named by ``digest``.
         Returns ``True`` if this call created the blob, ``False`` if it already existed
-        (which is success: the content is the same). ``src`` is gone afterwards.
+        (which is success: the content is the same). ``src`` is gone afterwards. With
+        ``hold``, the blob is held (see :meth:`hold`) before it has its name.
         """
         dst = self.path(digest)
+        if hold:
+            self.hold(digest)
         os.chmod(src, 0o444)
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -75,6 +99,22 @@ class BlobStore:
         if created:
             fsync_dir(dst.parent)
         return created
+
+    def collect(self, digest: str) -> int:
+        """Garbage-collect a blob: remove it only if no tree links it and no pull holds
+        it (checked under the lock that holds are taken under); return the bytes freed."""
+        path = self.path(digest)
+        with self._lock:
+            if self._holds.get(digest):
+                return 0
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                return 0
+            if st.st_nlink > 1:
+                return 0
+            path.unlink()
+            return st.st_size
 
     def remove(self, digest: str) -> int:
         """Remove a blob's store name; return the bytes freed (0 if trees still link it)."""

@@ -27,8 +27,11 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
+import queue
+import re
 import shutil
 import threading
 import time
@@ -45,6 +48,14 @@ HASH_CHUNK = 4 * 1024 * 1024
 DIRECT_ALIGN = 4096
 SEGMENT_ALIGN = 1024 * 1024
 STATE_VERSION = 1
+_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_ref(ref: str) -> str:
+    """A ref names a directory under ``partial/``: one plain path segment, nothing more."""
+    if not isinstance(ref, str) or not _REF.match(ref):
+        raise StoreError(f"{str(ref)[:80]!r} is not a valid ingest ref")
+    return ref
 
 
 @dataclass
@@ -80,6 +91,43 @@ class Sealed:
     sha256: str | None
 
 
+class ShaPipe:
+    """sha256 on a thread of its own, fed in order, so that it runs beside the receiving
+    thread's recv + blake3 + write instead of after them (sha256 is the slowest of the
+    three). A buffer handed to :meth:`feed` must not change until its event is set."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._queue: queue.SimpleQueue[tuple[memoryview, threading.Event] | None] = \
+            queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+        self._digest: str | None = None
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            view, done = item
+            self._sha.update(view)
+            done.set()
+
+    def feed(self, view: memoryview) -> threading.Event:
+        done = threading.Event()
+        self._queue.put((view, done))
+        return done
+
+    def hexdigest(self) -> str:
+        """The digest of everything fed (waits for it; ends the thread)."""
+        if self._digest is None:
+            self.close()
+            self._digest = self._sha.hexdigest()
+        return self._digest
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
 class Ingest:
     """One partial download. Create with :meth:`open`; finish with :meth:`commit`,
     :meth:`seal` + :meth:`discard`, or :meth:`close` (keeps it for a later resume)."""
@@ -90,6 +138,7 @@ class Ingest:
         self._lock_fd = lock_fd
         self.identity = identity
         self.data_path = directory / "data"
+        self._forget_committed_data()
         self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
         self.dfd = _open_direct(self.data_path)
         """The same file opened O_DIRECT (-1 where the file system refuses it): aligned
@@ -98,6 +147,7 @@ class Ingest:
         self._cond = threading.Condition()
         self._state_lock = threading.Lock()
         self._since_checkpoint = 0
+        self._checkpointed = time.monotonic()
         self._closed = False
         self._hash_error: BaseException | None = None
         self._hasher: threading.Thread | None = None
@@ -105,7 +155,7 @@ class Ingest:
         self._hash_lock = threading.Lock()
         """Held by whoever advances the hashes (the hash thread or an in-order writer)."""
         self._b3 = blake3.blake3()
-        self._sha = hashlib.sha256() if identity.get("sha256") else None
+        self._sha = ShaPipe() if identity.get("sha256") else None
         self._load_state()
 
     # --- opening -------------------------------------------------------------------------
@@ -117,7 +167,7 @@ class Ingest:
         ``identity`` (size, sha256, etag, url) decides whether bytes already on disk belong
         to the same content: if it differs, the partial download starts over.
         """
-        directory = partial_root / ref
+        directory = partial_root / check_ref(ref)
         directory.mkdir(parents=True, exist_ok=True)
         lock_path = directory / "lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -136,6 +186,18 @@ class Ingest:
             os.close(fd)
             raise
 
+    def _forget_committed_data(self) -> None:
+        """A crash after :meth:`commit` linked ``data`` into ``blobs/`` but before the partial
+        was removed leaves ``data`` as a second name of a committed blob: never write (or
+        truncate) through it; the content is already in the store."""
+        try:
+            st = os.stat(self.data_path, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if st.st_nlink > 1:
+            self.data_path.unlink()
+            (self.dir / "state.json").unlink(missing_ok=True)
+
     def _load_state(self) -> None:
         try:
             state = json.loads((self.dir / "state.json").read_text())
@@ -150,7 +212,37 @@ class Ingest:
                              for s, e, d in state.get("segments", [])]
         else:
             self.segments = []
+        # The state only claims bytes that were on disk when it was written; if the data
+        # file no longer holds them (it was moved into blobs/ by a commit that did not
+        # finish its cleanup), the claim is void.
+        on_disk = os.fstat(self.fd).st_size
+        if not self.segments or any(s.offset > on_disk for s in self.segments):
+            self.segments = []
             os.ftruncate(self.fd, 0)
+
+    @property
+    def received_bytes(self) -> int:
+        """Bytes written so far (all segments)."""
+        return sum(s.done for s in self.segments)
+
+    def split(self, seg: Segment, min_part: int, margin: int) -> Segment | None:
+        """Cut the rest of a running segment in two; return the new second half, or None
+        if the rest is too small. ``margin`` bytes past the segment's current offset stay
+        with it, so that a chunk already being received cannot cross the cut."""
+        with self._cond:
+            if seg.end is None or seg not in self.segments:
+                return None
+            start = seg.offset + margin
+            remaining = seg.end - start
+            if remaining < 2 * min_part:
+                return None
+            cut = (start + remaining // 2) // SEGMENT_ALIGN * SEGMENT_ALIGN
+            if cut <= start or seg.end - cut < min_part:
+                return None
+            new = Segment(cut, seg.end)
+            seg.end = cut
+            self.segments.insert(self.segments.index(seg) + 1, new)
+            return new
 
     @property
     def resumed_bytes(self) -> int:
@@ -165,11 +257,12 @@ class Ingest:
         if size is None:
             self.segments = [Segment(0, None)]
         else:
-            n = max(1, min(parts, size // max(min_part, 1)))
-            step = -(-size // n)
-            step = -(-step // SEGMENT_ALIGN) * SEGMENT_ALIGN  # direct I/O wants alignment
-            self.segments = [Segment(i * step, min(size, (i + 1) * step)) for i in range(n)
-                             if i * step < size] or [Segment(0, 0)]
+            n = max(1, min(parts, size // max(min_part, 1), size // SEGMENT_ALIGN))
+            # boundaries on SEGMENT_ALIGN, so that full chunks can be written O_DIRECT
+            bounds = sorted({0, size, *(i * size // n // SEGMENT_ALIGN * SEGMENT_ALIGN
+                                        for i in range(1, n))})
+            self.segments = [Segment(a, b) for a, b in itertools.pairwise(bounds)] \
+                or [Segment(0, 0)]
             self._preallocate(size)
         self._write_state()
         return self.segments
@@ -203,8 +296,11 @@ class Ingest:
                                             daemon=True)
             self._hasher.start()
 
-    def write(self, seg: Segment, data: memoryview) -> None:
-        """Write bytes at the segment's current offset and advance it."""
+    def write(self, seg: Segment, data: memoryview) -> threading.Event | None:
+        """Write bytes at the segment's current offset and advance it.
+
+        Returns an event to wait for before ``data``'s buffer is reused (the sha256 thread
+        may still be reading it), or None if the buffer is free at once."""
         if seg.end is not None and seg.offset + len(data) > seg.end:
             raise IntegrityError(
                 f"server sent more bytes than the range {seg.start}-{seg.end - 1} holds"
@@ -228,31 +324,37 @@ class Ingest:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"no space left writing {self.ref}: {e.strerror}") from e
             raise StoreError(f"cannot write partial download {self.ref}: {e.strerror}") from e
-        self._hash_inline(start, data)  # before the write is published to the hash thread
+        pending = self._hash_inline(start, data)  # before the hash thread sees the write
         with self._cond:
             seg.done += len(data)
             self._since_checkpoint += len(data)
             self._cond.notify_all()
+        return pending
 
-    def _hash_inline(self, offset: int, data: memoryview) -> None:
+    def _hash_inline(self, offset: int, data: memoryview) -> threading.Event | None:
         """Hash bytes straight from the receive buffer when they are next in order, so
-        the hash thread does not read them back from the page cache."""
+        the hash thread does not read them back."""
         if self._hashed != offset or not self._hash_lock.acquire(blocking=False):
-            return
+            return None
+        pending = None
         try:
             if self._hashed == offset:
                 self._b3.update(data)
                 if self._sha is not None:
-                    self._sha.update(data)
+                    pending = self._sha.feed(data)
                 with self._cond:
                     self._hashed += len(data)
                     self._cond.notify_all()
         finally:
             self._hash_lock.release()
+        return pending
 
-    def maybe_checkpoint(self, every: int) -> None:
-        """Make progress durable if ``every`` bytes arrived since the last checkpoint."""
-        if self._since_checkpoint >= every and self._state_lock.acquire(blocking=False):
+    def maybe_checkpoint(self, every: int, seconds: float = 1.0) -> None:
+        """Make progress durable if ``every`` bytes arrived, or ``seconds`` passed, since the
+        last checkpoint (a restart re-fetches at most that much)."""
+        due = self._since_checkpoint >= every or (
+            self._since_checkpoint and time.monotonic() - self._checkpointed >= seconds)
+        if due and self._state_lock.acquire(blocking=False):
             try:
                 self._checkpoint_locked()
             finally:
@@ -267,6 +369,7 @@ class Ingest:
         with self._cond:
             snapshot = [(s.start, s.end, s.done) for s in self.segments]
             self._since_checkpoint = 0
+            self._checkpointed = time.monotonic()
         try:
             os.fdatasync(self.fd)
         except OSError as e:
@@ -295,8 +398,9 @@ class Ingest:
         return all(s.complete for s in self.segments) and self.segments[-1].end is not None
 
     def _hash_loop(self) -> None:
-        buf = bytearray(HASH_CHUNK)
-        view = memoryview(buf)
+        views = [memoryview(bytearray(HASH_CHUNK)), memoryview(bytearray(HASH_CHUNK))]
+        pending: list[threading.Event | None] = [None, None]
+        turn = 0
         try:
             while True:
                 with self._cond:
@@ -308,6 +412,11 @@ class Ingest:
                         return
                     target = self._contiguous()
                 while self._hashed < target:
+                    turn ^= 1
+                    view = views[turn]
+                    waiting = pending[turn]
+                    if waiting is not None:
+                        waiting.wait()  # the sha256 thread is done with this buffer
                     with self._hash_lock:
                         pos = self._hashed
                         if pos >= target:
@@ -318,7 +427,7 @@ class Ingest:
                                 f"partial download {self.ref} is shorter than written")
                         self._b3.update(view[:n])
                         if self._sha is not None:
-                            self._sha.update(view[:n])
+                            pending[turn] = self._sha.feed(view[:n])
                         with self._cond:
                             self._hashed = pos + n
                             self._cond.notify_all()
@@ -379,7 +488,7 @@ class Ingest:
         self._drop_direct()
         os.close(self.fd)
         self.fd = -1
-        blobs.commit(sealed.path, sealed.blake3)
+        blobs.commit(sealed.path, sealed.blake3, hold=True)
         self.discard()
         return sealed
 
@@ -387,6 +496,8 @@ class Ingest:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        if self._sha is not None:
+            self._sha.close()
         if self._hasher is not None:
             self._hasher.join()
 
@@ -485,7 +596,7 @@ class BlobWriter:
                     f"sha256 mismatch: expected {self._expected_sha256}, the bytes are {sha}"
                 )
             digest = self._b3.hexdigest()
-            blobs.commit(self.path, digest)
+            blobs.commit(self.path, digest, hold=True)
         except BaseException:
             self.path.unlink(missing_ok=True)
             raise

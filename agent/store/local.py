@@ -23,8 +23,8 @@ from typing import Any
 
 from agent.errors import StoreError
 from agent.store.blobs import BlobStore, fsync_dir
-from agent.store.ingest import BlobWriter, Ingest
-from agent.store.trees import FileEntry, Manifest, Trees
+from agent.store.ingest import BlobWriter, Ingest, check_ref
+from agent.store.trees import FileEntry, Manifest, Trees, clean_paths, tree_id
 
 
 @dataclass(frozen=True)
@@ -82,35 +82,44 @@ class Store:
                 self._sha256[sha256] = digest
 
     def find_sha256(self, sha256: str) -> tuple[str, int] | None:
-        """A committed blob whose content has this sha256: (blake3, size), or None."""
+        """A committed blob whose content has this sha256: (blake3, size), or None.
+        A blob found is held for the caller (release it with ``blobs.release``)."""
         with self._lock:
             digest = self._sha256.get(sha256)
         if digest is None:
             return None
+        self.blobs.hold(digest)
         info = self.blobs.info(digest)
         if info is None:
+            self.blobs.release([digest])
             with self._lock:
                 self._sha256.pop(sha256, None)
                 self._sizes.pop(digest, None)
             return None
         return digest, info.size
 
+    def knows_sha256(self, sha256: str) -> bool:
+        """Whether content with this sha256 is (probably) stored; no hold taken."""
+        with self._lock:
+            return sha256 in self._sha256
+
     def has_blob(self, digest: str, size: int) -> bool:
         info = self.blobs.info(digest)
         return info is not None and info.size == size
 
     def remove_blob(self, digest: str) -> int:
-        """Remove a blob's store name; returns the bytes freed."""
-        freed = self.blobs.remove(digest)
-        with self._lock:
-            self._sizes.pop(digest, None)
-            for sha in [s for s, d in self._sha256.items() if d == digest]:
-                del self._sha256[sha]
+        """Collect a blob no tree links and no pull holds; returns the bytes freed."""
+        freed = self.blobs.collect(digest)
+        if freed or not self.blobs.exists(digest):
+            with self._lock:
+                self._sizes.pop(digest, None)
+                for sha in [s for s, d in self._sha256.items() if d == digest]:
+                    del self._sha256[sha]
         return freed
 
     def unreferenced_blobs(self, keep: Iterable[str] = ()) -> list[str]:
-        """Blobs no published tree links (and not in ``keep``)."""
-        keep = set(keep)
+        """Blobs no published tree links, no pull holds (and not in ``keep``)."""
+        keep = set(keep) | self.blobs.held()
         return [b.digest for b in self.blobs if b.refs == 0 and b.digest not in keep]
 
     # --- models --------------------------------------------------------------------------
@@ -127,14 +136,15 @@ class Store:
         """Publish a tree and switch the model's manifest to it; older trees are kept
         (listed in ``previous``) until :meth:`drop_tree` removes them."""
         old = self.trees.read_manifest(manifest.key)
+        manifest = replace(manifest, files=clean_paths(manifest.files))
+        tree = tree_id(manifest.files)
         previous: list[str] = []
-        if old is not None:
-            previous = [t for t in (*old.previous, old.tree) if t not in previous]
-        published = self.trees.publish(manifest)
-        previous = [t for t in previous if t != published.tree]
-        if tuple(previous) != published.previous:
-            published = replace(published, previous=tuple(previous))
-            self.trees.write_manifest(published)
+        for t in (*old.previous, old.tree) if old is not None else ():
+            if t != tree and t not in previous:
+                previous.append(t)
+        # One manifest write that already lists the older trees: a crash can never leave a
+        # manifest on disk that forgets a tree a running pod still uses.
+        published = self.trees.publish(replace(manifest, previous=tuple(previous)))
         with self._lock:
             self._manifests[published.key] = published
             for f in published.files:
@@ -154,10 +164,12 @@ class Store:
         manifest = self.manifest(key)
         if manifest is not None and manifest.tree == tree:
             raise StoreError(f"tree {tree} is the current tree of model {key}")
-        self.trees.remove_tree(key, tree)
+        # Forget the tree first, then delete it: a crash in between leaves an unnamed tree,
+        # which recovery removes, never a manifest that names a tree that is gone.
         if manifest is not None and tree in manifest.previous:
             kept = tuple(t for t in manifest.previous if t != tree)
             self.update_manifest(replace(manifest, previous=kept))
+        self.trees.remove_tree(key, tree)
 
     def remove_model(self, key: str) -> None:
         """Remove a model's manifest and trees (blobs stay until garbage collection)."""
@@ -199,7 +211,7 @@ class Store:
         return found
 
     def remove_partial(self, ref: str) -> None:
-        shutil.rmtree(self.partial / ref, ignore_errors=True)
+        shutil.rmtree(self.partial / check_ref(ref), ignore_errors=True)
 
     # --- accounting ----------------------------------------------------------------------
 

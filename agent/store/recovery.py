@@ -1,6 +1,7 @@
 """Start-up recovery: the filesystem is the truth, the index is rebuilt from it.
 
-- ``tmp/`` is emptied: staged trees, manifests and blobs there never became visible;
+- ``tmp/`` is emptied: staged trees, manifests and blobs there never became visible; so
+  are half-written pull intents (``pulls/.*``);
 - partial downloads that no pull intent names are removed; the others are resumed;
 - each manifest is checked against its tree (every file a link of its blob; a blob name lost
   while a tree still holds the content is restored from the tree); a manifest whose tree is
@@ -45,6 +46,10 @@ def recover(store: Store) -> Recovery:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
 
+    for entry in os.scandir(store.pulls):
+        if entry.name.startswith("."):  # an intent being written when the agent died
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
     intents = store.intents()
     report.intents = sorted(intents)
     keep_refs: set[str] = set()

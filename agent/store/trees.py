@@ -14,6 +14,7 @@ import calendar
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -24,12 +25,13 @@ from typing import Any
 
 import blake3
 
-from agent.errors import StoreError
-from agent.names import check_unique, join_inside
-from agent.store.blobs import BlobStore, fsync_dir
+from agent.errors import StoreError, UnsafeName
+from agent.names import check_unique, join_inside, safe_relpath
+from agent.store.blobs import BlobStore, fsync_dir, valid_digest
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+_TREE = re.compile(r"^t-[0-9a-f]{16}$")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Manifest:
             raise StoreError(f"manifest version {data.get('version')!r} is not supported")
         files = tuple(FileEntry(f["path"], int(f["size"]), f["blake3"], f.get("sha256"))
                       for f in data["files"])
+        _check_names(data["tree"], data.get("previous", ()), files)
         return cls(
             key=data["key"], uri=data["uri"], revision=data["revision"], tree=data["tree"],
             files=files, include=tuple(data.get("include", ())),
@@ -83,6 +86,28 @@ class Manifest:
             resolved_at=parse_iso(data.get("resolved_at")),
             pinned=bool(data.get("pinned", False)), previous=tuple(data.get("previous", ())),
         )
+
+
+def _check_names(tree: Any, previous: Any, files: tuple[FileEntry, ...]) -> None:
+    """A manifest on disk is input like any other: its names build paths only once checked."""
+    for name in (tree, *previous):
+        if not isinstance(name, str) or not _TREE.match(name):
+            raise StoreError(f"manifest names an invalid tree {str(name)[:80]!r}")
+    for f in files:
+        try:
+            safe_relpath(f.path, what="manifest file")
+        except UnsafeName as e:
+            raise StoreError(str(e)) from None
+        if not valid_digest(f.blake3):
+            raise StoreError(f"manifest file {f.path!r} has an invalid blake3 digest")
+
+
+def clean_paths(files: Iterable[FileEntry]) -> tuple[FileEntry, ...]:
+    """The entries with their paths checked and in one spelling (``./a`` is ``a``), each
+    path once: two spellings of one path must not both reach the file system."""
+    cleaned = tuple(replace(f, path=safe_relpath(f.path)) for f in files)
+    check_unique(f.path for f in cleaned)
+    return cleaned
 
 
 def tree_id(files: Iterable[FileEntry]) -> str:
@@ -130,10 +155,9 @@ class Trees:
     def publish(self, manifest: Manifest) -> Manifest:
         """Make the manifest's tree visible (if it is not already), then switch the
         manifest to it. The tree's files must all be committed blobs."""
-        files = manifest.files
-        check_unique(f.path for f in files)
+        files = clean_paths(manifest.files)
         tree = tree_id(files)
-        manifest = replace(manifest, tree=tree)
+        manifest = replace(manifest, tree=tree, files=files)
         model_dir = self.model_dir(manifest.key)
         model_dir.mkdir(parents=True, exist_ok=True)
         target = model_dir / tree

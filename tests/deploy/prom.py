@@ -4,14 +4,16 @@
 until it is ready and every target has been scraped at least twice (so ``rate()`` has data),
 and stops it by PID on exit. ``grafana_to_promql`` substitutes Grafana's variables in a
 panel's expression; ``Prometheus.format_query`` and ``Prometheus.query`` run it through the
-real PromQL parser and engine. ``check_metrics`` lints an exposition with ``promtool``.
+real PromQL parser and engine. ``check_metrics`` lints an exposition with ``promtool``;
+``request`` and ``fetch`` speak HTTP(S) the way a scrape job does (TLS checked for a name).
 
-Nothing here knows whether the targets are the real agent and webhook or a stand-in.
+Nothing here knows what the targets are (``live.py`` starts the real agent and webhook).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import re
 import shutil
@@ -158,6 +160,17 @@ class Prometheus:
                 raise TimeoutError(f"jobs {pending} not scraped {samples}x in {timeout}s: {health}")
             time.sleep(0.2)
 
+    def wait_for_scrape_after(self, jobs: Sequence[str], when: float,
+                              timeout: float = SCRAPE_TIMEOUT) -> None:
+        """Poll until every target of every job has been scraped by a scrape that started
+        after ``when`` (Unix time): what happened before ``when`` is in the database."""
+        deadline = time.monotonic() + timeout
+        for job in jobs:
+            while not self.query(f'min(timestamp(up{{job="{job}"}})) > {when:.3f}'):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job} not scraped after {when} in {timeout}s")
+                time.sleep(0.1)
+
     def _scraped(self, job: str, samples: int) -> bool:
         result = self.query(f'min(count_over_time(up{{job="{job}"}}[1m]))'
                             f' and min(up{{job="{job}"}}) == 1')
@@ -278,8 +291,35 @@ def check_metrics(exposition: bytes) -> list[str]:
     return [line for line in text.splitlines() if line.strip()] if proc.returncode else []
 
 
-def fetch(url: str, ca_file: str | None = None) -> bytes:
-    """GET a URL (an exposition), verifying TLS against ``ca_file`` when given."""
-    ctx = ssl.create_default_context(cafile=ca_file) if ca_file else None
-    with urllib.request.urlopen(url, timeout=10, context=ctx) as resp:  # noqa: S310
-        return bytes(resp.read())
+def request(url: str, *, method: str = "GET", body: bytes | None = None,
+            headers: Mapping[str, str] | None = None, ca_file: str | None = None,
+            server_name: str | None = None) -> tuple[int, bytes]:
+    """One HTTP(S) request; the status and body. HTTPS is verified against ``ca_file`` for
+    the name ``server_name`` (default: the URL's host), as a scrape job's ``tls_config``
+    and the API server calling a Service do: connect to the address, check the name."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        context = ssl.create_default_context(cafile=ca_file)
+        name = server_name or host
+        raw = socket.create_connection((host, port), timeout=10)
+        conn = http.client.HTTPConnection(name, port, timeout=10)
+        conn.sock = context.wrap_socket(raw, server_hostname=name)
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
+                     body=body, headers=dict(headers or {}))
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def fetch(url: str, ca_file: str | None = None, server_name: str | None = None) -> bytes:
+    """GET a URL (an exposition): the body of a 200."""
+    status, body = request(url, ca_file=ca_file, server_name=server_name)
+    if status != 200:
+        raise PrometheusError(f"GET {url}: HTTP {status}")
+    return body

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -101,3 +102,20 @@ def pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
         elif d["kind"] in ("Deployment", "DaemonSet", "StatefulSet", "Job", "ReplicaSet"):
             out.append((d["metadata"]["name"], d["spec"]["template"]["spec"]))
     return out
+
+
+_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expanded_args(container: dict[str, Any]) -> list[str]:
+    """The container's args as the kubelet passes them: ``$(VAR)`` replaced by the value of
+    the container's env entry VAR (when it has a literal value), ``$$`` by ``$``, anything
+    else left as written."""
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return [_REFERENCE.sub(sub, arg) for arg in container.get("args", [])]

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from tests.deploy import prom
+from tests.deploy.families import AGENT_METRICS, HISTOGRAMS, WEBHOOK_METRICS
 from tests.deploy.render import ROOT
-from tests.deploy.standin import AGENT_METRICS, HISTOGRAMS, WEBHOOK_METRICS
 
 DASHBOARD = ROOT / "dashboards" / "modelcache.json"
 SCHEMA_VERSION = 41  # Grafana 11.6 / 12
@@ -179,3 +179,14 @@ def test_the_panels_the_issue_asks_for(dashboard: dict[str, Any]) -> None:
     assert "histogram_quantile(0.99," in exprs
     assert 'modelcache_store_watermark_ratio{level="high"' in exprs
     assert 'result="fallback"' in exprs and 'outcome="error"' in exprs
+
+
+def test_the_docs_list_exactly_the_exported_families() -> None:
+    """docs/architecture.md (both programs) and docs/webhook.md (the webhook) name every
+    metric family the code registers, and nothing else."""
+    def listed(doc: str) -> set[str]:
+        section = (ROOT / "docs" / doc).read_text().split("## Metrics", 1)[1]
+        return set(re.findall(r"^\| `(modelcache_\w+)`", section.split("\n## ", 1)[0], re.M))
+
+    assert listed("architecture.md") == AGENT_METRICS | WEBHOOK_METRICS
+    assert listed("webhook.md") == WEBHOOK_METRICS

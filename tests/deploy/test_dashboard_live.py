@@ -1,17 +1,23 @@
-"""Every dashboard query through a real Prometheus scraping the agent's and the webhook's
-metric endpoints: each parses (format_query) and returns data, each variable query returns
-the nodes and namespace, and `promtool check metrics` is clean on both expositions.
+"""Every dashboard query through a real Prometheus scraping two real agents and a real
+webhook while they work (``live.py``: pulls from a loopback hub, failed pulls, dedup, hits,
+a peer read, a delete and a gc, a real init container falling back to the source; admissions
+of every outcome over TLS):
 
-PHASE 1: the endpoints are STAND-INS (tests/deploy/standin.py) serving the exact metric
-names with synthetic values, since the real agent and webhook do not exist yet. The fixture
-``endpoints`` is the one place to switch to a real agent pulling a model and a real webhook
-admitting pods over loopback; ``prom.py`` stays as it is.
+- each query parses (``format_query``) and returns data, and data that moved: a non-zero
+  value, except where the real processes have nothing to count (``NOTHING_TO_COUNT``, each
+  with its reason);
+- the variable queries list the two nodes and the namespace; the node filter narrows;
+- what Prometheus holds is what happened (counts by node and label, the watermarks each
+  agent was started with, the expiry of the webhook's certificate);
+- ``promtool check metrics`` is clean on both real expositions, and every series the
+  dashboard and the alert rules use is in them.
 """
 
 from __future__ import annotations
 
 import json
-import ssl
+import math
+import re
 import subprocess
 import sys
 import time
@@ -19,97 +25,144 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import trustme
+import yaml
 
-from tests.deploy import prom, standin
-from tests.deploy.render import ROOT
+from tests.deploy import families, live, prom
+from tests.deploy.render import DEPLOY, ROOT
+from webhook.tls import not_after
 
-pytestmark = pytest.mark.slow  # a real Prometheus: ~10 s, mostly waiting for its first scrape
+pytestmark = pytest.mark.slow  # real processes and a real Prometheus: ~16 s
 
 DASHBOARD = json.loads((ROOT / "dashboards" / "modelcache.json").read_text())
 QUERIES = prom.dashboard_queries(DASHBOARD)
-NAMESPACE = "modelcache"
-NODES = ("node-a", "node-b")
-WEBHOOK_NAME = "modelcache-webhook.modelcache.svc"
+RULES = yaml.safe_load((DEPLOY / "prometheus" / "modelcache-rules.yaml").read_text())
+
+#: panels that show zero from the real processes, and why that is the truth
+NOTHING_TO_COUNT = {
+    ("Cached bytes and blobs by node", "B"):
+        "bytes reserved for running pulls: none is running when the queries run",
+}
 
 
 @dataclass(frozen=True)
-class Endpoint:
-    target: prom.Target
-    url: str
+class Live:
+    cluster: live.Cluster
+    prometheus: prom.Prometheus
+    targets: list[prom.Target]
 
 
 @pytest.fixture(scope="module")
-def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Endpoint]]:
-    """Two agents (one per node) over HTTP and a webhook over TLS, with the labels that
-    Kubernetes discovery and the ServiceMonitors give them."""
-    ca = trustme.CA()
-    cert = ca.issue_cert(WEBHOOK_NAME, "127.0.0.1")
-    ca_file = tmp_path_factory.mktemp("tls") / "ca.crt"
-    ca.cert_pem.write_to_path(str(ca_file))
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(tls)
-
-    agents = [standin.Exporter(*standin.agent_standin(node)) for node in NODES]
-    webhook = standin.Exporter(*standin.webhook_standin(time.time() + 90 * 86400), tls=tls)
-    with agents[0], agents[1], webhook:
-        out = [Endpoint(prom.Target("modelcache-agent", a.address,
-                                    {"namespace": NAMESPACE, "node": node}),
-                        f"http://{a.address}/metrics")
-               for a, node in zip(agents, NODES, strict=True)]
-        out.append(Endpoint(prom.Target("modelcache-webhook", webhook.address,
-                                        {"namespace": NAMESPACE, "node": NODES[0]},
-                                        scheme="https", ca_file=str(ca_file),
-                                        server_name=WEBHOOK_NAME),
-                            f"https://{webhook.address}/metrics"))
-        yield out
-
-
-@pytest.fixture(scope="module")
-def prometheus(endpoints: list[Endpoint],
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[prom.Prometheus]:
-    with prom.run_prometheus(tmp_path_factory.mktemp("prometheus"),
-                             [e.target for e in endpoints]) as p:
-        yield p
+def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """A round of activity; Prometheus started and scraping twice; a second round; a
+    scrape of every target after it."""
+    workdir = tmp_path_factory.mktemp("live")
+    with live.cluster(workdir) as cluster:
+        cluster.round()
+        targets = [prom.Target("modelcache-agent", agent.url.removeprefix("http://"),
+                               {"namespace": live.NAMESPACE, "node": node})
+                   for node, agent in cluster.agents.items()]
+        targets.append(prom.Target("modelcache-webhook", cluster.webhook.address,
+                                   {"namespace": live.NAMESPACE, "node": live.NODES[0]},
+                                   scheme="https", ca_file=cluster.webhook.ca_file,
+                                   server_name=live.SERVER_NAME))
+        with prom.run_prometheus(workdir / "prometheus", targets) as prometheus:
+            cluster.round()
+            prometheus.wait_for_scrape_after([t.job for t in targets], time.time())
+            yield Live(cluster, prometheus, targets)
 
 
 def variables() -> dict[str, str]:
-    return {"datasource": "prometheus", "namespace": NAMESPACE, "node": "|".join(NODES)}
+    return {"datasource": "prometheus", "namespace": live.NAMESPACE,
+            "node": "|".join(live.NODES)}
+
+
+def _values(result: list[dict[str, object]]) -> list[float]:
+    return [float(r["value"][1]) for r in result]  # type: ignore[index]
 
 
 @pytest.mark.parametrize("query", QUERIES, ids=[f"{q.panel}/{q.ref_id}" for q in QUERIES])
-def test_dashboard_query_returns_data(prometheus: prom.Prometheus, query: prom.PanelQuery) -> None:
+def test_dashboard_query_returns_data(scene: Live, query: prom.PanelQuery) -> None:
     expr = prom.grafana_to_promql(query.expr, variables())
-    prometheus.format_query(expr)  # raises on a parse error
-    assert prometheus.query(expr), f"{query.panel}: no data for {expr}"
+    scene.prometheus.format_query(expr)  # raises on a parse error
+    result = scene.prometheus.query(expr)
+    assert result, f"{query.panel}: no data for {expr}"
+    values = _values(result)
+    assert not any(math.isnan(v) for v in values), (query.panel, result)
+    moved = any(v != 0 for v in values)
+    if (query.panel, query.ref_id) in NOTHING_TO_COUNT:
+        assert not moved, f"{query.panel} moves now: take it off NOTHING_TO_COUNT"
+    else:
+        assert moved, f"{query.panel}/{query.ref_id}: only zeros for {expr}: {result}"
 
 
 @pytest.mark.parametrize("name", ["namespace", "node"])
-def test_variable_query_lists_values(prometheus: prom.Prometheus, name: str) -> None:
+def test_variable_query_lists_values(scene: Live, name: str) -> None:
     (variable,) = [v for v in DASHBOARD["templating"]["list"] if v["name"] == name]
     label, match = prom.parse_label_values(prom.variable_query(variable))
     assert match is not None
-    values = prometheus.label_values(label, prom.grafana_to_promql(match, variables()))
-    assert set(values) == ({NAMESPACE} if name == "namespace" else set(NODES))
+    values = scene.prometheus.label_values(label, prom.grafana_to_promql(match, variables()))
+    assert set(values) == ({live.NAMESPACE} if name == "namespace" else set(live.NODES))
 
 
-def test_node_filter_narrows_to_one_node(prometheus: prom.Prometheus) -> None:
+def test_node_filter_narrows_to_one_node(scene: Live) -> None:
     (q,) = [q for q in QUERIES if q.panel == "Store used vs capacity" and q.ref_id == "A"]
     expr = prom.grafana_to_promql(q.expr, {**variables(), "node": "node-b"})
-    assert [r["metric"]["node"] for r in prometheus.query(expr)] == ["node-b"]
+    assert [r["metric"]["node"] for r in scene.prometheus.query(expr)] == ["node-b"]
 
 
-def test_expositions_pass_promtool_check_metrics(endpoints: list[Endpoint]) -> None:
-    for e in endpoints:
-        body = prom.fetch(e.url, ca_file=e.target.ca_file)
-        assert prom.check_metrics(body) == [], e.url
-        families = {line.split()[2] for line in body.decode().splitlines()
-                    if line.startswith("# TYPE ")}
-        expected = (standin.WEBHOOK_METRICS if e.target.job == "modelcache-webhook"
-                    else standin.AGENT_METRICS)
-        missing = {f for f in expected
-                   if f not in families and f.removesuffix("_total") not in families}
-        assert missing == set(), e.url
+def _by(scene: Live, expr: str, *labels: str) -> dict[tuple[str, ...], float]:
+    return {tuple(r["metric"].get(label, "") for label in labels): float(r["value"][1])
+            for r in scene.prometheus.query(expr)}
+
+
+def test_prometheus_holds_what_happened(scene: Live) -> None:
+    expected = scene.cluster.expected
+    seen = {
+        "cache_requests": _by(scene, "modelcache_cache_requests_total", "node", "result"),
+        "pull_failures": _by(scene, "modelcache_pull_failures_total", "node", "reason"),
+        "evictions": _by(scene, "modelcache_evictions_total", "node", "reason"),
+        "served_bytes": _by(scene, "modelcache_served_bytes_total", "node", "to"),
+        "dedup_hits": {(n, ""): v for (n,), v in
+                       _by(scene, "modelcache_dedup_hits_total", "node").items()},
+        "admissions": {("", o): v for (o,), v in
+                       _by(scene, "modelcache_webhook_admissions_total", "outcome").items()},
+    }
+    for (metric, node, label), count in expected.items():
+        assert seen[metric].get((node, label)) == count, (metric, node, label, seen[metric])
+    for metric, values in seen.items():  # and nothing else moved
+        extra = {k: v for k, v in values.items() if v and (metric, *k) not in expected}
+        assert not extra, (metric, extra)
+    # each agent's watermarks are the ones it was started with
+    ratios = _by(scene, "modelcache_store_watermark_ratio", "node", "level")
+    for node, (high, low) in live.WATERMARKS.items():
+        assert (ratios[node, "high"], ratios[node, "low"]) == (high, low)
+    # the certificate the webhook serves, as read by the webhook
+    (expiry,) = _values(scene.prometheus.query(
+        "modelcache_webhook_cert_expiry_timestamp_seconds"))
+    assert expiry == not_after(scene.cluster.webhook.cert_file.read_bytes())
+    # pulls by source and their time: two rounds of three good pulls and two failures
+    assert _by(scene, "sum by (scheme, result) (modelcache_pull_duration_seconds_count)",
+               "scheme", "result") == {("hf", "ok"): 6, ("hf", "error"): 2,
+                                       ("http", "error"): 2}
+
+
+def _used_series() -> set[str]:
+    exprs = [q.expr for q in QUERIES] + [r["expr"] for g in RULES["groups"]
+                                         for r in g["rules"]]
+    return {name for expr in exprs for name in re.findall(r"\bmodelcache_\w+", expr)}
+
+
+def test_expositions_pass_promtool_and_carry_every_series_used(scene: Live) -> None:
+    used = _used_series()
+    assert used <= families.known_series(), used - families.known_series()
+    exported: set[str] = set()
+    for target in scene.targets:
+        url = f"{target.scheme}://{target.address}/metrics"
+        body = prom.fetch(url, ca_file=target.ca_file, server_name=target.server_name)
+        assert prom.check_metrics(body) == [], url
+        exported |= {line.split("{")[0].split(" ")[0] for line in body.decode().splitlines()
+                     if line and not line.startswith("#")}
+    assert used - exported == set()
 
 
 def test_unknown_grafana_variable_is_an_error() -> None:

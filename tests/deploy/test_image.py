@@ -84,3 +84,19 @@ def test_dockerignore_sends_only_the_sources() -> None:
     for m in re.finditer(r"^COPY (?!--from)(.+) \S+$", DOCKERFILE.read_text(), re.M):
         copied |= {p.rstrip("*") for p in m.group(1).split()}
     assert copied <= allowed, copied - allowed
+
+
+def test_operator_docs_build_and_push_the_image_the_overlays_pin() -> None:
+    """No engine builds the image here: the operators' page says how, for the very tag the
+    overlays deploy."""
+    from tests.deploy import render
+
+    doc = (ROOT / "docs" / "operators.md").read_text()
+    section = doc.split("## Build and push the image", 1)[1].split("\n## ", 1)[0]
+    images = {c["image"] for name in ("cert-manager", "self-signed")
+              for _, spec in render.pod_specs(render.render(name))
+              for c in spec["containers"]}
+    (image,) = images
+    assert f"docker build -t {image} ." in section
+    assert f"docker push {image}" in section
+    assert "--platform linux/amd64,linux/arm64" in section

@@ -19,7 +19,8 @@ import yaml
 from agent.cli import parser as cli_parser
 from agent.config import load_config
 from tests.deploy import render, schemas
-from tests.deploy.render import DEPLOY, INSTALLABLE, RENDERS, find, pod_specs
+from tests.deploy.render import DEPLOY, INSTALLABLE, RENDERS, expanded_args, find, pod_specs
+from webhook.main import certs_parser, serve_parser, settings_from
 
 #: oldest and newest Kubernetes we support (internalTrafficPolicy, PDB
 #: unhealthyPodEvictionPolicy, reinvocationPolicy are all there in 1.29)
@@ -271,6 +272,17 @@ def test_webhook_deployment(name: str) -> None:
         assert arg in c["args"]
     assert c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # the webhook's own command line and settings checks, on the args the kubelet passes
+    server, planning = settings_from(serve_parser({}).parse_args(expanded_args(c)[1:]))
+    assert (server.host, server.port) == ("0.0.0.0", 8443)
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+    assert {server.tls_cert, server.tls_key} == {f"{mount['mountPath']}/tls.crt",
+                                                 f"{mount['mountPath']}/tls.key"}
+    assert planning.image == c["image"]  # the init container runs this very image
+    (store,) = [v for v in find(docs, "DaemonSet", "modelcache-agent")["spec"]["template"]
+                ["spec"]["volumes"] if "hostPath" in v]
+    assert planning.store_path == store["hostPath"]["path"]
+    assert server.namespace == deploy["metadata"]["namespace"]
 
 
 @pytest.mark.parametrize("name", INSTALLABLE)
@@ -321,11 +333,14 @@ def test_self_signed_overlay() -> None:
     spec = job["spec"]["template"]["spec"]
     (c,) = spec["containers"]
     assert c["args"][:2] == ["webhook", "certs"]
-    for arg in ("--service=modelcache-webhook", "--namespace=modelcache",
-                "--webhook-config=modelcache", f"--secret={_tls_secret(docs)}"):
-        assert arg in c["args"]
-    assert any(a.startswith("--out-dir=") for a in c["args"])
+    args = certs_parser().parse_args(expanded_args(c)[2:])  # the command's own parser
     hook = find(docs, "MutatingWebhookConfiguration", "modelcache")
+    service = hook["webhooks"][0]["clientConfig"]["service"]
+    assert (args.service, args.namespace) == (service["name"], service["namespace"])
+    assert args.secret == _tls_secret(docs)
+    assert args.webhook_config == hook["metadata"]["name"]
+    assert args.out_dir is None  # the Secret is the output; nothing is written in the pod
+    assert args.renew_before_days < args.days
     assert "cert-manager.io/inject-ca-from" not in (hook["metadata"].get("annotations") or {})
     # its permissions are its own, and as narrow as the API allows
     binding = find(docs, "ClusterRoleBinding", "modelcache-webhook-certs")

@@ -150,3 +150,35 @@ def test_strategic_merge_patch():
     with pytest.raises(ApiError) as e:
         strategic_merge_patch(pod, {"spec": {"containers": [{"image": "no-name"}]}})
     assert e.value.code == 400
+
+
+# --- typed Secrets and webhook configurations ------------------------------------------------
+
+
+def test_tls_secrets_need_their_keys_and_a_type_never_changes():
+    from tests.kubeapi.cluster import Cluster
+
+    c = Cluster()
+    tls = {"metadata": {"name": "t"}, "type": "kubernetes.io/tls"}
+    with pytest.raises(ApiError) as e:
+        c.create("secrets", {**tls, "stringData": {"tls.crt": "c"}}, "default")
+    assert e.value.code == 422 and "data[tls.key]: Required value" in e.value.message
+    c.create("secrets", {**tls, "stringData": {"tls.crt": "c", "tls.key": "k"}}, "default")
+    opaque = {**c.get("secrets", "t", "default"), "type": "Opaque"}
+    with pytest.raises(ApiError) as e:
+        c.update("secrets", "t", opaque, "default")
+    assert e.value.code == 422 and "type: Invalid value" in e.value.message
+
+
+def test_webhook_configurations_carry_ca_bundles_as_base64():
+    from tests.kubeapi.cluster import Cluster
+
+    c = Cluster()
+    hook = {"name": "h.example.com", "clientConfig": {"caBundle": "not base64!"}}
+    with pytest.raises(ApiError) as e:
+        c.create("mutatingwebhookconfigurations",
+                 {"metadata": {"name": "w"}, "webhooks": [hook]})
+    assert e.value.code == 400
+    hook["clientConfig"]["caBundle"] = "TFMwdExTMUNSVWRKVGc9PQ=="
+    c.create("mutatingwebhookconfigurations", {"metadata": {"name": "w"}, "webhooks": [hook]})
+    assert c.get("mutatingwebhookconfigurations", "w")["kind"] == "MutatingWebhookConfiguration"

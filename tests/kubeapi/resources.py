@@ -1,8 +1,8 @@
 """The resource types the fake serves: where they live, what they accept, how they differ.
 
-Built-in types (namespaces, nodes, pods, secrets, core and events.k8s.io events) carry the
-per-type behaviour of their registry strategies that a client can observe; custom resources
-come from a CRD manifest (``crd.py``).
+Built-in types (namespaces, nodes, pods, secrets, core and events.k8s.io events, mutating
+webhook configurations) carry the per-type behaviour of their registry strategies that a
+client can observe; custom resources come from a CRD manifest (``crd.py``).
 """
 
 from __future__ import annotations
@@ -187,6 +187,32 @@ def _secret_to_storage(obj: JSON) -> JSON:
     return obj
 
 
+def _validate_secret(obj: JSON, old: JSON | None) -> list[Cause]:
+    """ValidateSecret: the keys a typed Secret needs, and a type that never changes."""
+    causes: list[Cause] = []
+    data = obj.get("data") or {}
+    if obj.get("type") == "kubernetes.io/tls":
+        causes += [(f"data[{key}]", "FieldValueRequired", "Required value")
+                   for key in ("tls.crt", "tls.key") if key not in data]
+    if old is not None and old.get("type") != obj.get("type"):
+        causes.append(("type", "FieldValueInvalid",
+                       f'Invalid value: "{obj.get("type")}": field is immutable'))
+    return causes
+
+
+def _webhook_config_to_storage(obj: JSON) -> JSON:
+    """``caBundle`` is a []byte: JSON carries it base64-encoded, or the decoding fails."""
+    for i, hook in enumerate(obj.get("webhooks") or []):
+        bundle = (hook.get("clientConfig") or {}).get("caBundle")
+        if bundle is None:
+            continue
+        try:
+            base64.b64decode(bundle, validate=True)
+        except (binascii.Error, TypeError, ValueError) as e:
+            raise bad_request(f"illegal base64 data in webhooks[{i}].clientConfig.caBundle") from e
+    return obj
+
+
 _EVENT_FIELDS = (
     ("regarding", "involvedObject"),
     ("note", "message"),
@@ -272,7 +298,7 @@ BUILTINS: tuple[ResourceType, ...] = (
                          "spec.serviceAccountName", "spec.hostNetwork", "status.phase",
                          "status.podIP", "status.nominatedNodeName")),
     ResourceType("", "v1", "secrets", "Secret", True, fields=("type",),
-                 to_storage=_secret_to_storage),
+                 to_storage=_secret_to_storage, validate=_validate_secret),
     ResourceType("", "v1", "events", "Event", True, bucket="events", create_on_update=True,
                  fields=_EVENT_FIELD_LABELS, validate=_validate_core_event),
     ResourceType("events.k8s.io", "v1", "events", "Event", True, bucket="events",
@@ -289,6 +315,8 @@ BUILTINS: tuple[ResourceType, ...] = (
                  ),
                  validate=_validate_events_v1, to_storage=_event_to_core,
                  from_storage=_event_from_core),
+    ResourceType("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations",
+                 "MutatingWebhookConfiguration", False, to_storage=_webhook_config_to_storage),
     ResourceType("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False,
                  virtual=True),
     ResourceType("authorization.k8s.io", "v1", "subjectaccessreviews", "SubjectAccessReview",

@@ -61,6 +61,12 @@ async def test_short_body_then_resume_fetches_nothing_twice(faulty: FaultyServer
     faulty.fault("/a.bin", Fault(close_after=100_000))
     with pytest.raises(aiohttp.ClientPayloadError):
         await get(faulty.url("/a.bin"))
+    # the server records what it sent once its handler ends, which may be after the
+    # client saw the connection close: wait for the record, do not race it
+    def recorded(s: FaultyServer) -> bool:
+        return bool(s.gets("/a.bin")) and s.gets("/a.bin")[0].sent >= 100_000
+
+    await asyncio.to_thread(faulty.wait_for, recorded)
     got = faulty.gets("/a.bin")[0].sent
     assert got == 100_000
     status, _, rest = await get(faulty.url("/a.bin"), {"Range": f"bytes={got}-"})

@@ -1,0 +1,158 @@
+"""A real modelcache agent process (``python -m agent agent --standalone``) for tests.
+
+Started on a free loopback port with its store under the test's directory; ready when
+``/readyz`` answers 200; stopped by SIGTERM (graceful) or killed with SIGKILL (crash tests)
+and restarted on the same store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.servers.net import fetch, free_port, wait_until
+from tests.servers.proc import ManagedProcess
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class AgentProcess:
+    def __init__(self, store: Path, *, allow_hosts: Sequence[str] = ("127.0.0.1",),
+                 allow_paths: Sequence[Path] = (), extra_args: Sequence[str] = (),
+                 env: dict[str, str] | None = None, log_dir: Path | None = None,
+                 name: str = "agent") -> None:
+        self.store = store
+        self.allow_hosts = list(allow_hosts)
+        self.allow_paths = [Path(p) for p in allow_paths]
+        self.extra_args = list(extra_args)
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.log_dir = log_dir or store.parent
+        self.name = name
+        self.port = 0
+        self.proc: ManagedProcess | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def token(self) -> str:
+        return (self.store / "admin-token").read_text().strip()
+
+    def start(self, timeout: float = 20.0) -> AgentProcess:
+        self.port = free_port()
+        argv = [sys.executable, "-m", "agent", "agent", "--standalone",
+                "--store", str(self.store), "--listen", f"127.0.0.1:{self.port}",
+                "--log-level", "debug"]
+        for host in self.allow_hosts:
+            argv += ["--allow-host", host]
+        for path in self.allow_paths:
+            argv += ["--allow-path", str(path)]
+        argv += self.extra_args
+        self.starts += 1
+        self.proc = ManagedProcess(argv, name=f"{self.name}-{self.starts}", log_dir=self.log_dir,
+                                   env=self.env, cwd=REPO).start()
+        wait_until(lambda: fetch(self.url + "/readyz").status == 200, timeout=timeout,
+                   what=f"agent on {self.url}", alive=self.proc.alive)
+        return self
+
+    def stop(self) -> int | None:
+        return self.proc.stop() if self.proc is not None else None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no chance to checkpoint or clean up."""
+        assert self.proc is not None and self.proc.popen is not None
+        self.proc.popen.send_signal(signal.SIGKILL)
+        self.proc.popen.wait()
+
+    def log(self) -> str:
+        return self.proc.log_tail(20000) if self.proc is not None else ""
+
+    def call(self, method: str, path: str, body: Any = None, *, auth: bool = True
+             ) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        reply = fetch(self.url + path, method=method, headers=headers, data=data)
+        try:
+            return reply.status, json.loads(reply.body or b"null")
+        except ValueError:
+            return reply.status, reply.body.decode(errors="replace")
+
+    def ensure(self, uri: str, **fields: Any) -> dict[str, Any]:
+        status, body = self.call("POST", "/api/v1/models", {"uri": uri, **fields})
+        assert status == 202, (status, body)
+        return dict(body)
+
+    def wait_ready(self, key: str, timeout: float = 60.0) -> dict[str, Any]:
+        status, body = self.call("GET", f"/api/v1/models/{key}?wait={timeout}")
+        assert status == 200, (status, body)
+        return dict(body)
+
+
+class InProcessAgent:
+    """An agent built by ``agent.main.build`` and served on the running loop.
+
+    ``async with InProcessAgent(settings) as agent:`` gives ``agent.deps`` (store, index,
+    puller, metrics...), ``agent.url`` and ``agent.client()``.
+    """
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.deps: Any = None
+        self._stop: Any = None
+        self._task: Any = None
+
+    async def __aenter__(self) -> InProcessAgent:
+        import asyncio
+
+        from agent.main import build, serve
+
+        self.deps = await build(self.settings)
+        self._stop, started = asyncio.Event(), asyncio.Event()
+        self._task = asyncio.create_task(serve(self.deps, self._stop, started))
+        waiter = asyncio.create_task(started.wait())
+        done, _ = await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._task in done:
+            waiter.cancel()
+            self._task.result()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        await self._task
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.deps.state.address}"
+
+    @property
+    def token(self) -> str:
+        return Path(self.settings.api.token_file).read_text().strip()
+
+    def client(self) -> Any:
+        from agent.client import AgentClient
+
+        return AgentClient(self.url, self.token)
+
+
+def agent_settings(tmp: Path, **overrides: Any) -> Any:
+    """Settings for a test agent: store and token under ``tmp``, loopback allowed."""
+    from agent.settings import AgentSettings, ApiSettings, EgressSettings, StoreSettings
+
+    egress = overrides.pop("egress", EgressSettings(allow_hosts=("127.0.0.1", "127.0.0.2")))
+    return AgentSettings(
+        node_name="test-node",
+        store=overrides.pop("store", StoreSettings(path=tmp / "store")),
+        egress=egress,
+        api=ApiSettings(listen="127.0.0.1:0", token_file=tmp / "token"),
+        **overrides,
+    )

@@ -1,0 +1,95 @@
+"""Fixtures of the webhook tests: TLS material from trustme, the real webhook server on
+127.0.0.1 over TLS, the fake API server, and a check that no test leaks a task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trustme
+from aiohttp import web
+from webhook_testkit import (
+    CertFiles,
+    FakeApiServer,
+    RunningApi,
+    RunningWebhook,
+    make_deps,
+    serve,
+)
+
+from webhook.namespaces import NamespaceCache
+from webhook.settings import PlanSettings
+from webhook.tls import CertReloader
+
+
+@pytest.fixture
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    before = asyncio.all_tasks()
+    yield
+    current = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
+    if left:  # tasks being torn down (a lingering close: 1 s) may finish; the rest leaked
+        await asyncio.wait(left, timeout=3)
+    leaked = [t for t in left if not t.done()]
+    assert not leaked, f"leaked tasks: {leaked}"
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def cert_files(ca: trustme.CA, tmp_path: Path) -> CertFiles:
+    files = CertFiles(tmp_path / "tls.crt", tmp_path / "tls.key")
+    files.write(ca.issue_cert("127.0.0.1", "localhost"))
+    return files
+
+
+@pytest.fixture
+def client_ssl(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+@pytest.fixture
+def plan_settings() -> PlanSettings:
+    return PlanSettings()
+
+
+@pytest.fixture
+async def webhook(
+    no_leaked_tasks: None, cert_files: CertFiles, plan_settings: PlanSettings
+) -> AsyncIterator[RunningWebhook]:
+    """The real webhook app over TLS, its certificate polled every 20 ms."""
+    reloader = CertReloader(str(cert_files.cert), str(cert_files.key),
+                            logging.getLogger("modelcache.webhook.test"))
+    cache = NamespaceCache()
+    cache.replace({"ml": {"kubernetes.io/metadata.name": "ml"}})
+    deps = make_deps(reloader, plan_settings, cache)
+    try:
+        async with serve(deps, reloader) as url:
+            yield RunningWebhook(url, deps, reloader, cache)
+    finally:
+        reloader.close()
+
+
+@pytest.fixture
+async def fake_api(no_leaked_tasks: None) -> AsyncIterator[RunningApi]:
+    """The fake API server over plain HTTP on 127.0.0.1."""
+    fake = FakeApiServer()
+    runner = web.AppRunner(fake.app(), access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield RunningApi(fake, f"http://127.0.0.1:{port}")
+    finally:
+        await fake.drop_watches()
+        await runner.cleanup()

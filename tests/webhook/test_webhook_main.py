@@ -1,0 +1,273 @@
+"""``python -m webhook`` as a real process: serving over TLS, what it logs without cluster
+access, namespace labels from a (fake) API server through a kubeconfig, graceful SIGTERM;
+and ``webhook certs`` minting a CA and serving certificate and patching the caBundle."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+import ssl
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from webhook_testkit import CertFiles, RunningApi, admission_review, apply, decoded_patch
+
+import webhook
+from webhook.tls import not_after
+
+ROOT = Path(webhook.__file__).resolve().parent.parent
+GOLDEN = Path(__file__).parent / "golden"
+TIMEOUT = 20
+
+
+@dataclass
+class Process:
+    proc: asyncio.subprocess.Process
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    url: str = ""
+    closed: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_log(self, message: str) -> dict[str, Any]:
+        """The first log entry with this message, once the process has written it."""
+        async def find() -> dict[str, Any]:
+            while True:
+                self.changed.clear()
+                for entry in self.logs:
+                    if entry.get("msg") == message:
+                        return entry
+                if self.closed:
+                    raise AssertionError(f"no {message!r} in the log: {self.logs}")
+                await self.changed.wait()
+        return await asyncio.wait_for(find(), TIMEOUT)
+
+
+def env_for(kubeconfig: Path | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env["KUBECONFIG"] = str(kubeconfig) if kubeconfig else "/nonexistent/kubeconfig"
+    return env
+
+
+@contextlib.asynccontextmanager
+async def running(args: list[str], env: dict[str, str]) -> AsyncIterator[Process]:
+    """The webhook as a child process; SIGTERM, then SIGKILL after 5 s, on exit."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "webhook", *args, env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    process = Process(proc)
+
+    async def read() -> None:
+        assert proc.stderr is not None
+        async for line in proc.stderr:
+            with contextlib.suppress(ValueError):
+                process.logs.append(json.loads(line))
+            process.changed.set()
+        process.closed = True
+        process.changed.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        serving = await process.wait_log("serving")
+        process.url = serving["listen"][0]
+        yield process
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        await reader
+
+
+def serve_args(cert_files: CertFiles, *extra: str) -> list[str]:
+    return ["--listen", "127.0.0.1:0", "--tls-cert", str(cert_files.cert),
+            "--tls-key", str(cert_files.key), "--shutdown-delay", "0.2", *extra]
+
+
+async def admit(url: str, client_ssl: ssl.SSLContext, review: dict[str, Any]) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.post(
+        f"{url}/mutate", json=review, ssl=client_ssl,
+    ) as response:
+        assert response.status == 200
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+def golden_pod(name: str) -> dict[str, Any]:
+    pod: dict[str, Any] = json.loads((GOLDEN / f"{name}.json").read_text())["review"][
+        "request"]["object"]
+    return pod
+
+
+async def test_serves_without_cluster_access_and_stops_on_sigterm(
+    no_leaked_tasks: None, cert_files: CertFiles, client_ssl: ssl.SSLContext
+) -> None:
+    async with running(serve_args(cert_files), env_for(None)) as process:
+        pod = golden_pod("cache-defaults")
+        body = await admit(process.url, client_ssl, admission_review(pod))
+        response = body["response"]
+        mutated = apply(pod, decoded_patch(response))
+        assert mutated["spec"]["initContainers"][0]["name"] == "modelcache-init"
+        # labels unknown: cache mode, and the pod's author is told why
+        assert any("namespace labels unknown" in w for w in response["warnings"])
+        async with aiohttp.ClientSession() as session, session.get(
+            f"{process.url}/readyz", ssl=client_ssl
+        ) as ready:
+            assert ready.status == 200
+        async with aiohttp.ClientSession() as session, session.get(
+            f"{process.url}/metrics", ssl=client_ssl
+        ) as scraped:
+            exposition = await scraped.text()
+        samples = {s.name: s.value for f in text_string_to_metric_families(exposition)
+                   for s in f.samples}
+        assert samples["modelcache_webhook_cert_expiry_timestamp_seconds"] == not_after(
+            cert_files.cert.read_bytes())
+        process.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.proc.wait(), TIMEOUT) == 0
+        await process.wait_log("stopped")
+    no_access = [e for e in process.logs if e["msg"].startswith("no cluster access")]
+    assert len(no_access) == 1 and no_access[0]["level"] == "warning"
+    assert all(e["level"] != "error" for e in process.logs)
+    mutations = [e for e in process.logs if e["msg"] == "admission mutated"]
+    assert mutations and mutations[0]["uid"] and mutations[0]["mode"] == "cache"
+
+
+async def test_namespace_labels_choose_the_mode(
+    fake_api: RunningApi, cert_files: CertFiles, client_ssl: ssl.SSLContext, tmp_path: Path
+) -> None:
+    """Through a kubeconfig, the process watches namespaces: a namespace that enforces
+    `restricted` gets download mode; relabelled `privileged`, cache mode."""
+    fake = fake_api.fake
+    await fake.put_namespace("ml", {"pod-security.kubernetes.io/enforce": "restricted"})
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
+        "users": [{"name": "sa", "user": {"token": fake.token}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "sa"}}],
+    }))
+    async with running(serve_args(cert_files), env_for(kubeconfig)) as process:
+        await process.wait_log("namespace labels synced")
+        pod = golden_pod("cache-defaults")
+
+        async def mode() -> str:
+            response = (await admit(process.url, client_ssl, admission_review(pod)))["response"]
+            mutated = apply(pod, decoded_patch(response))
+            value: str = json.loads(mutated["metadata"]["annotations"]["modelcache.io/injected"])[
+                "mode"]
+            return value
+
+        assert await mode() == "download"
+        await fake.wait_watches(1)
+        await fake.put_namespace("ml", {"pod-security.kubernetes.io/enforce": "privileged"})
+        # the watch delivers the change; poll the answer until it follows (bounded)
+        for _ in range(200):
+            if await mode() == "cache":
+                break
+            await asyncio.sleep(0.01)
+        assert await mode() == "cache"
+    assert not any(e["msg"].startswith("no cluster access") for e in process.logs)
+    assert fake.token not in json.dumps(process.logs)
+
+
+async def test_certs_mints_a_working_pair_and_patches_the_ca_bundle(
+    fake_api: RunningApi, tmp_path: Path
+) -> None:
+    fake = fake_api.fake
+    fake.webhook_configs["modelcache"] = {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "modelcache", "resourceVersion": "7"},
+        "webhooks": [{"name": "pods.modelcache.io", "clientConfig": {
+            "service": {"name": "modelcache-webhook", "namespace": "modelcache",
+                        "path": "/mutate"}}}],
+    }
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
+        "users": [{"name": "sa", "user": {"token": fake.token}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "sa"}}],
+    }))
+    out = tmp_path / "certs"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "webhook", "certs", "--service", "modelcache-webhook",
+        "--namespace", "modelcache", "--out-dir", str(out), "--webhook-config", "modelcache",
+        env=env_for(kubeconfig), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode == 0, stderr.decode()
+    ca_bundle = stdout.decode().strip()
+    assert base64.b64decode(ca_bundle) == (out / "ca.crt").read_bytes()
+    assert (out / "tls.key").stat().st_mode & 0o777 == 0o600
+    webhook_config = fake.webhook_configs["modelcache"]
+    assert webhook_config["webhooks"][0]["clientConfig"]["caBundle"] == ca_bundle
+    assert webhook_config["webhooks"][0]["clientConfig"]["service"]["path"] == "/mutate"
+    # a real handshake: the API server trusts the bundle and checks the Service's name
+    for name in ("modelcache-webhook.modelcache.svc",
+                 "modelcache-webhook.modelcache.svc.cluster.local"):
+        await handshake(out, name)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await handshake(out, "other.modelcache.svc")
+
+
+async def handshake(out: Path, server_name: str) -> None:
+    server_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ssl.load_cert_chain(out / "tls.crt", out / "tls.key")
+    client_ssl = ssl.create_default_context(cafile=str(out / "ca.crt"))
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_ssl)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_ssl, server_hostname=server_name)
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_certs_without_cluster_access_still_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from webhook.main import main
+
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    code = main(["certs", "--service", "s", "--namespace", "n", "--out-dir",
+                 str(tmp_path / "o"), "--webhook-config", "x"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert base64.b64decode(captured.out.strip()) == (tmp_path / "o" / "ca.crt").read_bytes()
+    assert "not patched" in captured.err
+
+
+def test_bad_flags_exit_2(cert_files: CertFiles, capsys: pytest.CaptureFixture[str]) -> None:
+    from webhook.main import main
+
+    base = ["--tls-cert", str(cert_files.cert), "--tls-key", str(cert_files.key)]
+    assert main([*base, "--image", "ghcr.io/modelcache/modelcache:latest"]) == 2
+    assert main([*base, "--store-path", "relative/path"]) == 2
+    assert main([*base, "--listen", "nowhere"]) == 2
+    assert main([]) == 2
+    assert "pinned" in capsys.readouterr().err

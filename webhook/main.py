@@ -1,0 +1,270 @@
+"""``modelcache webhook``: the composition root. Flags and environment are read here, once.
+
+    modelcache webhook [--listen HOST:PORT] --tls-cert FILE --tls-key FILE
+                       [--store-path DIR] [--agent-url URL] [--image IMAGE]
+                       [--namespace NS] [--allow-host HOST ...]
+    modelcache webhook certs --service NAME --namespace NS
+                       [--secret NAME] [--out-dir DIR] [--webhook-config NAME]
+                       [--days N] [--renew-before-days N]
+
+Shutdown on SIGTERM: not ready -> keep serving for ``--shutdown-delay`` (endpoints drop the
+pod) -> close the listener -> finish in-flight reviews -> stop background work -> close the
+API client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import gc
+import logging
+import os
+import posixpath
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from . import certs, logs
+from .admission import Context
+from .cluster import ClusterConfig, ClusterError, KubeApi, find_config
+from .metrics import WebhookMetrics
+from .namespaces import NamespaceCache, NamespaceWatch
+from .server import Deps, make_runner
+from .settings import DEFAULT_IMAGE, DEFAULT_NAMESPACE, PlanSettings, ServerSettings, agent_url_for
+from .tls import CertReloader
+
+
+def main(argv: list[str]) -> int:
+    """Run ``modelcache webhook`` with the arguments after ``webhook``; the exit status."""
+    env = dict(os.environ)
+    if argv[:1] == ["certs"]:
+        return _certs(argv[1:], env)
+    try:
+        args = serve_parser(env).parse_args(argv)
+        server, planning = settings_from(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    log = logs.setup(args.log_level)
+    try:
+        return asyncio.run(serve(server, planning, env, log))
+    except KeyboardInterrupt:
+        return 130
+
+
+def serve_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The flags of ``modelcache webhook`` (defaults from ``env``: ``POD_NAMESPACE``)."""
+    p = argparse.ArgumentParser(prog="modelcache webhook",
+                                description="Mutating admission webhook that mounts models.")
+    p.add_argument("--listen", default="0.0.0.0:8443", metavar="HOST:PORT")
+    p.add_argument("--tls-cert", required=True, metavar="FILE")
+    p.add_argument("--tls-key", required=True, metavar="FILE")
+    p.add_argument("--store-path", default=PlanSettings.store_path, metavar="DIR",
+                   help="the agent's store root on every node")
+    p.add_argument("--agent-url", default=None, metavar="URL",
+                   help="the agent Service (internalTrafficPolicy: Local); default "
+                        "http://modelcache-agent.NAMESPACE.svc:9400")
+    p.add_argument("--image", default=DEFAULT_IMAGE, help="init container image (pinned)")
+    p.add_argument("--namespace", default=env.get("POD_NAMESPACE") or DEFAULT_NAMESPACE,
+                   help="the webhook's own namespace (never mutated)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="HOST[:PORT]",
+                   help="allow a model host that is localhost or a private address")
+    p.add_argument("--cert-poll-seconds", type=float, default=ServerSettings.cert_poll_seconds)
+    p.add_argument("--shutdown-delay", type=float,
+                   default=ServerSettings.shutdown_delay_seconds, metavar="SECONDS")
+    p.add_argument("--max-body-bytes", type=int, default=ServerSettings.max_body_bytes)
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> tuple[ServerSettings, PlanSettings]:
+    """Settings from parsed flags; argparse-style exit on a bad value."""
+    host, port = _listen(args.listen)
+    store = str(args.store_path)
+    if not store.startswith("/") or posixpath.normpath(store) != store or store == "/":
+        _fail(f"--store-path {store!r} must be a clean absolute path")
+    image = str(args.image)
+    if "@" not in image and (":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest")):
+        _fail(f"--image {image!r} must be pinned to a tag or digest other than latest")
+    server = ServerSettings(
+        host=host, port=port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        cert_poll_seconds=args.cert_poll_seconds, max_body_bytes=args.max_body_bytes,
+        namespace=args.namespace, shutdown_delay_seconds=args.shutdown_delay,
+    )
+    planning = PlanSettings(
+        store_path=store, agent_url=args.agent_url or agent_url_for(args.namespace),
+        image=image, allow_hosts=tuple(args.allow_host),
+    )
+    return server, planning
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        _fail(f"--listen {text!r} must be HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _fail(message: str) -> None:
+    print(f"modelcache webhook: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+async def serve(
+    server: ServerSettings, planning: PlanSettings, env: Mapping[str, str],
+    log: logging.Logger,
+) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status."""
+    metrics = WebhookMetrics()
+    try:
+        reloader = CertReloader(server.tls_cert, server.tls_key, log,
+                                metrics.cert_reloaded, metrics.cert_loaded)
+    except (OSError, ValueError) as e:
+        log.error("cannot load the TLS certificate", extra={"fields": {"error": str(e)}})
+        return 1
+    cache = NamespaceCache()
+    background: list[Callable[[], Awaitable[None]]] = [
+        lambda: reloader.run(server.cert_poll_seconds)
+    ]
+    config, why = find_config(env)
+    session: aiohttp.ClientSession | None = None
+    if config is None:
+        log.warning("no cluster access: namespace labels unknown, mode defaults to cache",
+                    extra={"fields": {"why": why}})
+    else:
+        session = aiohttp.ClientSession()
+        log.info("watching namespaces", extra={"fields": {"config": config.source}})
+        background.append(NamespaceWatch(KubeApi(config, session), cache, log).run)
+    deps = Deps(
+        admission=Context(planning, server.namespace, cache.labels),
+        metrics=metrics, log=log, max_body_bytes=server.max_body_bytes,
+        background=tuple(background),
+    )
+    runner = make_runner(deps, server.shutdown_timeout_seconds)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, server.host, server.port, ssl_context=reloader.context)
+        await site.start()
+        gc.freeze()  # start-up objects (schemas, modules) never need collecting: fewer pauses
+        bound = [f"https://{a[0]}:{a[1]}" if ":" not in a[0] else f"https://[{a[0]}]:{a[1]}"
+                 for a in runner.addresses]
+        log.info("serving", extra={"fields": {"listen": bound, "agent": planning.agent_url,
+                                              "image": planning.image}})
+        await stop.wait()
+        log.info("stopping: not ready, draining")
+        deps.health.ready = False
+        await asyncio.sleep(server.shutdown_delay_seconds)
+    finally:
+        await runner.cleanup()
+        if session is not None:
+            await session.close()
+        reloader.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0
+
+
+# --- certs ----------------------------------------------------------------------------------
+
+
+def certs_parser() -> argparse.ArgumentParser:
+    """The flags of ``modelcache webhook certs``."""
+    p = argparse.ArgumentParser(
+        prog="modelcache webhook certs",
+        description="Mint a CA and a serving certificate for the webhook Service, or keep "
+                    "the good pair a Secret already holds; print the caBundle (base64 of the "
+                    "CA PEM).")
+    p.add_argument("--service", required=True)
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--secret", metavar="NAME",
+                   help="kubernetes.io/tls Secret in NAMESPACE to create or renew (tls.crt, "
+                        "tls.key, ca.crt); needs cluster access")
+    p.add_argument("--out-dir", type=Path, metavar="DIR",
+                   help="also (or only) write ca.crt, tls.crt and tls.key here")
+    p.add_argument("--webhook-config", metavar="NAME",
+                   help="MutatingWebhookConfiguration whose caBundle to patch (needs access)")
+    p.add_argument("--days", type=int, default=365, help="serving certificate lifetime")
+    p.add_argument("--renew-before-days", type=int, default=certs.RENEW_BEFORE.days,
+                   metavar="N", help="with --secret: re-mint a pair expiring within N days")
+    return p
+
+
+def _certs(argv: list[str], env: Mapping[str, str]) -> int:
+    p = certs_parser()
+    try:
+        args = p.parse_args(argv)
+        if not (args.secret or args.out_dir):
+            p.error("give --secret NAME, --out-dir DIR, or both")
+        if args.secret and args.days <= args.renew_before_days:
+            p.error("--days must be more than --renew-before-days (or every run re-mints)")
+    except SystemExit as e:
+        return int(e.code or 0)
+    config, why = find_config(env)
+    if args.secret:
+        if config is None:
+            print(f"no cluster access ({why}): cannot write Secret "
+                  f"{args.namespace}/{args.secret}", file=sys.stderr)
+            return 1
+        return asyncio.run(_certs_in_cluster(config, args))
+    minted = certs.mint(args.service, args.namespace, days=args.days)
+    paths = certs.write(minted, args.out_dir)
+    print(minted.ca_bundle)
+    names = ", ".join(certs.dns_names(args.service, args.namespace))
+    print(f"wrote {', '.join(str(p) for p in paths.values())} for {names}", file=sys.stderr)
+    if not args.webhook_config:
+        return 0
+    if config is None:
+        print(f"no cluster access ({why}): caBundle of {args.webhook_config} not patched",
+              file=sys.stderr)
+        return 0
+    return asyncio.run(_patch(config, args.webhook_config, minted.ca_bundle))
+
+
+async def _certs_in_cluster(config: ClusterConfig, args: argparse.Namespace) -> int:
+    """The Secret (kept or re-minted), then the files and the caBundle from what it holds."""
+    where = f"Secret {args.namespace}/{args.secret}"
+    async with aiohttp.ClientSession() as session:
+        api = KubeApi(config, session)
+        try:
+            ensured = await certs.ensure_secret(
+                api, args.secret, args.service, args.namespace, days=args.days,
+                renew_before=datetime.timedelta(days=args.renew_before_days))
+        except (ClusterError, aiohttp.ClientError, OSError) as e:
+            print(f"{where} failed: {e}", file=sys.stderr)
+            return 1
+        print(f"{where} {ensured.action}" + (f": {ensured.why}" if ensured.why else ""),
+              file=sys.stderr)
+        if args.out_dir:
+            certs.write(ensured.pair, args.out_dir)
+        print(ensured.pair.ca_bundle)
+        if not args.webhook_config:
+            return 0
+        return await _patch_with(api, args.webhook_config, ensured.pair.ca_bundle)
+
+
+async def _patch(config: ClusterConfig, name: str, ca_bundle: str) -> int:
+    async with aiohttp.ClientSession() as session:
+        return await _patch_with(KubeApi(config, session), name, ca_bundle)
+
+
+async def _patch_with(api: KubeApi, name: str, ca_bundle: str) -> int:
+    try:
+        count = await certs.patch_ca_bundle(api, name, ca_bundle)
+    except (ClusterError, aiohttp.ClientError, OSError) as e:
+        print(f"patching {name} failed: {e}", file=sys.stderr)
+        return 1
+    if count:
+        print(f"patched caBundle of {count} webhook(s) in {name}", file=sys.stderr)
+    else:
+        print(f"caBundle of {name} already current", file=sys.stderr)
+    return 0

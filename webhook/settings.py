@@ -1,0 +1,77 @@
+"""The webhook's settings: frozen dataclasses grouped by concern, read once, passed down.
+
+``webhook/main.py`` builds these from flags and the environment at start-up; nothing else
+reads either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1024 * 1024
+
+DEFAULT_IMAGE = "ghcr.io/modelcache/modelcache:0.1.0"
+DEFAULT_NAMESPACE = "modelcache"
+AGENT_SERVICE = "modelcache-agent"
+AGENT_PORT = 9400
+
+
+def agent_url_for(namespace: str) -> str:
+    """The agent's Service URL in a namespace (the Service has ``internalTrafficPolicy:
+    Local``, so the init container always reaches the agent on its own node)."""
+    return f"http://{AGENT_SERVICE}.{namespace}.svc:{AGENT_PORT}"
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What the pure planner needs to know about the cluster's modelcache installation."""
+
+    store_path: str = "/var/lib/modelcache"
+    """The agent's store root on every node; ``<store>/models/<key>`` is mounted."""
+
+    agent_url: str = agent_url_for(DEFAULT_NAMESPACE)
+    """URL the init container uses to reach its own node's agent."""
+
+    image: str = DEFAULT_IMAGE
+    """Image of the injected init container (a pinned tag or digest, never ``latest``)."""
+
+    allow_hosts: tuple[str, ...] = ()
+    """Hosts (``name``, ``name:port``, ``*.domain``, an IP or a CIDR) a model URI may name
+    even though they are loopback, link-local, private or ``localhost``."""
+
+    size_headroom: float = 0.05
+    """Extra room given to the fallback emptyDir over the model's declared size."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The webhook's HTTPS server."""
+
+    host: str = "0.0.0.0"
+    """Address to listen on."""
+
+    port: int = 8443
+    """TLS port serving ``/mutate``, ``/healthz``, ``/readyz`` and ``/metrics``."""
+
+    tls_cert: str = ""
+    """PEM certificate chain file; reloaded when it changes."""
+
+    tls_key: str = ""
+    """PEM private key file; reloaded with the certificate."""
+
+    cert_poll_seconds: float = 5.0
+    """How often the certificate files are checked for a change (mtime, inode, size)."""
+
+    max_body_bytes: int = 3 * MiB
+    """Largest AdmissionReview accepted; beyond it the answer is 413 (etcd's object limit
+    is 1.5 MiB, and a review carries the object once or twice)."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    """The webhook's own namespace: its pods are never mutated."""
+
+    shutdown_delay_seconds: float = 2.0
+    """After SIGTERM: seconds to keep serving while not ready, so endpoints drop this pod
+    before it stops accepting connections."""
+
+    shutdown_timeout_seconds: float = 10.0
+    """Seconds in-flight requests may take to finish once the listener is closed."""
