@@ -20,9 +20,12 @@ token with the agent's audience (default ``modelcache``), checked with a TokenRe
                                namespace (its credentials are read there; creating a
                                CachedModel there would make every agent pull the same)
   reads (models, store)        ``list cachedmodels.modelcache.io`` in all namespaces
-  ``DELETE``, ``POST /gc``     ``delete cachedmodels.modelcache.io`` in all namespaces
-  ``GET /api/v1/blobs/...``    ``get cachedmodels.modelcache.io/blobs`` (a virtual
-                               subresource) in all namespaces
+  ``DELETE``, ``POST /gc``     ``delete cachedmodels.modelcache.io/cache`` in all
+                               namespaces (a virtual subresource: evicting from node
+                               caches, even a model in use with ``?force``, is a power
+                               apart from deleting CachedModel objects)
+  ``GET /api/v1/blobs/...``    ``get cachedmodels.modelcache.io/blobs`` (virtual too)
+                               in all namespaces
   ===========================  =====================================================
 
   Refused: 403. Accepted reviews are remembered for ``token_ttl`` seconds (keyed by a hash
@@ -71,7 +74,7 @@ class Access:
 ACCESS = {
     "ensure": Access("create", namespaced=True),
     "read": Access("list"),
-    "write": Access("delete"),
+    "write": Access("delete", subresource="cache"),
     "peer": Access("get", subresource="blobs"),
 }
 

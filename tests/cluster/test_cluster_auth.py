@@ -115,7 +115,13 @@ async def test_other_callers_need_a_subject_access_review_grant(
                    api_groups=["modelcache.io"], users=[user])  # all namespaces
     assert (await agent.call("GET", MODELS, token))[0] == 200
     await eventually(agent, lambda: agent.index.get(key).state != "pulling")
+    # deleting CachedModels is not evicting from node caches
+    assert (await agent.call("DELETE", f"{MODELS}/{key}?force=true", token))[0] == 403
+    assert (await agent.call("POST", "/api/v1/gc", token))[0] == 403
+    api.auth.allow(verbs=["delete"], resources=["cachedmodels/cache"],
+                   api_groups=["modelcache.io"], users=[user])
     assert (await agent.call("DELETE", f"{MODELS}/{key}?force=true", token))[0] == 200
+    assert (await agent.call("POST", "/api/v1/gc", token))[0] == 200
 
 
 @pytest.fixture
