@@ -27,6 +27,7 @@ from agent.reference import KEY_HEX, parse
 from agent.settings import AgentSettings
 from agent.store.blobs import valid_digest
 from agent.store.local import Store
+from agent.usage import Usage
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
@@ -52,6 +53,8 @@ class Deps:
     metrics: Metrics
     auth: Authenticator
     credentials: CredentialsProvider
+    usage: Usage
+    """Who uses which model (pods, leases); ``usage.known`` once all of it is known."""
     state: AgentState = field(default_factory=AgentState)
 
 

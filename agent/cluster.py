@@ -45,12 +45,12 @@ def startup_delay(node: str, limit: float) -> float:
 
 class Controller:
     def __init__(self, kube: KubeClient, settings: AgentSettings, index: Index, puller: Puller,
-                 credentials: CredentialsProvider, pods: PodDirectory) -> None:
+                 credentials: CredentialsProvider, pods: PodDirectory, usage: Usage) -> None:
         self.kube = kube
         self.node = settings.node_name
         self.settings = settings.cluster
         self.pods = pods
-        self.usage = Usage(index, known=False)
+        self.usage = usage
         self.labels = NodeLabels(kube, self.node, index)
         self.status = StatusWriter(kube, self.node, index, self.settings.status_interval)
         self.warm = Warm(puller, index, credentials, self.status, self.settings)

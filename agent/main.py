@@ -45,6 +45,7 @@ from agent.sources.registry import ModelRegistrySource
 from agent.sources.s3 import S3Source
 from agent.store.local import Store
 from agent.store.recovery import recover
+from agent.usage import Usage
 
 log = logging.getLogger(__name__)
 REFRESH_CHECK_SECONDS = 60.0
@@ -93,7 +94,10 @@ async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
         auth = await asyncio.to_thread(TokenFileAuth.from_file, settings.api.token_file)
     return Deps(settings=settings, store=store, index=index, puller=puller,
                 collector=Collector(store, index, metrics), metrics=metrics, auth=auth,
-                credentials=credentials or DirectoryCredentials(credentials_dir))
+                credentials=credentials or DirectoryCredentials(credentials_dir),
+                # standalone, nothing but the API holds models: in-use is known at once;
+                # in a cluster, once the pods on the node are listed (agent/cluster.py)
+                usage=Usage(index, known=settings.standalone))
 
 
 async def build_in_cluster(settings: AgentSettings, kube: KubeClient
@@ -103,7 +107,8 @@ async def build_in_cluster(settings: AgentSettings, kube: KubeClient
     pods = PodDirectory()
     auth = KubeAuth(kube, pods, settings.node_name, settings.cluster)
     deps = await build(settings, auth=auth, credentials=SecretCredentials(kube))
-    controller = Controller(kube, settings, deps.index, deps.puller, deps.credentials, pods)
+    controller = Controller(kube, settings, deps.index, deps.puller, deps.credentials, pods,
+                            deps.usage)
     return deps, controller
 
 
