@@ -25,6 +25,7 @@ from agent.kube import KubeClient, WatchEvent, object_key
 from agent.nodelabels import NodeLabels
 from agent.pods import PodDirectory, holder, models_of, pod_key, running
 from agent.puller import Puller
+from agent.reference import parse
 from agent.settings import AgentSettings
 from agent.status import StatusWriter
 from agent.usage import Usage
@@ -32,6 +33,7 @@ from agent.warm import Warm
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
+RESTART_SECONDS = 5.0
 
 
 def startup_delay(node: str, limit: float) -> float:
@@ -53,7 +55,8 @@ class Controller:
         self.usage = usage
         self.labels = NodeLabels(kube, self.node, index)
         self.status = StatusWriter(kube, self.node, index, self.settings.status_interval)
-        self.warm = Warm(puller, index, credentials, self.status, self.settings)
+        fixed = [parse(m.uri, m.include).key for m in settings.warm if m.pin]
+        self.warm = Warm(puller, index, credentials, self.status, self.settings, fixed)
         self.node_informer = kube.watch_node(self.node)
         self.pod_informer = kube.watch_pods_on_node(self.node)
         self.cm_informer = kube.watch_cached_models()
@@ -68,8 +71,8 @@ class Controller:
             tasks.create_task(self.cm_informer.run(_safe(self._on_cached_model)),
                               name="cachedmodel-informer")
             tasks.create_task(self._in_use_known(), name="in-use-known")
-            tasks.create_task(self.labels.run(), name="node-labels")
-            tasks.create_task(self.status.run(), name="status")
+            tasks.create_task(_supervised("node-labels", self.labels.run), name="node-labels")
+            tasks.create_task(_supervised("status", self.status.run), name="status")
             tasks.create_task(self._warm(), name="warm")
 
     async def _in_use_known(self) -> None:
@@ -88,7 +91,7 @@ class Controller:
                 "node": self.node, "seconds": round(delay, 2)})
             await asyncio.sleep(delay)
         self.started.set()
-        await self.warm.run()
+        await _supervised("warm", self.warm.run)
 
     # --- informer handlers ---------------------------------------------------------------
 
@@ -125,6 +128,18 @@ class Controller:
             "apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node}}
         await self.kube.emit_event(node, "DiskPressure", message, "Warning",
                                    action="Evict")
+
+
+async def _supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run a loop that should never end; if it crashes (a bug, an unexpected OS error), log
+    and start it again rather than leave the node unmanaged."""
+    while True:
+        try:
+            await loop()
+            return
+        except Exception:
+            log.exception("cluster loop crashed; restarting it", extra={"loop": name})
+            await asyncio.sleep(RESTART_SECONDS)
 
 
 def _safe(handler: Callable[[WatchEvent], Awaitable[None]]

@@ -173,8 +173,12 @@ async def serve(deps: Deps, stop: asyncio.Event, started: asyncio.Event | None =
         deps.state.stopping = True
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("the cluster controller failed")
         await deps.puller.stop()
         await runner.cleanup()
         await deps.puller.fetcher.close()

@@ -9,7 +9,8 @@ still exists but no longer selects this node.
 A failed pull is tried again after a backoff (doubling up to ``retry_max``); an unpinned
 model evicted under pressure is pulled again at the next resync, not at once (which would
 fight the evictor). At the first reconciliation, pins left by an earlier run for models no
-CachedModel pins any more are dropped (in a cluster, CachedModels are the pinning policy).
+CachedModel pins any more are dropped (in a cluster, CachedModels are the pinning policy,
+besides the models the config file pins on every node, which are never unpinned here).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,7 @@ class Policy:
 class Warm:
     def __init__(self, puller: Puller, index: Index, credentials: CredentialsProvider,
                  status: StatusWriter, settings: ClusterSettings,
+                 fixed_pins: Iterable[str] = (),
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.puller = puller
         self.index = index
@@ -74,6 +76,11 @@ class Warm:
         self.policy = Policy()
         self.wants: dict[str, _Want] = {}
         self._pinned: set[str] = set()
+        #: pinned in the store at start-up: unpinned at the first reconciliation unless a
+        #: CachedModel pins them (pins made after start-up, by the API, are not touched)
+        self._pinned_before = {m.key for m in index if m.pinned}
+        #: keys of the models the config file pins (``models:`` with ``pin: true``)
+        self.fixed_pins = frozenset(fixed_pins)
         self._tracked: set[str] = set()
         self._first = True
         self._dirty = asyncio.Event()
@@ -157,9 +164,9 @@ class Warm:
 
     async def _pins(self) -> None:
         pins = {w.ref.key for w in self.wants.values() if w.pin}
-        unpin = self._pinned - pins
+        unpin = self._pinned - pins - self.fixed_pins
         if self._first:  # pins of an earlier run that no CachedModel holds any more
-            unpin |= {m.key for m in self.index if m.pinned} - pins
+            unpin |= self._pinned_before - pins - self.fixed_pins
             self._first = False
         for key in unpin:
             model = self.index.get(key)

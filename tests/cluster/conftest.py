@@ -25,6 +25,7 @@ from agent.settings import (
     EgressSettings,
     SourceSettings,
     StoreSettings,
+    WarmModel,
 )
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.fixtures import AGENT_TOKEN, FAST, kube, kube_api, raw_kube  # noqa: F401
@@ -86,18 +87,19 @@ AgentFactory = Callable[..., contextlib.AbstractAsyncContextManager[Agent]]
 @pytest.fixture
 def agent_factory(api: FakeKubeApi, tmp_path: Path) -> AgentFactory:
     """``async with agent_factory("n1", status_interval=0.2) as agent``: an agent for a node,
-    with ClusterSettings overridden by keyword; ``hf_endpoint=`` points hf:// at a hub."""
+    with ClusterSettings overridden by keyword; ``hf_endpoint=`` points hf:// at a hub,
+    ``warm=`` are the config file's models."""
 
     @contextlib.asynccontextmanager
     async def start(name: str = "n1", hf_endpoint: str = "http://127.0.0.1:9",
-                    **cluster: Any) -> AsyncIterator[Agent]:
+                    warm: tuple[WarmModel, ...] = (), **cluster: Any) -> AsyncIterator[Agent]:
         settings = AgentSettings(
             node_name=name, standalone=False,
             store=StoreSettings(path=tmp_path / name / "store"),
             egress=EgressSettings(allow_hosts=("127.0.0.1",)),
             api=ApiSettings(listen="127.0.0.1:0"),
             sources=SourceSettings(hf_endpoint=hf_endpoint, control_retries=1),
-            kube=FAST,
+            kube=FAST, warm=warm,
             cluster=replace(ClusterSettings(startup_jitter=0.0, pod_wait=1.0), **cluster),
         )
         kubeconfig = api.write_kubeconfig(tmp_path / f"{name}.kubeconfig", token=AGENT_TOKEN)

@@ -7,6 +7,7 @@ import asyncio
 
 from agent.index import READY
 from agent.reference import parse
+from agent.settings import WarmModel
 from tests.cluster.conftest import Agent, entry, eventually, node_labels, reasons
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.objects import cached_model
@@ -97,6 +98,30 @@ async def test_two_cachedmodels_one_model_pinned_while_any_pins(
                            and entry(api, "pinning", "n1").get("state") == "ready")
     c.patch(CM, "pinning", {"spec": {"pin": False}}, "default")
     await eventually(agent, lambda: not agent.index.get(key).pinned)
+
+
+async def test_pins_of_an_earlier_run_go_but_the_config_files_stay(
+        api: FakeKubeApi, agent_factory, nginx_dir: ServedDir):
+    kept, fixed = serve_model(nginx_dir, "kept.bin"), serve_model(nginx_dir, "fixed.bin")
+    orphan = serve_model(nginx_dir, "orphan.bin")
+    c = api.cluster
+    c.create(CM, cached_model("kept", kept, pin=True), "default")
+    c.create(CM, cached_model("orphan", orphan, pin=True), "default")
+    async with agent_factory("n1", warm=(WarmModel(fixed, pin=True),)) as first:
+        await eventually(first, lambda: all(
+            (m := first.index.get(parse(u).key)) is not None and m.state == READY
+            and m.pinned for u in (kept, fixed, orphan)))
+        # a pin asked of the API after start-up is not undone by the CachedModels
+        late = await first.deps.puller.ensure(parse(serve_model(nginx_dir, "late.bin")),
+                                              pin=True)
+        await eventually(first, lambda: late.state == READY)
+        assert late.pinned
+    c.delete(CM, "orphan", "default")  # while the agent is away
+    async with agent_factory("n1", warm=(WarmModel(fixed, pin=True),)) as agent:
+        await eventually(agent, lambda: not agent.index.get(parse(orphan).key).pinned)
+        assert agent.index.get(parse(kept).key).pinned
+        assert agent.index.get(parse(fixed).key).pinned  # the config file's
+        assert not agent.index.get(late.key).pinned  # an earlier run's API pin
 
 
 async def test_invalid_uri_and_missing_secret_are_reported_failed(
