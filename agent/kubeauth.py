@@ -191,6 +191,9 @@ class KubeAuth:
         if not allowed:
             resource = f"{PLURAL}/{access.subresource}" if access.subresource else PLURAL
             where = f"in namespace {namespace}" if namespace else "in all namespaces"
+            log.info("admin API request refused", extra={
+                "user": caller.name, "verb": access.verb, "resource": resource,
+                "namespace": namespace})
             raise Forbidden(f"{caller.name} may not {access.verb} {resource}.{GROUP} {where}, "
                             "which this request needs")
         _remember(self._grants, memo, now + self.settings.token_ttl)

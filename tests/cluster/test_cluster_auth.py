@@ -80,6 +80,7 @@ async def test_an_init_container_token_may_ensure_its_own_model(
         assert "pod team-b/web-0" in reply["error"]
     status, _ = await agent.call("DELETE", f"{MODELS}/{ref.key}", token)
     assert status == 403
+    assert api.count("create", "tokenreviews") == 1  # accepted once, remembered
 
 
 async def test_a_pod_of_another_node_is_not_one_of_ours(api: FakeKubeApi, agent: Agent,
