@@ -29,6 +29,7 @@ from agent.settings import AgentSettings
 from agent.store.blobs import valid_digest
 from agent.store.local import Store
 from agent.store.trees import iso
+from agent.usage import Usage
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
@@ -54,6 +55,8 @@ class Deps:
     metrics: Metrics
     auth: Authenticator
     credentials: CredentialsProvider
+    usage: Usage
+    """Who uses which model (pods, leases); ``usage.known`` once all of it is known."""
     state: AgentState = field(default_factory=AgentState)
 
 
@@ -169,7 +172,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def ensure_model(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    caller = await deps.auth.authenticate(request, "write")
+    caller = await deps.auth.authenticate(request, "ensure")
     body = await _json_body(request)
     uri = body.get("uri")
     if not isinstance(uri, str):
@@ -188,6 +191,7 @@ async def ensure_model(request: web.Request) -> web.Response:
     if unknown:
         raise errors.InvalidInput(f"unknown field(s) in body: {', '.join(sorted(unknown))}")
     ref = parse(uri, include)
+    await deps.auth.admit(caller, ref, cred_name, pin)
     credentials = None
     if cred_name:
         credentials = await deps.credentials.get(caller.namespace, cred_name)

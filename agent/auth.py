@@ -2,8 +2,12 @@
 
 Reads are open (standalone) and writes need a bearer token. Standalone, the token is the
 content of ``--token-file`` (created with a random token if it does not exist, mode 0600).
-In a cluster, ``agent/kube.py`` provides an authenticator backed by TokenReview and
+In a cluster, ``agent/kubeauth.py`` provides an authenticator backed by TokenReview and
 SubjectAccessReview that plugs in here.
+
+Actions: ``read`` (the model list, a model, the store), ``ensure`` (ask for a model: the
+caller is authenticated first, then ``admit`` decides for that model), ``write`` (evict,
+collect garbage), ``peer`` (blobs, for other agents).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Protocol
 from aiohttp import web
 
 from agent.errors import Unauthorized
+from agent.reference import Reference
 
 
 @dataclass(frozen=True)
@@ -26,13 +31,24 @@ class Caller:
 
     name: str
     namespace: str | None = None
+    """The caller's namespace: where the credentials Secret it names is read."""
     groups: tuple[str, ...] = field(default=())
+    pod: str | None = None
+    """``namespace/name`` of the pod running on this node that the caller's token is bound
+    to (an injected init container), if any."""
 
 
 class Authenticator(Protocol):
     async def authenticate(self, request: web.Request, action: str) -> Caller:
         """Return the caller allowed to do ``action`` (``write``, ``read``, ``peer``), or raise
         :class:`~agent.errors.Unauthorized` / :class:`~agent.errors.Forbidden`."""
+        ...
+
+    async def admit(self, caller: Caller, ref: Reference, credentials: str | None,
+                    pin: bool) -> None:
+        """Raise :class:`~agent.errors.Forbidden` unless ``caller`` (authenticated for
+        ``ensure``) may have this model ensured, with the credentials it names, pinned or
+        not."""
         ...
 
 
@@ -70,3 +86,7 @@ class TokenFileAuth:
         if not hmac.compare_digest(token.encode(), self._token):
             raise Unauthorized("the bearer token is not valid")
         return Caller("admin")
+
+    async def admit(self, caller: Caller, ref: Reference, credentials: str | None,
+                    pin: bool) -> None:
+        return None  # the token's holder is the admin

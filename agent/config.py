@@ -36,8 +36,10 @@ from agent.reference import parse
 from agent.settings import (
     AgentSettings,
     ApiSettings,
+    ClusterSettings,
     EgressSettings,
     FetchSettings,
+    KubeSettings,
     SourceSettings,
     StoreSettings,
     WarmModel,
@@ -160,10 +162,20 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
         model_registry=os.environ.get("MODEL_REGISTRY_ADDRESS"),
         oci_plain_http=tuple(cfg.get("ociPlainHttp", ())),
     )
+    kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
+    kube = KubeSettings(kubeconfig=Path(kubeconfig) if kubeconfig else None)
+    cluster = ClusterSettings(
+        audiences=tuple(args.audience or ClusterSettings.audiences),
+        startup_jitter=(args.startup_jitter if args.startup_jitter is not None
+                        else ClusterSettings.startup_jitter),
+    )
+    if cluster.startup_jitter < 0:
+        raise InvalidInput("--startup-jitter must not be negative")
     return AgentSettings(
         node_name=node, standalone=args.standalone,
         refresh_interval=float(cfg.get("refreshInterval", AgentSettings.refresh_interval)),
         store=store, fetch=fetch, egress=egress, api=api, warm=warm, sources=sources,
+        kube=kube, cluster=cluster,
     )
 
 
@@ -182,6 +194,15 @@ def add_agent_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--credentials-dir", metavar="DIR",
                    help="standalone credentials: DIR/<name>/<key> files, like a Secret")
     p.add_argument("--node-name", help="node name (default $NODE_NAME or the host name)")
+    p.add_argument("--kubeconfig", metavar="FILE",
+                   help="cluster mode: kubeconfig (default $KUBECONFIG, else the pod's "
+                   "in-cluster service account)")
+    p.add_argument("--audience", action="append", metavar="AUDIENCE",
+                   help="cluster mode: audience callers' tokens must carry (repeatable; "
+                   "default modelcache)")
+    p.add_argument("--startup-jitter", type=float, metavar="SECONDS",
+                   help="cluster mode: the first pulls wait up to this long, a fraction "
+                   "derived from the node name (default 30)")
     p.add_argument("--high-watermark", type=float, help="start evicting at this used ratio")
     p.add_argument("--low-watermark", type=float, help="stop evicting at this used ratio")
     p.add_argument("--quota-bytes", type=int, help="cap on the cache's own bytes")

@@ -24,6 +24,27 @@ class CredentialsProvider(Protocol):
         ...
 
 
+class SecretReader(Protocol):
+    async def read_secret(self, namespace: str, name: str) -> dict[str, str]:
+        ...
+
+
+class SecretCredentials:
+    """In a cluster: the Secret ``name`` in ``namespace``, read when a pull needs it (never
+    listed, never cached: a rotated Secret is used at the next pull)."""
+
+    def __init__(self, reader: SecretReader) -> None:
+        self.reader = reader
+
+    async def get(self, namespace: str | None, name: str) -> Credentials:
+        if not _NAME.match(name):
+            raise InvalidInput(f"credentials name {name!r} is not a valid Secret name")
+        if not namespace:
+            raise InvalidInput(f"credentials {name!r}: a Secret needs a namespace, and this "
+                               "caller has none")
+        return await self.reader.read_secret(namespace, name)
+
+
 class DirectoryCredentials:
     """Standalone: ``<root>/<name>/<key>`` files, as a Secret volume would be mounted."""
 

@@ -40,7 +40,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -52,6 +52,7 @@ from agent.metrics import Metrics
 from agent.settings import StoreSettings
 from agent.store.local import Store
 from agent.store.trees import FileEntry
+from agent.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class _Relief:
 class Evictor:
     """Keeps the store under its limits; the puller's :class:`~agent.puller.Reserver`."""
 
-    def __init__(self, store: Store, index: Index, settings: StoreSettings,
+    def __init__(self, store: Store, index: Index, settings: StoreSettings, usage: Usage,
                  metrics: Metrics | None = None,
                  orphan_grace: float = ORPHAN_GRACE_SECONDS) -> None:
         self.store = store
@@ -115,14 +116,16 @@ class Evictor:
         self.limits.check()
         self.interval = settings.evict_interval
         self.orphan_grace = orphan_grace
-        self.in_use_known = asyncio.Event()
+        self.in_use_known = usage.known
         """Set once who uses which model is known (standalone: leases loaded; in a cluster:
         the pod informer synced). Until then nothing is evicted."""
         self.reserved: dict[str, int] = {}
         """Bytes reserved by each running pull (its declared size), by model key."""
-        self.leases = Leases(store.root, store.tmp, index)
+        self.leases = Leases(store.root, store.tmp, index, usage)
         """Standalone in-use information (``agent.leases``)."""
         self._hooks: list[Callable[[Eviction], None]] = []
+        self._before: list[Callable[[str, str], None]] = []
+        self._pressure: list[Callable[[str], Awaitable[None]]] = []
         self._lock = asyncio.Lock()
         self._evicting: dict[str, asyncio.Event] = {}
         self._relieved: dict[str, int] = {}
@@ -138,6 +141,16 @@ class Evictor:
         self.limits = limits
         self._show_limits()
         return limits
+
+    def on_evicting(self, hook: Callable[[str, str], None]) -> None:
+        """Call ``hook(key, reason)`` just before a model leaves the index (the cluster side
+        records why, for the status and Event it writes when the model is gone)."""
+        self._before.append(hook)
+
+    def on_pressure(self, hook: Callable[[str], Awaitable[None]]) -> None:
+        """Await ``hook(message)`` after each sweep the store's limits forced (the cluster
+        side turns it into a Node Event)."""
+        self._pressure.append(hook)
 
     def on_evict(self, hook: Callable[[Eviction], None]) -> None:
         """Call ``hook`` (on the event loop) after every eviction, e.g. to emit an Event."""
@@ -293,6 +306,7 @@ class Evictor:
             if not shortfall(self.limits, disk, pending, self.limits.high):
                 return 0
             relief = await self._free(pending, self.limits.low, strict=False)
+            await self._report_pressure(disk, relief)
             now = time.monotonic()
             if not relief.short:
                 self._stuck_logged = None
@@ -301,6 +315,18 @@ class Evictor:
                 log.warning("cannot get under the store's limits: what is left is in use, "
                             "pinned or being pulled", extra=_short_fields(relief.short))
             return relief.freed
+
+    async def _report_pressure(self, disk: Disk, relief: _Relief) -> None:
+        message = (f"store {self.store.root} over its limits ({disk.used} of {disk.capacity}"
+                   f" bytes used, high watermark {self.limits.high:.0%}): freed "
+                   f"{relief.freed} bytes" + (
+                       "; still short: what is left is in use, pinned or being pulled"
+                       if relief.short else ""))
+        for hook in self._pressure:
+            try:
+                await hook(message)
+            except Exception:
+                log.exception("pressure hook failed")
 
     async def collect(self) -> int:
         """``POST /api/v1/gc``: drop older trees nobody uses, every unreferenced blob and
@@ -416,6 +442,8 @@ class Evictor:
             if model.manifest is None and not force:
                 continue
             if (force or self._evictable(model)) and self.index.get(model.key) is model:
+                for before in self._before:
+                    before(model.key, reason)
                 self.index.remove(model.key)
                 self._evicting[model.key] = asyncio.Event()
                 chosen.append((model, reason))

@@ -33,6 +33,9 @@ class Model:
     refreshing: bool = False
     holders: dict[str, float] = field(default_factory=dict)
     """Who uses the model now (a lease owner, a pod) and until when (0: no expiry)."""
+    pulled_with: tuple[str | None, str | None] | None = None
+    """(namespace, credentials name) of the pull that fetched it; ``None``: not known (a
+    model found in the store at start-up). Decides the cross-namespace check."""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     intent: dict[str, Any] | None = field(default=None, repr=False)
     """The running pull's intent: the blobs it committed are not garbage yet."""

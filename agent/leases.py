@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import InvalidInput, NoSpace, NotFound, StoreError
-from agent.index import Index, Model
+from agent.index import Index
 from agent.store.blobs import fsync_dir
+from agent.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +54,20 @@ def check_lease(owner: Any, ttl: Any) -> tuple[str, float]:
 class Leases:
     """The leases of one store, applied to the models of one index."""
 
-    def __init__(self, store_root: Path, tmp: Path, index: Index) -> None:
+    def __init__(self, store_root: Path, tmp: Path, index: Index, usage: Usage) -> None:
         self.path = store_root / LEASES_FILE
         self.tmp = tmp
         self.index = index
+        self.usage = usage  # applies each lease to its model, also one that appears later
         self.table: Table = {}
         self._write_lock = asyncio.Lock()
-        index.on_change(self._apply)  # a model (re)appearing gets its leases back
 
     async def load(self) -> None:
-        """Read the leases kept on disk and apply them to the models in the index."""
+        """Read the leases kept on disk and hold their models."""
         self.table = await asyncio.to_thread(self._read)
-        for model in self.index:
-            self._apply(model)
+        for key, owners in self.table.items():
+            for owner, expires in owners.items():
+                self.usage.hold(HOLDER + owner, key, expires)
 
     async def take(self, key: str, owner: str, ttl: float) -> float:
         """Hold the model in use for ``ttl`` seconds on behalf of ``owner`` (taking it again
@@ -77,11 +79,8 @@ class Leases:
         table = self._copy()
         table.setdefault(key, {})[owner] = expires
         await self._commit(table)
-        model = self.index.get(key)
-        if model is not None:
-            model.holders[HOLDER + owner] = expires
-            model.last_used = max(model.last_used, now)
-            self.index.notify(model)
+        self._touch(key, now)
+        self.usage.hold(HOLDER + owner, key, expires)
         return expires
 
     async def release(self, key: str, owner: str) -> None:
@@ -90,18 +89,17 @@ class Leases:
         table = self._copy()
         del table[key][owner]
         await self._commit(table)
-        model = self.index.get(key)
-        if model is not None:
-            model.holders.pop(HOLDER + owner, None)
-            model.last_used = max(model.last_used, time.time())
-            self.index.notify(model)
+        self._touch(key, time.time())
+        self.usage.release(HOLDER + owner, key)
 
     async def drop(self, key: str) -> None:
         """Forget every lease on a model (it was removed by force)."""
         if key in self.table:
             table = self._copy()
-            del table[key]
+            owners = table.pop(key)
             await self._commit(table)
+            for owner in owners:
+                self.usage.release(HOLDER + owner, key)
 
     async def expire(self) -> None:
         """Prune expired leases (they already stopped counting as in use)."""
@@ -113,15 +111,15 @@ class Leases:
         table = self._copy()
         for key, owner in expired:
             del table[key][owner]
-            model = self.index.get(key)
-            until = model.holders.get(HOLDER + owner) if model is not None else None
-            if model is not None and until is not None and 0 < until <= now:
-                del model.holders[HOLDER + owner]
         await self._commit(table)
+        for key, owner in expired:
+            self.usage.release(HOLDER + owner, key)
 
-    def _apply(self, model: Model) -> None:
-        for owner, expires in self.table.get(model.key, {}).items():
-            model.holders.setdefault(HOLDER + owner, expires)
+    def _touch(self, key: str, now: float) -> None:
+        """Taking or releasing a lease is a use of the model."""
+        model = self.index.get(key)
+        if model is not None:
+            model.last_used = max(model.last_used, now)
 
     def _copy(self) -> Table:
         return {k: dict(v) for k, v in self.table.items()}

@@ -12,24 +12,30 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from agent import __version__
 from agent.api import DEPS, Deps, make_app
 from agent.auth import Authenticator, TokenFileAuth
-from agent.credentials import CredentialsProvider, DirectoryCredentials
+from agent.cluster import Controller
+from agent.credentials import CredentialsProvider, DirectoryCredentials, SecretCredentials
 from agent.egress import Egress
 from agent.errors import ModelcacheError
 from agent.evict import Evictor
 from agent.fetch import Fetcher
 from agent.index import Index
+from agent.kube import KubeClient, connect
+from agent.kubeauth import KubeAuth
 from agent.metrics import Metrics
+from agent.pods import PodDirectory
 from agent.puller import Puller
 from agent.reference import parse, split_host_port
 from agent.settings import AgentSettings
+from agent.sharing import SharedAccess
 from agent.sources.base import Source
 from agent.sources.control import Control
 from agent.sources.file import FileSource
@@ -40,6 +46,7 @@ from agent.sources.registry import ModelRegistrySource
 from agent.sources.s3 import S3Source
 from agent.store.local import Store
 from agent.store.recovery import recover
+from agent.usage import Usage
 
 log = logging.getLogger(__name__)
 REFRESH_CHECK_SECONDS = 60.0
@@ -78,14 +85,18 @@ async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
     egress = Egress(settings.egress)
     fetcher = Fetcher(store, egress, settings.fetch, settings.archive)
     index = Index()
-    evictor = Evictor(store, index, settings.store, metrics)
+    # standalone, nothing but the API holds models: in-use is known once the leases are
+    # loaded; in a cluster, once the pods on the node are listed (agent/cluster.py)
+    usage = Usage(index, known=False)
+    evictor = Evictor(store, index, settings.store, usage, metrics)
+    sharing = None if settings.standalone else SharedAccess(settings.cluster.access_ttl)
     puller = Puller(store=store, fetcher=fetcher, sources=build_sources(egress, settings),
                     index=index, egress=egress, settings=settings, metrics=metrics,
-                    reserver=evictor)
+                    reserver=evictor, sharing=sharing)
     await evictor.leases.load()  # before the models load, so each gets its leases
     puller.load()
-    if settings.standalone:  # in-use is the leases; in a cluster the pod informer sets it
-        evictor.in_use_known.set()
+    if settings.standalone:
+        usage.known.set()
     gc.collect()
     gc.freeze()  # what start-up loaded (manifests, index) is left out of later collections:
     # with 100k blobs a full collection would pause the event loop for tens of ms
@@ -94,7 +105,22 @@ async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
         auth = await asyncio.to_thread(TokenFileAuth.from_file, settings.api.token_file)
     return Deps(settings=settings, store=store, index=index, puller=puller,
                 evictor=evictor, metrics=metrics, auth=auth,
-                credentials=credentials or DirectoryCredentials(credentials_dir))
+                credentials=credentials or DirectoryCredentials(credentials_dir),
+                usage=usage)
+
+
+async def build_in_cluster(settings: AgentSettings, kube: KubeClient
+                           ) -> tuple[Deps, Controller]:
+    """The agent of a cluster node: callers authenticated by the cluster, credentials from
+    Secrets, and the controller that watches CachedModels, pods and the node."""
+    pods = PodDirectory()
+    auth = KubeAuth(kube, pods, settings.node_name, settings.cluster)
+    deps = await build(settings, auth=auth, credentials=SecretCredentials(kube))
+    controller = Controller(kube, settings, deps.index, deps.puller, deps.credentials, pods,
+                            deps.usage)
+    deps.evictor.on_evicting(controller.evicting)  # the status and Event say why
+    deps.evictor.on_pressure(controller.pressure)  # a Node Event per forced sweep
+    return deps, controller
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
@@ -127,8 +153,10 @@ async def _refresh_loop(deps: Deps) -> None:
         deps.puller.refresh_due()
 
 
-async def serve(deps: Deps, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
-    """Serve the admin API until ``stop`` is set, then shut down in order."""
+async def serve(deps: Deps, stop: asyncio.Event, started: asyncio.Event | None = None,
+                background: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
+    """Serve the admin API until ``stop`` is set, then shut down in order. ``background``
+    (the cluster controller) runs while the API serves and is stopped first."""
     app = make_app(deps)
     app.cleanup_ctx.append(_background)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -136,8 +164,11 @@ async def serve(deps: Deps, stop: asyncio.Event, started: asyncio.Event | None =
     await runner.setup()
     host, port = split_host_port(deps.settings.api.listen, 9400)
     site = web.TCPSite(runner, host, port)
+    task: asyncio.Task[None] | None = None
     try:
         await site.start()
+        if background is not None:
+            task = asyncio.create_task(background(), name="cluster")
         bound = runner.addresses[0]
         deps.state.address = f"{bound[0]}:{bound[1]}" if ":" not in bound[0] \
             else f"[{bound[0]}]:{bound[1]}"
@@ -152,6 +183,14 @@ async def serve(deps: Deps, stop: asyncio.Event, started: asyncio.Event | None =
     finally:
         deps.state.ready = False
         deps.state.stopping = True
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("the cluster controller failed")
         await deps.puller.stop()
         await runner.cleanup()
         await deps.puller.fetcher.close()
@@ -167,5 +206,10 @@ async def run(settings: AgentSettings, credentials_dir: Path | None = None) -> N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    deps = await build(settings, credentials_dir=credentials_dir)
-    await serve(deps, stop)
+    if settings.standalone:
+        deps = await build(settings, credentials_dir=credentials_dir)
+        await serve(deps, stop)
+        return
+    async with await connect(None, settings.kube, instance=settings.node_name) as kube:
+        deps, controller = await build_in_cluster(settings, kube)
+        await serve(deps, stop, background=controller.run)

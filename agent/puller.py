@@ -32,6 +32,7 @@ from agent.metrics import Metrics
 from agent.names import check_unique, safe_relpath
 from agent.reference import Reference, parse
 from agent.settings import AgentSettings
+from agent.sharing import SharedAccess
 from agent.sources.base import Credentials, RemoteFile, Resolved, Source
 from agent.store.local import Store
 from agent.store.trees import FileEntry, Manifest
@@ -73,7 +74,8 @@ class _Progress:
 class Puller:
     def __init__(self, *, store: Store, fetcher: Fetcher, sources: Mapping[str, Source],
                  index: Index, egress: Egress, settings: AgentSettings,
-                 reserver: Reserver, metrics: Metrics | None = None) -> None:
+                 reserver: Reserver, metrics: Metrics | None = None,
+                 sharing: SharedAccess | None = None) -> None:
         self.store = store
         self.fetcher = fetcher
         self.sources = dict(sources)
@@ -82,6 +84,8 @@ class Puller:
         self.settings = settings
         self.metrics = metrics
         self.reserver = reserver
+        #: the cross-namespace rule (cluster mode); ``None``: one tenant (standalone)
+        self.sharing = sharing
         self._stopping = False
         self._last_flush: dict[str, float] = {}
 
@@ -137,6 +141,9 @@ class Puller:
         model = self.index.get(ref.key)
         now = time.time()
         if model is not None and model.state in (READY, PULLING):
+            if self.sharing is not None:
+                await self.sharing.check(model, self._source(ref.scheme), namespace,
+                                         credentials_name, credentials)
             if pin and not model.pinned:
                 await self.set_pinned(model, True)
             if model.state == READY:
@@ -160,6 +167,7 @@ class Puller:
                   "credentials": credentials_name, "namespace": namespace,
                   "started": now, "refs": [], "blobs": [], "requested": count}
         model.intent = intent
+        model.pulled_with = (namespace, credentials_name)
         model.task = asyncio.create_task(self._pull(model, credentials, intent),
                                          name=f"pull-{ref.key}")
         return model

@@ -166,30 +166,6 @@ class WarmModel:
 
 
 @dataclass(frozen=True)
-class AgentSettings:
-    node_name: str = "localhost"
-    """The node this agent serves (standalone: the host name)."""
-
-    standalone: bool = True
-    """Run without a cluster: policy from the config file, token from a file."""
-
-    refresh_interval: float = 3600.0
-    """Seconds after which a mutable reference (branch, tag, URL) is resolved again."""
-
-    shutdown_grace: float = 20.0
-    """Seconds to let running pulls checkpoint before they are cancelled on SIGTERM."""
-
-    store: StoreSettings = field(default_factory=StoreSettings)
-    fetch: FetchSettings = field(default_factory=FetchSettings)
-    egress: EgressSettings = field(default_factory=EgressSettings)
-    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
-    sources: SourceSettings = field(default_factory=SourceSettings)
-    api: ApiSettings = field(default_factory=ApiSettings)
-    warm: tuple[WarmModel, ...] = ()
-    """Models to prefetch at start (and pin, if marked)."""
-
-
-@dataclass(frozen=True)
 class KubeSettings:
     kubeconfig: Path | None = None
     """A kubeconfig file to connect with; ``None``: the pod's in-cluster service account."""
@@ -217,3 +193,67 @@ class KubeSettings:
 
     event_controller: str = "modelcache.io/agent"
     """``reportingController`` of the Events the agent emits."""
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    audiences: tuple[str, ...] = ("modelcache",)
+    """Audiences a caller's projected service-account token must carry (TokenReview)."""
+
+    startup_jitter: float = 30.0
+    """Upper bound, in seconds, of the delay before the first pulls after start-up. Each node
+    waits a fixed fraction of it derived from its name, so agents spread out."""
+
+    status_interval: float = 30.0
+    """Least seconds between two progress writes of one CachedModel status entry while its
+    model is pulling (state changes are written at once)."""
+
+    access_ttl: float = 300.0
+    """Seconds a successful cross-namespace access check (DESIGN.md) is remembered."""
+
+    token_ttl: float = 60.0
+    """Seconds an accepted TokenReview (and an allowed SubjectAccessReview) is remembered."""
+
+    pod_wait: float = 5.0
+    """Seconds to wait for a pod that presents a token bound to this node to appear in the
+    pod informer (its watch event may lag behind its init container)."""
+
+    retry_base: float = 30.0
+    """First delay before a failed CachedModel pull is tried again; doubles each failure."""
+
+    retry_max: float = 3600.0
+    """Longest delay between attempts at a failed CachedModel pull."""
+
+    resync: float = 600.0
+    """Seconds between reconciliations of every CachedModel, without any change (a model
+    evicted under pressure is pulled again at the next one)."""
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    node_name: str = "localhost"
+    """The node this agent serves (standalone: the host name)."""
+
+    standalone: bool = True
+    """Run without a cluster: policy from the config file, token from a file."""
+
+    refresh_interval: float = 3600.0
+    """Seconds after which a mutable reference (branch, tag, URL) is resolved again."""
+
+    shutdown_grace: float = 20.0
+    """Seconds to let running pulls checkpoint before they are cancelled on SIGTERM."""
+
+    store: StoreSettings = field(default_factory=StoreSettings)
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    egress: EgressSettings = field(default_factory=EgressSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    sources: SourceSettings = field(default_factory=SourceSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    warm: tuple[WarmModel, ...] = ()
+    """Models to prefetch at start (and pin, if marked)."""
+
+    kube: KubeSettings = field(default_factory=KubeSettings)
+    """The Kubernetes API client (cluster mode)."""
+
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    """Cluster mode: CachedModels, pods, labels, status, admin API auth."""

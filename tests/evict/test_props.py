@@ -41,6 +41,7 @@ from agent.settings import AgentSettings, EgressSettings, FetchSettings, StoreSe
 from agent.sources.file import FileSource
 from agent.store.local import Store
 from agent.store.recovery import recover
+from agent.usage import Usage
 from tests.evict.helpers import blob_digests, visible_models
 
 pytestmark = pytest.mark.timeout(300)
@@ -74,7 +75,8 @@ class Core:
         self.index = Index()
         egress = Egress(self.settings.egress)
         self.fetcher = Fetcher(self.store, egress, self.settings.fetch)
-        self.evictor = Evictor(self.store, self.index, self.settings.store, orphan_grace=0.0)
+        self.evictor = Evictor(self.store, self.index, self.settings.store, Usage(self.index),
+                               orphan_grace=0.0)
         self.puller = Puller(store=self.store, fetcher=self.fetcher,
                              sources={"file": FileSource(egress)}, index=self.index,
                              egress=egress, settings=self.settings, reserver=self.evictor)

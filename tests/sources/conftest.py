@@ -34,6 +34,7 @@ from agent.settings import (
 from agent.sources.base import Source
 from agent.store.local import Store
 from agent.store.recovery import recover
+from agent.usage import Usage
 
 LOOPBACK_HOSTS = ("127.0.0.1", "127.0.0.2")
 TEST_FETCH = FetchSettings(
@@ -128,8 +129,7 @@ async def pipeline(tmp_path: Path) -> AsyncIterator[PipelineFactory]:
         srcs = build_sources(eg, settings)
         index = Index()
         metrics = Metrics(node="test-node")
-        evictor = Evictor(st, index, settings.store, metrics)
-        evictor.in_use_known.set()  # standalone: nothing but the test uses these models
+        evictor = Evictor(st, index, settings.store, Usage(index), metrics)
         puller = Puller(store=st, fetcher=fetcher, sources=srcs, index=index, egress=eg,
                         settings=settings, metrics=metrics, reserver=evictor)
         p = Pipeline(settings, st, eg, fetcher, srcs, puller, metrics, index)

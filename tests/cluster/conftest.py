@@ -1,0 +1,153 @@
+"""Fixtures for the agent in a cluster: a fake apiserver per test, nodes, and agents running
+in this process (the composition root's own ``build_in_cluster`` and ``serve``) that pull
+from real servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent.api import Deps
+from agent.cluster import Controller
+from agent.kube import connect
+from agent.main import build_in_cluster, serve
+from agent.settings import (
+    AgentSettings,
+    ApiSettings,
+    ClusterSettings,
+    EgressSettings,
+    SourceSettings,
+    StoreSettings,
+    WarmModel,
+)
+from tests.kubeapi import FakeKubeApi
+from tests.kubeapi.fixtures import AGENT_TOKEN, FAST, kube, kube_api, raw_kube  # noqa: F401
+from tests.kubeapi.objects import node
+
+AUDIENCE = "modelcache"
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves tasks running behind it."""
+    before = asyncio.all_tasks()
+    yield
+    await asyncio.sleep(0)
+    leaked = [t for t in asyncio.all_tasks() - before
+              if t is not asyncio.current_task() and not t.done()]
+    for t in leaked:
+        t.cancel()
+    assert not leaked, f"tasks leaked: {leaked}"
+
+
+@pytest.fixture
+def api(kube_api: FakeKubeApi) -> FakeKubeApi:  # noqa: F811 (pytest injects it)
+    for name in ("n1", "n2"):
+        kube_api.cluster.create("nodes", node(name, {"pool": "gpu" if name == "n1" else "cpu"}))
+    return kube_api
+
+
+@dataclass
+class Agent:
+    """One node's agent, running in this process."""
+
+    node: str
+    deps: Deps
+    controller: Controller
+    url: str
+
+    @property
+    def index(self) -> Any:
+        return self.deps.index
+
+    async def call(self, method: str, path: str, token: str | None = None,
+                   body: Any = None) -> tuple[int, Any]:
+        return await call(self.url, method, path, token, body)
+
+
+async def call(url: str, method: str, path: str, token: str | None = None,
+               body: Any = None) -> tuple[int, Any]:
+    """One request to an agent's admin API: (status, JSON reply)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as http, http.request(
+            method, url + path, json=body, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+AgentFactory = Callable[..., contextlib.AbstractAsyncContextManager[Agent]]
+
+
+@pytest.fixture
+def agent_factory(api: FakeKubeApi, tmp_path: Path) -> AgentFactory:
+    """``async with agent_factory("n1", status_interval=0.2) as agent``: an agent for a node,
+    with ClusterSettings overridden by keyword; ``hf_endpoint=`` points hf:// at a hub,
+    ``warm=`` are the config file's models."""
+
+    @contextlib.asynccontextmanager
+    async def start(name: str = "n1", hf_endpoint: str = "http://127.0.0.1:9",
+                    warm: tuple[WarmModel, ...] = (), **cluster: Any) -> AsyncIterator[Agent]:
+        settings = AgentSettings(
+            node_name=name, standalone=False,
+            store=StoreSettings(path=tmp_path / name / "store"),
+            egress=EgressSettings(allow_hosts=("127.0.0.1",)),
+            api=ApiSettings(listen="127.0.0.1:0"),
+            sources=SourceSettings(hf_endpoint=hf_endpoint, control_retries=1),
+            kube=FAST, warm=warm,
+            cluster=replace(ClusterSettings(startup_jitter=0.0, pod_wait=1.0), **cluster),
+        )
+        kubeconfig = api.write_kubeconfig(tmp_path / f"{name}.kubeconfig", token=AGENT_TOKEN)
+        async with await connect(str(kubeconfig), FAST, instance=name) as kube_client:
+            deps, controller = await build_in_cluster(settings, kube_client)
+            stop, started = asyncio.Event(), asyncio.Event()
+            task = asyncio.create_task(serve(deps, stop, started, background=controller.run))
+            try:
+                async with asyncio.timeout(10):
+                    await started.wait()
+                yield Agent(name, deps, controller, f"http://{deps.state.address}")
+            finally:
+                stop.set()
+                await task
+
+    return start
+
+
+@pytest.fixture
+async def agent(agent_factory: AgentFactory) -> AsyncIterator[Agent]:
+    """The agent of node ``n1`` (labels ``pool=gpu``)."""
+    async with agent_factory("n1") as a:
+        yield a
+
+
+async def eventually(agent: Agent, predicate: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds, looking again at every change of the agent's index
+    (pulls, pins, holders): no polling, no sleeping."""
+    changed = asyncio.Event()
+    agent.index.on_change(lambda _model: changed.set())
+    async with asyncio.timeout(seconds):
+        while not predicate():
+            await changed.wait()
+            changed.clear()
+
+
+def entry(api: FakeKubeApi, name: str, node_name: str, namespace: str = "default"
+          ) -> dict[str, Any]:
+    """``status.nodes.<node>`` of a CachedModel (empty if absent)."""
+    obj = api.cluster.get("cachedmodels", name, namespace)
+    return dict(((obj.get("status") or {}).get("nodes") or {}).get(node_name) or {})
+
+
+def node_labels(api: FakeKubeApi, name: str) -> dict[str, str]:
+    return {k: v for k, v in api.cluster.get("nodes", name)["metadata"]["labels"].items()
+            if k.startswith("modelcache.io/m-")}
+
+
+def reasons(api: FakeKubeApi, name: str) -> list[str]:
+    """Reasons of the Events about an object, oldest first."""
+    return [e.get("reason", "") for e in api.cluster.events(name)]

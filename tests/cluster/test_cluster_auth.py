@@ -1,0 +1,188 @@
+"""The admin API in a cluster: TokenReview (401), this node's pods asking for their own
+model, SubjectAccessReview for everyone else (403), and the cross-namespace rule checked
+at a real (HF-compatible) source with each namespace's own credentials."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from agent.reference import parse
+from tests.cluster.conftest import AUDIENCE, Agent, AgentFactory, entry, eventually
+from tests.cluster.test_cluster_warm import serve_model
+from tests.kubeapi import FakeKubeApi
+from tests.kubeapi.objects import cached_model, namespace, pod, secret
+from tests.servers.hfhub import HubServer
+from tests.servers.nginx import ServedDir
+
+CM = "cachedmodels"
+MODELS = "/api/v1/models"
+
+
+def init_pod(api: FakeKubeApi, name: str, ns: str, uri: str, node_name: str = "n1",
+             token: str | None = None, **notes: str) -> str:
+    """A pod whose annotations ask for ``uri`` and the projected token its init container
+    would present (bound to the pod and its node, audience modelcache)."""
+    if not api.cluster.exists("namespaces", ns):
+        api.cluster.create("namespaces", namespace(ns))
+    created = api.cluster.create("pods", pod(name, node_name, ns, annotations={
+        "modelcache.io/model": uri, **notes}), ns)
+    token = token or f"token-{ns}-{name}"
+    api.auth.add_service_account_token(token, ns, "default", audiences=[AUDIENCE],
+                                       pod=(name, created["metadata"]["uid"]), node=node_name)
+    return token
+
+
+def user_token(api: FakeKubeApi, ns: str, sa: str) -> str:
+    if not api.cluster.exists("namespaces", ns):
+        api.cluster.create("namespaces", namespace(ns))
+    token = f"token-{ns}-{sa}"
+    api.auth.add_service_account_token(token, ns, sa, audiences=[AUDIENCE])
+    return token
+
+
+async def test_tokens_the_cluster_does_not_accept_get_401(api: FakeKubeApi, agent: Agent,
+                                                        nginx_dir: ServedDir):
+    uri = serve_model(nginx_dir)
+    api.auth.add_service_account_token("api-audience-only", "default", "app")  # not ours
+    for token in (None, "unknown-token", "api-audience-only"):
+        for method, path, body in (("POST", MODELS, {"uri": uri}), ("GET", MODELS, None),
+                                   ("DELETE", f"{MODELS}/{parse(uri).key}", None)):
+            status, reply = await agent.call(method, path, token, body)
+            assert status == 401, (token, method, path, reply)
+            assert "token" in reply["error"]
+    assert agent.index.get(parse(uri).key) is None
+    # probes and metrics stay open to kubelet and Prometheus
+    assert (await agent.call("GET", "/readyz"))[0] == 200
+
+
+async def test_an_init_container_token_may_ensure_its_own_model(
+        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+    uri, other = serve_model(nginx_dir), serve_model(nginx_dir, "other.bin")
+    ref = parse(uri, ["*.bin"])
+    token = init_pod(api, "web-0", "team-b", uri, **{"modelcache.io/include": "*.bin"})
+
+    status, model = await agent.call("POST", MODELS, token, {"uri": uri, "include": ["*.bin"]})
+    assert status == 202, model
+    assert model["key"] == ref.key
+    status, reply = await agent.call("GET", f"{MODELS}/{ref.key}?wait=10", token)
+    assert (status, reply["state"]) == (200, "ready")
+    assert reply["in_use"]  # its pod holds it
+    assert (await agent.call("GET", MODELS, token))[0] == 200  # this node's pods may read
+
+    for body in ({"uri": other}, {"uri": uri},  # another model; the same without include
+                 {"uri": uri, "include": ["*.bin"], "pin": True},
+                 {"uri": uri, "include": ["*.bin"], "credentials": "someone-elses"}):
+        status, reply = await agent.call("POST", MODELS, token, body)
+        assert status == 403, (body, reply)
+        assert "pod team-b/web-0" in reply["error"]
+    status, _ = await agent.call("DELETE", f"{MODELS}/{ref.key}", token)
+    assert status == 403
+    assert api.count("create", "tokenreviews") == 1  # accepted once, remembered
+
+
+async def test_a_pod_of_another_node_is_not_one_of_ours(api: FakeKubeApi, agent: Agent,
+                                                       nginx_dir: ServedDir):
+    uri = serve_model(nginx_dir)
+    token = init_pod(api, "far", "team-b", uri, node_name="n2")
+    assert (await agent.call("POST", MODELS, token, {"uri": uri}))[0] == 403
+    assert (await agent.call("GET", MODELS, token))[0] == 403
+    # a token bound to a pod this node does not run (deleted, or forged name)
+    stale = "token-stale"
+    api.auth.add_service_account_token(stale, "team-b", "default", audiences=[AUDIENCE],
+                                       pod=("gone", "uid-gone"), node="n1")
+    assert (await agent.call("POST", MODELS, stale, {"uri": uri}))[0] == 403
+
+
+async def test_other_callers_need_a_subject_access_review_grant(
+        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+    uri = serve_model(nginx_dir)
+    key = parse(uri).key
+    token = user_token(api, "team-a", "ops")
+    user = "system:serviceaccount:team-a:ops"
+    assert (await agent.call("POST", MODELS, token, {"uri": uri}))[0] == 403
+    assert (await agent.call("GET", MODELS, token))[0] == 403
+
+    api.auth.allow(verbs=["create"], resources=["cachedmodels"], api_groups=["modelcache.io"],
+                   users=[user], namespace="team-a")
+    status, model = await agent.call("POST", MODELS, token, {"uri": uri, "pin": True})
+    assert status == 202 and model["pinned"]
+    assert (await agent.call("GET", MODELS, token))[0] == 403  # create is not list
+    assert (await agent.call("DELETE", f"{MODELS}/{key}?force=true", token))[0] == 403
+
+    api.auth.allow(verbs=["list", "delete"], resources=["cachedmodels"],
+                   api_groups=["modelcache.io"], users=[user])  # all namespaces
+    assert (await agent.call("GET", MODELS, token))[0] == 200
+    await eventually(agent, lambda: agent.index.get(key).state != "pulling")
+    # deleting CachedModels is not evicting from node caches
+    assert (await agent.call("DELETE", f"{MODELS}/{key}?force=true", token))[0] == 403
+    assert (await agent.call("POST", "/api/v1/gc", token))[0] == 403
+    api.auth.allow(verbs=["delete"], resources=["cachedmodels/cache"],
+                   api_groups=["modelcache.io"], users=[user])
+    assert (await agent.call("DELETE", f"{MODELS}/{key}?force=true", token))[0] == 200
+    assert (await agent.call("POST", "/api/v1/gc", token))[0] == 200
+
+
+@pytest.fixture
+async def private_hub(hf_hub_factory: Callable[..., HubServer]) -> AsyncIterator[HubServer]:
+    hub = hf_hub_factory(tokens={"tok-a", "tok-c"})
+    hub.create_repo("org/private", private=True)
+    hub.commit("org/private", {"config.json": b"{}", "model.safetensors": b"w" * 5000})
+    hub.create_repo("org/public")
+    hub.commit("org/public", {"config.json": b"{}"})
+    yield hub
+
+
+async def test_a_model_pulled_with_one_namespaces_credentials_is_checked_for_another(
+        api: FakeKubeApi, agent_factory: AgentFactory, private_hub: HubServer):
+    uri = "hf://org/private@main"
+    c = api.cluster
+    for ns, tok in (("team-a", "tok-a"), ("team-b", "tok-wrong"), ("team-c", "tok-c")):
+        c.create("namespaces", namespace(ns))
+        c.create("secrets", secret("hf", ns, token=tok), ns)
+    c.create(CM, cached_model("private", uri, "team-a", credentialsSecret="hf"), "team-a")
+    async with agent_factory("n1", hf_endpoint=private_hub.base_url) as agent:
+        async with asyncio.timeout(10):
+            await c.wait_until(lambda: entry(api, "private", "n1", "team-a").get("state")
+                               == "ready")
+        sharing = agent.deps.puller.sharing
+        checks = sharing.checks
+
+        # team-b's pods: its own (wrong) credentials, or none: refused, 403
+        b_creds = init_pod(api, "b1", "team-b", uri, **{"modelcache.io/credentials": "hf"})
+        status, reply = await agent.call("POST", MODELS, b_creds, {"uri": uri,
+                                                                   "credentials": "hf"})
+        assert status == 403, reply
+        assert "another namespace's credentials" in reply["error"]
+        assert "tok-" not in reply["error"]
+        b_none = init_pod(api, "b2", "team-b", uri)
+        assert (await agent.call("POST", MODELS, b_none, {"uri": uri}))[0] == 403
+        assert sharing.checks == checks + 2  # each asked the source
+
+        # team-c's credentials work at the source: served, and the check is remembered
+        c_creds = init_pod(api, "c1", "team-c", uri, **{"modelcache.io/credentials": "hf"})
+        for _ in range(2):
+            status, reply = await agent.call("POST", MODELS, c_creds, {"uri": uri,
+                                                                       "credentials": "hf"})
+            assert (status, reply["state"]) == (202, "ready")
+        assert sharing.checks == checks + 3
+        # team-a pulled it: no check for its own pods
+        a_pod = init_pod(api, "a1", "team-a", uri, **{"modelcache.io/credentials": "hf"})
+        assert (await agent.call("POST", MODELS, a_pod, {"uri": uri, "credentials": "hf"})
+                )[0] == 202
+        assert sharing.checks == checks + 3
+
+
+async def test_a_public_model_needs_no_check(api: FakeKubeApi, agent_factory: AgentFactory,
+                                             private_hub: HubServer):
+    uri = "hf://org/public@main"
+    api.cluster.create(CM, cached_model("public", uri), "default")
+    async with agent_factory("n1", hf_endpoint=private_hub.base_url) as agent:
+        async with asyncio.timeout(10):
+            await api.cluster.wait_until(lambda: entry(api, "public", "n1").get("state")
+                                         == "ready")
+        token = init_pod(api, "any", "team-z", uri)
+        assert (await agent.call("POST", MODELS, token, {"uri": uri}))[0] == 202
+        assert agent.deps.puller.sharing.checks == 0

@@ -1,0 +1,64 @@
+"""End to end: a real ``modelcache agent`` process (no ``--standalone``) against the fake
+apiserver, pulling from a real nginx, stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from agent.reference import parse
+from tests.cluster.conftest import call, entry, node_labels, reasons
+from tests.cluster.test_cluster_auth import init_pod
+from tests.cluster.test_cluster_warm import serve_model
+from tests.kubeapi import FakeKubeApi
+from tests.kubeapi.fixtures import AGENT_TOKEN
+from tests.kubeapi.objects import cached_model
+from tests.kubeapi.server import REPO
+from tests.servers.net import free_port
+from tests.servers.nginx import ServedDir
+from tests.servers.proc import ManagedProcess
+
+STALE = "modelcache.io/m-0123456789abcdef"
+
+
+async def test_the_agent_process_in_a_cluster(api: FakeKubeApi, tmp_path: Path,
+                                              nginx_dir: ServedDir):
+    uri, other = serve_model(nginx_dir), serve_model(nginx_dir, "other.bin")
+    ref = parse(uri)
+    c = api.cluster
+    c.patch("nodes", "n1", {"metadata": {"labels": {STALE: "ready"}}})  # an earlier run's
+    c.create("cachedmodels", cached_model("m", uri, nodeSelector={"pool": "gpu"}, pin=True),
+             "default")
+    kubeconfig = api.write_kubeconfig(tmp_path / "agent.kubeconfig", token=AGENT_TOKEN)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "agent", "agent", "--kubeconfig", kubeconfig,
+            "--store", tmp_path / "store", "--listen", f"127.0.0.1:{port}",
+            "--allow-host", "127.0.0.1", "--startup-jitter", "0"]
+    env = {**os.environ, "NODE_NAME": "n1", "PYTHONPATH": str(REPO)}
+    with ManagedProcess(argv, name="agent", log_dir=tmp_path, env=env, cwd=REPO) as proc:
+        try:
+            async with asyncio.timeout(30):
+                await c.wait_until(lambda: entry(api, "m", "n1").get("state") == "ready"
+                                   and node_labels(api, "n1") == {ref.node_label: "ready"})
+            # an init container of a pod on this node asks for its own model (cold)
+            token = init_pod(api, "web-0", "team-b", other)
+            status, model = await call(url, "POST", "/api/v1/models", token, {"uri": other})
+            assert status == 202, model
+            status, model = await call(url, "GET", f"/api/v1/models/{model['key']}?wait=20",
+                                       token)
+            assert (status, model["state"], model["in_use"]) == (200, "ready", True)
+            status, _ = await call(url, "POST", "/api/v1/models", "forged", {"uri": other})
+            assert status == 401
+            status, _ = await call(url, "POST", "/api/v1/models", token, {"uri": uri})
+            assert status == 403  # not its own model
+        finally:
+            code = await asyncio.to_thread(proc.stop)
+        assert code == 0, proc.log_tail()
+
+    # SIGTERM keeps the labels of what stays on disk; the stale one went at start
+    assert node_labels(api, "n1") == {ref.node_label: "ready",
+                                      parse(other).node_label: "ready"}
+    assert "Pulled" in reasons(api, "m")
