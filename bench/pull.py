@@ -246,6 +246,7 @@ def bench_http(args: argparse.Namespace, base: Path, model_dir: Path, names: lis
                     t, used = asyncio.run(run_agent(agent_url, token, urls, agent.pid))
                     cpu.append(used)
                 shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # untimed: no contender's write-back lands in another's time
                 times[c].append(t)
                 row.append(f"{c} {t:6.3f}s {total / t / 1e9:5.2f} GB/s")
             print(f"rep {rep + 1}: " + " | ".join(row))
@@ -454,6 +455,7 @@ def bench_source(row: str, args: argparse.Namespace, base: Path, model_dir: Path
                 (out / c).mkdir(parents=True)
                 t = contenders[c](out / c)
                 shutil.rmtree(out / c)
+                os.sync()  # untimed: no contender's write-back lands in another's time
                 times[c].append(t)
                 line.append(f"{c} {t:6.3f}s {total / t / 1e9:5.2f} GB/s")
             print(f"rep {rep + 1}: " + " | ".join(line))

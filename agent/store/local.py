@@ -113,34 +113,24 @@ class Store:
 
     def remove_blob(self, digest: str) -> int:
         """Collect a blob no tree links and no pull holds; returns the bytes freed."""
-        freed = self.blobs.collect(digest)
-        if freed or not self.blobs.exists(digest):
-            with self._lock:
-                self._sizes.pop(digest, None)
-                for sha in [s for s, d in self._sha256.items() if d == digest]:
-                    del self._sha256[sha]
-        return freed
+        return self.remove_unreferenced([digest])
 
     def remove_unreferenced(self, digests: Iterable[str]) -> int:
-        """Remove those of ``digests`` that no tree links (the link count is checked on
-        disk, blob by blob); return the bytes freed. A blob a tree still links is kept."""
+        """Collect those of ``digests`` that no tree links and no running pull holds (both
+        checked on disk and under the blob store's lock, blob by blob); return the bytes
+        freed. A blob still linked or held is kept."""
         freed = 0
-        removed = []
+        gone: set[str] = set()
         for digest in digests:
-            path = self.blobs.path(digest)
-            try:
-                st = path.stat()
-                if st.st_nlink != 1:
-                    continue
-                path.unlink()
-            except FileNotFoundError:
-                removed.append(digest)
-                continue
-            freed += st.st_size
-            removed.append(digest)
-        with self._lock:  # sha256 aliases of removed blobs are dropped by find_sha256
-            for digest in removed:
-                self._sizes.pop(digest, None)
+            n = self.blobs.collect(digest)
+            if n or not self.blobs.exists(digest):
+                freed += n
+                gone.add(digest)
+        if gone:
+            with self._lock:
+                for digest in gone:
+                    self._sizes.pop(digest, None)
+                self._sha256 = {s: d for s, d in self._sha256.items() if d not in gone}
         return freed
 
     def unreferenced_blobs(self, keep: Iterable[str] = ()) -> list[str]:
