@@ -438,7 +438,9 @@ class Evictor:
         """Take the victims out of the index, then off the disk in threads (manifest, trees,
         then blobs whose last link went), batch by batch; record each eviction."""
         chosen: list[tuple[Model, str]] = []
-        for model, reason in victims:
+        for n, (model, reason) in enumerate(victims):
+            if n and n % BATCH == 0:
+                await asyncio.sleep(0)  # thousands of victims: let the API answer meanwhile
             if model.manifest is None and not force:
                 continue
             if (force or self._evictable(model)) and self.index.get(model.key) is model:

@@ -75,6 +75,7 @@ class Index:
         self._models: dict[str, Model] = {}
         self._changed = asyncio.Condition()
         self._listeners: list[Callable[[Model], None]] = []
+        self._waking: asyncio.Task[None] | None = None
 
     def __iter__(self) -> Iterator[Model]:
         return iter(list(self._models.values()))
@@ -103,7 +104,8 @@ class Index:
     def notify(self, model: Model) -> None:
         for listener in self._listeners:
             listener(model)
-        asyncio.get_running_loop().create_task(self._wake())
+        if self._waking is None or self._waking.done():  # one wake-up serves many changes
+            self._waking = asyncio.get_running_loop().create_task(self._wake())
 
     async def _wake(self) -> None:
         async with self._changed:
