@@ -27,7 +27,6 @@ import http.client
 import logging
 import mmap
 import os
-import random
 import socket
 import ssl
 import threading
@@ -57,6 +56,7 @@ from agent.errors import (
 )
 from agent.settings import ArchiveSettings, FetchSettings
 from agent.sources.base import Credentials, Location, RemoteFile, Source
+from agent.sources.control import backoff_delay
 from agent.store.ingest import Ingest, Segment
 from agent.store.local import Store
 from agent.store.trees import FileEntry
@@ -315,9 +315,7 @@ class Fetcher:
                 if attempt >= s.retries:
                     raise TransientError(
                         f"{file.path}: giving up after {attempt} attempts: {e}") from e
-                delay = random.uniform(0, min(s.backoff_max, s.backoff_base * 2 ** attempt))
-                if e.retry_after is not None:
-                    delay = max(delay, min(e.retry_after, s.backoff_max))
+                delay = backoff_delay(attempt, s.backoff_base, s.backoff_max, e.retry_after)
                 log.info("retrying segment", extra={
                     "path": file.path, "offset": seg.offset, "attempt": attempt,
                     "delay": round(delay, 3), "error": str(e)})

@@ -17,7 +17,6 @@ import asyncio
 import errno
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 from agent.errors import InvalidInput, NoSpace, NotFound, StoreError
 from agent.index import Index
-from agent.store.blobs import fsync_dir
+from agent.store.blobs import write_atomic
 from agent.usage import Usage
 
 log = logging.getLogger(__name__)
@@ -149,19 +148,9 @@ class Leases:
 
     def _write(self, table: Table) -> None:
         data = json.dumps({"version": 1, "leases": table}, sort_keys=True).encode()
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"leases-{os.getpid()}-{time.monotonic_ns()}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            fsync_dir(self.path.parent)
+            write_atomic(self.path, data, self.tmp, mode=0o600)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"cannot record the lease: {e.strerror}") from e
             raise StoreError(f"cannot write {self.path}: {e.strerror}") from e

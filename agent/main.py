@@ -55,8 +55,8 @@ REFRESH_CHECK_SECONDS = 60.0
 def build_sources(egress: Egress, settings: AgentSettings) -> dict[str, Source]:
     """One source object per scheme the agent can pull."""
     s = settings.sources
-    http = HttpSource(egress)
     control = Control(egress, retries=s.control_retries)
+    http = HttpSource(control)
     sources: dict[str, Source] = {
         "http": http,
         "https": http,

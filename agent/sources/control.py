@@ -48,7 +48,8 @@ class Control:
         self.backoff_max = backoff_max
         self._session: aiohttp.ClientSession | None = None
 
-    def _http(self) -> aiohttp.ClientSession:
+    def session(self) -> aiohttp.ClientSession:
+        """The one policy-checked HTTP session of this client (made on first use)."""
         if self._session is None:
             self._session = self.egress.session()
         return self._session
@@ -60,13 +61,15 @@ class Control:
 
     async def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
                       ok: tuple[int, ...] = (200,), data: bytes | None = None,
-                      max_body: int = MAX_BODY) -> Reply:
-        """Send a request, retrying transient failures; statuses not in ``ok`` raise."""
+                      max_body: int = MAX_BODY, read_body: bool = True) -> Reply:
+        """Send a request, retrying transient failures; statuses not in ``ok`` raise.
+        Without ``read_body`` only the status and headers are kept (a probe)."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._once(method, url, headers, ok, data, max_body)
+                return await self._once(method, url, headers, ok, data,
+                                        max_body if read_body else -1)
             except TransientError as e:
                 if attempt >= self.retries:
                     raise TransientError(f"{e} (after {attempt} attempts)") from e
@@ -79,9 +82,9 @@ class Control:
 
     async def _once(self, method: str, url: str, headers: Mapping[str, str] | None,
                     ok: tuple[int, ...], data: bytes | None, max_body: int) -> Reply:
-        resp = await self.egress.request(self._http(), method, url, headers=headers, data=data)
+        resp = await self.egress.request(self.session(), method, url, headers=headers, data=data)
         async with resp:
-            body = await _read_capped(resp, method, url, max_body)
+            body = await _read_capped(resp, method, url, max_body) if max_body >= 0 else b""
             if resp.status not in ok:
                 raise status_error(resp.status, shown_url(url), resp.headers.get("Retry-After"))
             return Reply(resp.status, resp.headers, body, str(resp.url))

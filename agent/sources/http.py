@@ -15,36 +15,27 @@ import base64
 from collections.abc import Mapping
 from urllib.parse import unquote
 
-import aiohttp
-
 from agent.archive import kind_of
-from agent.egress import Egress, shown_url, status_error
-from agent.errors import SourceError, TransientError
+from agent.errors import SourceError
 from agent.names import safe_relpath
 from agent.reference import Reference
 from agent.sources.base import Credentials, Location, RemoteFile, Resolved
+from agent.sources.control import Control
 
 
 class HttpSource:
     schemes: tuple[str, ...] = ("http", "https")
 
-    def __init__(self, egress: Egress) -> None:
-        self.egress = egress
-        self._session: aiohttp.ClientSession | None = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = self.egress.session()
-        return self._session
+    def __init__(self, control: Control) -> None:
+        self.control = control
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.control.close()
 
     async def resolve(self, ref: Reference, credentials: Credentials | None) -> Resolved:
         url = f"{ref.scheme}://{ref.host}/{ref.path}"
         headers = auth_headers(credentials)
-        size, etag, last_modified, ranges = await self._stat(url, headers)
+        size, etag, last_modified = await self._stat(url, headers)
         name = unquote(ref.path.split("?", 1)[0].rsplit("/", 1)[-1])
         name = safe_relpath(name, what="file name from the URL")
         kind = kind_of(name)
@@ -55,7 +46,6 @@ class HttpSource:
             unpack=kind,  # type: ignore[arg-type]
         )
         revision = etag or (f"last-modified:{last_modified}" if last_modified else "unversioned")
-        del ranges  # the fetch engine finds out for itself and falls back to one connection
         return Resolved(ref, revision, (file,))
 
     async def locate(self, file: RemoteFile, credentials: Credentials | None, *,
@@ -66,30 +56,25 @@ class HttpSource:
         await self._stat(f"{ref.scheme}://{ref.host}/{ref.path}", auth_headers(credentials))
 
     async def _stat(self, url: str, headers: Mapping[str, str]
-                    ) -> tuple[int | None, str | None, str | None, bool]:
-        """(size, strong ETag, Last-Modified, accepts ranges) of a URL."""
-        session = self._http()
-        resp = await self.egress.request(session, "HEAD", url, headers=headers)
-        async with resp:
-            status = resp.status
-            hdrs = resp.headers
-        if status in (403, 405, 501):  # presigned GET URLs and some servers refuse HEAD
-            resp = await self.egress.request(session, "GET", url,
-                                             headers={**headers, "Range": "bytes=0-0"})
-            async with resp:
-                status, hdrs = resp.status, resp.headers
-                if status == 206:
-                    total = hdrs.get("Content-Range", "").rpartition("/")[2]
-                    size = int(total) if total.isdigit() else None
-                    return size, _strong(hdrs.get("ETag")), hdrs.get("Last-Modified"), True
-        if status >= 400:
-            raise status_error(status, shown_url(url), hdrs.get("Retry-After"))
-        if status != 200:
-            raise TransientError(f"{shown_url(url)}: unexpected status {status}")
-        length = hdrs.get("Content-Length")
-        size = int(length) if length and length.isdigit() else None
-        ranges = hdrs.get("Accept-Ranges", "").lower() == "bytes"
-        return size, _strong(hdrs.get("ETag")), hdrs.get("Last-Modified"), ranges
+                    ) -> tuple[int | None, str | None, str | None]:
+        """(size, strong ETag, Last-Modified) of a URL: HEAD, or a one-byte ranged GET where
+        HEAD is refused (presigned GET URLs); resets, 5xx and 429 are retried."""
+        head = await self.control.request("HEAD", url, headers=headers,
+                                          ok=(200, 403, 405, 501), read_body=False)
+        if head.status == 200:
+            length = head.headers.get("Content-Length")
+            size = int(length) if length and length.isdigit() else None
+            return size, _strong(head.headers.get("ETag")), head.headers.get("Last-Modified")
+        probe = await self.control.request("GET", url, headers={**headers, "Range": "bytes=0-0"},
+                                           ok=(200, 206), read_body=False)
+        hdrs = probe.headers
+        if probe.status == 206:
+            total = hdrs.get("Content-Range", "").rpartition("/")[2]
+            size = int(total) if total.isdigit() else None
+        else:
+            length = hdrs.get("Content-Length")
+            size = int(length) if length and length.isdigit() else None
+        return size, _strong(hdrs.get("ETag")), hdrs.get("Last-Modified")
 
 
 def auth_headers(credentials: Credentials | None) -> dict[str, str]:

@@ -158,3 +158,25 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Path, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` durably: a temporary file in ``tmp_dir`` (same file
+    system), fsync, rename over ``path``, fsync of its directory. A reader sees the old
+    content or the new, never a part; a crash leaves at most a stray temporary file."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f".{path.name}-{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

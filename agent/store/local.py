@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import StoreError
-from agent.store.blobs import BlobStore, fsync_dir
+from agent.store.blobs import BlobStore, fsync_dir, write_atomic
 from agent.store.ingest import BlobWriter, Ingest, check_ref
 from agent.store.trees import FileEntry, Manifest, Trees, clean_paths, tree_id
 
@@ -213,9 +212,7 @@ class Store:
 
     def write_intent(self, key: str, intent: dict[str, Any]) -> None:
         """Record a pull in flight, so that a restart resumes it."""
-        tmp = self.pulls / f".{key}-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps(intent))
-        os.replace(tmp, self.pulls / f"{key}.json")
+        write_atomic(self.pulls / f"{key}.json", json.dumps(intent).encode(), self.pulls)
 
     def remove_intent(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -27,7 +27,7 @@ import blake3
 
 from agent.errors import StoreError, UnsafeName
 from agent.names import check_unique, join_inside, safe_relpath
-from agent.store.blobs import BlobStore, fsync_dir, valid_digest
+from agent.store.blobs import BlobStore, fsync_dir, valid_digest, write_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -198,18 +198,8 @@ class Trees:
             raise
 
     def write_manifest(self, manifest: Manifest) -> None:
-        model_dir = self.model_dir(manifest.key)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"manifest-{manifest.key}-{uuid.uuid4().hex[:8]}"
         data = json.dumps(manifest.to_json(), indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, model_dir / MANIFEST)
-        fsync_dir(model_dir)
+        write_atomic(self.model_dir(manifest.key) / MANIFEST, data, self.tmp)
 
     def remove_tree(self, key: str, tree: str) -> None:
         """Take a tree out of ``models/`` in one rename, then delete it."""
