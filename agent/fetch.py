@@ -22,7 +22,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
-import hashlib
 import http.client
 import logging
 import mmap
@@ -32,7 +31,6 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import blake3
@@ -686,15 +684,6 @@ async def _settle(tasks: list[asyncio.Task[None]]) -> None:
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file (tests, tools)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 __all__ = ["FetchStats", "Fetcher", "ProgressFn", "ref_id"]

@@ -126,6 +126,8 @@ class StatusWriter:
         self._evictions[model_key] = reason
 
     def _changed(self, model: Model) -> None:
+        if self.index.get(model.key) is model:
+            self._evictions.pop(model.key, None)  # back in the store: no longer evicted
         if any(t.model_key == model.key for t in self.targets.values()):
             self._dirty.set()
 
@@ -220,7 +222,6 @@ class StatusWriter:
         elif state == EVICTED:
             reason = "Evicted"
             note = f"evicted from node {self.node}: {entry['message']}"
-            self._evictions.pop(target.model_key, None)
         else:
             return
         await self.kube.emit_event(target.obj, reason, note, kind)

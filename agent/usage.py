@@ -33,9 +33,6 @@ class Usage:
     def holders_of(self, key: str) -> frozenset[str]:
         return frozenset(self._holds.get(key, ()))
 
-    def keys_of(self, holder: str) -> frozenset[str]:
-        return frozenset(self._keys.get(holder, ()))
-
     def set(self, holder: str, keys: Iterable[str], until: float = 0.0) -> None:
         """``holder`` uses exactly ``keys`` now (until ``until``, 0: until told otherwise)."""
         new = set(keys)

@@ -82,11 +82,6 @@ class Resolved:
     """With ``source_uri``: the credentials meant for that URI's source, when they are not
     the caller's (model-registry keeps its own token out of them). Never logged."""
 
-    @property
-    def declared_bytes(self) -> int:
-        """Bytes the source declared (files without a size count as zero)."""
-        return sum(f.size or 0 for f in self.files)
-
 
 class Source(Protocol):
     """The role every source plays: resolve a reference, locate a file's bytes."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import StoreError
-from agent.store.blobs import BlobStore, fsync_dir, write_atomic
+from agent.store.blobs import BlobStore, write_atomic
 from agent.store.ingest import BlobWriter, Ingest, check_ref
 from agent.store.trees import FileEntry, Manifest, Trees, clean_paths, tree_id
 
@@ -288,8 +288,6 @@ class Store:
         with self._lock:
             self._sizes = dict(sizes)
 
-    def fsync_root(self) -> None:
-        fsync_dir(self.root)
 
 
 __all__ = ["FileEntry", "Manifest", "Store", "Usage"]
