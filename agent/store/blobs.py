@@ -160,10 +160,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, tmp_dir: Path, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` durably: a temporary file in ``tmp_dir`` (same file
-    system), fsync, rename over ``path``, fsync of its directory. A reader sees the old
-    content or the new, never a part; a crash leaves at most a stray temporary file."""
+def write_atomic(path: Path, data: bytes, tmp_dir: Path, mode: int = 0o644,
+                 durable: bool = True) -> None:
+    """Replace ``path`` with ``data``: a temporary file in ``tmp_dir`` (same file system),
+    rename over ``path``; with ``durable``, fsync of the file before and of the directory
+    after. A reader sees the old content or the new, never a part; a crash leaves at most a
+    stray temporary file."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / f".{path.name}-{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}"
     try:
@@ -172,11 +174,13 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path, mode: int = 0o644) -> N
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)

@@ -211,8 +211,10 @@ class Store:
     # --- pull intents --------------------------------------------------------------------
 
     def write_intent(self, key: str, intent: dict[str, Any]) -> None:
-        """Record a pull in flight, so that a restart resumes it."""
-        write_atomic(self.pulls / f"{key}.json", json.dumps(intent).encode(), self.pulls)
+        """Record a pull in flight, so that a restart resumes it. Not fsynced: an intent lost
+        with the page cache (a power cut) costs a download, never a wrong byte."""
+        write_atomic(self.pulls / f"{key}.json", json.dumps(intent).encode(), self.pulls,
+                     durable=False)
 
     def remove_intent(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
