@@ -28,23 +28,17 @@ from agent.settings import (
     WarmModel,
 )
 from tests.kubeapi import FakeKubeApi
-from tests.kubeapi.fixtures import AGENT_TOKEN, FAST, kube, kube_api, raw_kube  # noqa: F401
+from tests.kubeapi.fixtures import (  # noqa: F401
+    AGENT_TOKEN,
+    FAST,
+    kube,
+    kube_api,
+    no_leaked_tasks,
+    raw_kube,
+)
 from tests.kubeapi.objects import node
 
 AUDIENCE = "modelcache"
-
-
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    """Fail a test that leaves tasks running behind it."""
-    before = asyncio.all_tasks()
-    yield
-    await asyncio.sleep(0)
-    leaked = [t for t in asyncio.all_tasks() - before
-              if t is not asyncio.current_task() and not t.done()]
-    for t in leaked:
-        t.cancel()
-    assert not leaked, f"tasks leaked: {leaked}"
 
 
 @pytest.fixture
