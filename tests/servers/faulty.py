@@ -9,7 +9,8 @@ Serves in-memory or on-disk files with ``Range`` (206 / 416), ``If-Range``, ``ET
   connection; the latter is a short body (``Content-Length`` larger than what was sent);
 - ``wrong_content_range``: answer a range with a ``Content-Range`` that lies;
 - ``ignore_range``: answer 200 with the whole body to a ranged request;
-- ``rate`` (bytes/s), ``stall_after`` + ``stall_for``, ``delay`` before the headers;
+- ``rate`` (bytes/s per response), ``link`` (a :class:`Link`: one cap shared by every
+  response given it, a saturated uplink), ``stall_after`` + ``stall_for``, ``delay``;
 - ``hold``: a ``threading.Event`` the response waits for (before the headers, or at
   ``stall_after`` bytes), so a test controls exactly when a download proceeds;
 - ``redirect`` to any URL; ``corrupt_at`` flips one byte of the body.
@@ -50,6 +51,26 @@ HOLD_TIMEOUT = 60.0
 _FIXED_MTIME = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
 
 
+class Link:
+    """A rate shared by every response whose fault carries it: more connections get no
+    more bytes per second in all (an uplink or a server that is the bottleneck)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._sent = 0
+        self._began: float | None = None
+
+    async def pace(self, n: int) -> None:
+        """Wait until ``n`` more bytes fit under the rate (the server's one event loop
+        calls this: no lock is needed)."""
+        if self._began is None:
+            self._began = time.monotonic()
+        ahead = self._sent / self.rate - (time.monotonic() - self._began)
+        self._sent += n
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
 @dataclass(frozen=True)
 class Fault:
     """What to do to one request instead of (or while) serving it normally."""
@@ -74,6 +95,8 @@ class Fault:
     """Answer 200 with the whole file to a ranged request."""
     rate: int | None = None
     """Throttle the body to this many bytes per second."""
+    link: Link | None = None
+    """Throttle the body, with every other response given the same link, to its rate."""
     stall_after: int | None = None
     """Pause for ``stall_for`` seconds after this many body bytes."""
     stall_for: float = 0.0
@@ -156,6 +179,9 @@ class Served:
     authorization: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     fault: Fault | None = None
+    began: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    """When the response was done with (``time.monotonic``); None while it runs."""
 
 
 class RangeNotSatisfiable(Exception):
@@ -322,6 +348,9 @@ async def _write_body(
             ahead = record.sent / fault.rate - (time.monotonic() - began)
             if ahead > 0:
                 await asyncio.sleep(ahead)
+        if fault is not None and fault.link is not None:
+            n = min(n, max(1024, fault.link.rate // 20))
+            await fault.link.pace(n)
         if resource.file is not None:
             chunk = await asyncio.to_thread(resource.read, pos, n)
         else:
@@ -351,6 +380,17 @@ def new_record(request: web.Request) -> Served:
         authorization=request.headers.get("Authorization"),
         headers={k: v for k in _RECORDED_HEADERS if (v := request.headers.get(k)) is not None},
     )
+
+
+def most_at_once(records: list[Served]) -> int:
+    """The most of these requests that were being answered at the same time."""
+    events = sorted([(r.began, 1) for r in records] +
+                    [(r.ended if r.ended is not None else float("inf"), -1) for r in records])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
 
 
 class FaultyServer:
@@ -466,13 +506,17 @@ class FaultyServer:
         record = new_record(request)
         with self._lock:
             self._log.append(record)
-        resource, fault = self._next(request.path, request.method)
-        if resource is None:
-            if fault is not None and (fault.status is not None or fault.redirect is not None):
-                return await respond(request, Resource(data=b""), record, fault=fault)
-            record.status = 404
-            return web.Response(status=404, text="not found\n")
-        return await respond(request, resource, record, fault=fault)
+        try:
+            resource, fault = self._next(request.path, request.method)
+            if resource is None:
+                if fault is not None and (fault.status is not None or
+                                          fault.redirect is not None):
+                    return await respond(request, Resource(data=b""), record, fault=fault)
+                record.status = 404
+                return web.Response(status=404, text="not found\n")
+            return await respond(request, resource, record, fault=fault)
+        finally:
+            record.ended = time.monotonic()
 
     def make_app(self) -> web.Application:
         app = web.Application()
