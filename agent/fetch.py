@@ -4,7 +4,8 @@ One engine serves the agent and the init container's fallback. For each file:
 
 1. content the source already vouched for (sha256) and the store holds is not fetched;
 2. concurrent requests for the same content share one download (single flight);
-3. a large file is split into segments fetched over several connections at once (bounded
+3. a file starts as one stream; if its stream is slow (a CDN capping each connection), the
+   rest of it is fetched in pieces, in file order, over more connections at once (bounded
    across the whole process), each a ranged GET into the partial file at its offset;
 4. the bytes land through reused buffers (``readinto``: no new bytes object per chunk) in
    worker threads, so the event loop never waits on the network, the disk or the hash;
@@ -61,6 +62,10 @@ from agent.store.trees import FileEntry
 
 log = logging.getLogger(__name__)
 USER_AGENT = "modelcache/0.1"
+SPLIT_WINDOW_BUFFERS = 4
+"""The splitter measures a file's rate over at least this many buffers per stream..."""
+SPLIT_WINDOW_LOOKS = 8
+"""...or over this many looks, whichever comes first."""
 
 ProgressFn = Callable[[int], None]
 
@@ -107,8 +112,9 @@ class Fetcher:
             max_workers=settings.max_connections + 2, thread_name_prefix="fetch")
         self._pool = _ConnectionPool(settings)
         self._inflight: dict[str, asyncio.Future[list[FileEntry]]] = {}
-        self._streams = 0
-        """Connections transferring bytes right now (all files)."""
+        self._wanted = 0
+        """Segments running or waiting for a connection (the splitter adds no more than
+        ``max_connections`` allows)."""
 
     async def close(self) -> None:
         self._pool.close()
@@ -259,31 +265,79 @@ class Fetcher:
 
     async def _splitter(self, ingest: Ingest, launch: Callable[[Segment], None]) -> None:
         """Give a file more connections while its streams are slow (a remote CDN or object
-        store caps each connection); leave fast ones alone (on a fast link the extra
-        streams would only cost a second read of their bytes for the ordered hash)."""
+        store caps each connection: Hugging Face's CDN gives one stream ~40 MB/s); leave
+        fast ones alone (on a fast link the extra streams would only cost a second read of
+        their bytes for the ordered hash).
+
+        At each look the streams of a slow file double (up to ``connections_per_file`` and
+        the connections free under ``max_connections``), so a file reaches its full width in
+        a few looks. They grow again only while growing pays: if the last split did not
+        raise the file's rate by at least half of what the new streams would add at the
+        old per-stream rate, the link or the server is the limit, not each connection, and
+        more connections would only load an overloaded server further."""
         s = self.settings
-        last = ingest.received_bytes
+        clock = asyncio.get_running_loop().time
+        mark_bytes, mark_time = ingest.received_bytes, clock()
+        last_split: tuple[float, int, int] | None = None  # rate before it, streams, added
         while True:
             await asyncio.sleep(s.split_interval)
-            now = ingest.received_bytes
-            active = [seg for seg in ingest.segments if not seg.complete]
-            per_stream = (now - last) / s.split_interval / max(len(active), 1)
-            last = now
-            if not active or per_stream >= s.split_below_rate:
+            active = [seg for seg in ingest.segments if not seg.complete and not seg.pooled]
+            if not active:
                 continue
-            if len(active) >= s.connections_per_file or self._streams >= s.max_connections:
+            # bytes become visible a whole buffer at a time: measure over a window long
+            # enough to hold several buffers per stream (or, for a crawl, a few seconds)
+            got, elapsed = ingest.received_bytes - mark_bytes, clock() - mark_time
+            if got < SPLIT_WINDOW_BUFFERS * s.buffer_bytes * len(active) and \
+                    elapsed < SPLIT_WINDOW_LOOKS * s.split_interval:
                 continue
-            seg = max(active, key=lambda x: x.remaining or 0)
-            new = ingest.split(seg, s.segment_min_bytes, margin=2 * s.buffer_bytes)
-            if new is not None:
-                log.debug("splitting a slow download", extra={
-                    "ref": ingest.ref, "at": new.start, "streams": len(active) + 1,
-                    "bytes_per_second": int(per_stream)})
+            mark_bytes, mark_time = mark_bytes + got, mark_time + elapsed
+            rate = got / elapsed
+            if rate / len(active) >= s.split_below_rate:
+                continue
+            if last_split is not None:
+                before, streams, added = last_split
+                if rate <= before * (1 + added / streams / 2):
+                    continue  # the last split did not pay: hold
+            room = min(len(active), s.connections_per_file - len(active),
+                       s.max_connections - self._wanted)
+            streams, added = len(active), 0
+            for _ in range(max(room, 0)):
+                # the new streams take pieces of the rest of the file in order; the first
+                # time, the rest is pooled past one piece of the stream that has most left
+                new = ingest.take_piece(s.segment_min_bytes)
+                if new is None:
+                    seg = max(active, key=lambda x: x.remaining or 0)
+                    if ingest.pool_rest(seg, 2 * s.buffer_bytes + s.segment_min_bytes,
+                                        s.segment_min_bytes):
+                        new = ingest.take_piece(s.segment_min_bytes)
+                if new is None:
+                    break
                 launch(new)
+                active.append(new)
+                added += 1
+            if added:
+                last_split = (rate, streams, added)
+                log.debug("splitting a slow download", extra={
+                    "ref": ingest.ref, "streams": len(active), "added": added,
+                    "bytes_per_second": int(rate)})
 
     async def _segment(self, ingest: Ingest, seg: Segment, file: RemoteFile,
                        location: _SharedLocation, cancel: threading.Event,
                        progress: ProgressFn, stats: FetchStats) -> None:
+        self._wanted += 1
+        try:
+            piece: Segment | None = seg
+            while piece is not None:
+                await self._segment_attempts(ingest, piece, file, location, cancel, progress,
+                                             stats)
+                # a file fetched in pieces: go on with the next one, on the same connection
+                piece = ingest.take_piece(self.settings.segment_min_bytes)
+        finally:
+            self._wanted -= 1
+
+    async def _segment_attempts(self, ingest: Ingest, seg: Segment, file: RemoteFile,
+                                location: _SharedLocation, cancel: threading.Event,
+                                progress: ProgressFn, stats: FetchStats) -> None:
         s = self.settings
         attempt = 0
         refreshed = False
@@ -328,7 +382,6 @@ class Fetcher:
         future = asyncio.get_running_loop().run_in_executor(
             self._executor, self._run_segment, ingest, seg, loc, file, addresses, cancel,
             attempt, progress, stats)
-        self._streams += 1
         try:
             await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -337,8 +390,6 @@ class Fetcher:
             with contextlib.suppress(BaseException):
                 await future
             raise
-        finally:
-            self._streams -= 1
 
     # --- the blocking data path (worker threads) ------------------------------------------
 

@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import queue
 import re
@@ -67,6 +68,9 @@ class Segment:
     """Exclusive end; ``None`` while the size is unknown (a single streamed segment)."""
     done: int = 0
     """Bytes written from ``start``."""
+    pooled: bool = False
+    """No stream has it yet: streams take pieces from its front, in file order (the state
+    keeps it as an ordinary segment, so a resume fetches it)."""
 
     @property
     def complete(self) -> bool:
@@ -225,24 +229,41 @@ class Ingest:
         """Bytes written so far (all segments)."""
         return sum(s.done for s in self.segments)
 
-    def split(self, seg: Segment, min_part: int, margin: int) -> Segment | None:
-        """Cut the rest of a running segment in two; return the new second half, or None
-        if the rest is too small. ``margin`` bytes past the segment's current offset stay
-        with it, so that a chunk already being received cannot cross the cut."""
+    def pool_rest(self, seg: Segment, keep: int, min_part: int) -> bool:
+        """Leave ``seg`` the next ``keep`` bytes (rounded up to :data:`SEGMENT_ALIGN`) and
+        pool the rest of it, for streams to take in pieces (:meth:`take_piece`). False if
+        there is a pool already or too little is left."""
         with self._cond:
-            if seg.end is None or seg not in self.segments:
-                return None
-            start = seg.offset + margin
-            remaining = seg.end - start
-            if remaining < 2 * min_part:
-                return None
-            cut = (start + remaining // 2) // SEGMENT_ALIGN * SEGMENT_ALIGN
-            if cut <= start or seg.end - cut < min_part:
-                return None
-            new = Segment(cut, seg.end)
+            if seg.end is None or seg not in self.segments or \
+                    any(s.pooled for s in self.segments):
+                return False
+            cut = -(-(seg.offset + keep) // SEGMENT_ALIGN) * SEGMENT_ALIGN
+            if seg.end - cut < min_part:
+                return False
+            pool = Segment(cut, seg.end, pooled=True)
             seg.end = cut
-            self.segments.insert(self.segments.index(seg) + 1, new)
-            return new
+            self.segments.insert(self.segments.index(seg) + 1, pool)
+            return True
+
+    def take_piece(self, size: int) -> Segment | None:
+        """The next piece of the pool, for a stream to fetch: ``size`` bytes, less near
+        the end (so the streams finish together rather than wait on one last big piece),
+        all of it if less than two pieces are left; None if there is no pool or it is
+        empty. Pieces go in file order, so the ordered hash follows the streams closely."""
+        with self._cond:
+            pool = next((s for s in self.segments if s.pooled), None)
+            if pool is None or pool.end is None:
+                return None
+            streams = 1 + sum(1 for s in self.segments if not s.pooled and not s.complete)
+            size = min(size, (pool.end - pool.start) // (2 * streams))
+            size = max(SEGMENT_ALIGN, size // SEGMENT_ALIGN * SEGMENT_ALIGN)
+            if pool.end - pool.start < 2 * size:
+                pool.pooled = False
+                return pool
+            piece = Segment(pool.start, pool.start + size)
+            pool.start += size
+            self.segments.insert(self.segments.index(pool), piece)
+            return piece
 
     @property
     def resumed_bytes(self) -> int:
@@ -379,7 +400,8 @@ class Ingest:
     def _write_state(self, snapshot: list[tuple[int, int | None, int]] | None = None) -> None:
         if snapshot is None:
             snapshot = [(s.start, s.end, s.done) for s in self.segments]
-        state = {"version": STATE_VERSION, "identity": self.identity, "segments": snapshot}
+        state = {"version": STATE_VERSION, "identity": self.identity,
+                 "segments": _merge_complete(snapshot)}
         tmp = self.dir / "state.json.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.dir / "state.json")
@@ -398,9 +420,12 @@ class Ingest:
         return all(s.complete for s in self.segments) and self.segments[-1].end is not None
 
     def _hash_loop(self) -> None:
-        views = [memoryview(bytearray(HASH_CHUNK)), memoryview(bytearray(HASH_CHUNK))]
+        # page-aligned buffers: bytes ahead of the frontier (a split stream's, written
+        # O_DIRECT) are read back O_DIRECT too, without a copy through the page cache
+        views = [memoryview(mmap.mmap(-1, HASH_CHUNK)), memoryview(mmap.mmap(-1, HASH_CHUNK))]
         pending: list[threading.Event | None] = [None, None]
         turn = 0
+        rfd = _open_direct(self.data_path, os.O_RDONLY)
         try:
             while True:
                 with self._cond:
@@ -421,7 +446,7 @@ class Ingest:
                         pos = self._hashed
                         if pos >= target:
                             break
-                        n = os.preadv(self.fd, [view[: min(HASH_CHUNK, target - pos)]], pos)
+                        n, rfd = self._read_back(rfd, view, pos, min(HASH_CHUNK, target - pos))
                         if n <= 0:
                             raise StoreError(
                                 f"partial download {self.ref} is shorter than written")
@@ -435,6 +460,25 @@ class Ingest:
             with self._cond:
                 self._hash_error = e
                 self._cond.notify_all()
+        finally:
+            if rfd >= 0:
+                os.close(rfd)
+
+    def _read_back(self, rfd: int, view: memoryview, pos: int, want: int) -> tuple[int, int]:
+        """Read ``want`` written bytes at ``pos`` into ``view``: O_DIRECT through ``rfd``
+        where aligned (a whole number of blocks is read: the file is preallocated, and
+        only ``want`` bytes are used), else through the page cache. Returns the count and
+        the O_DIRECT descriptor (-1 once the file system refused it)."""
+        if rfd >= 0 and pos % DIRECT_ALIGN == 0:
+            try:
+                n = os.preadv(rfd, [view[: -(-want // DIRECT_ALIGN) * DIRECT_ALIGN]], pos)
+                return min(n, want), rfd
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                os.close(rfd)
+                rfd = -1
+        return os.preadv(self.fd, [view[:want]], pos), rfd
 
     def mark_complete(self) -> None:
         """Declare a stream of unknown size finished at what was written."""
@@ -533,9 +577,24 @@ class Ingest:
             self._lock_fd = -1
 
 
-def _open_direct(path: Path) -> int:
+def _merge_complete(segments: list[tuple[int, int | None, int]]
+                    ) -> list[tuple[int, int | None, int]]:
+    """Adjacent complete segments as one (a file fetched in pieces would otherwise keep
+    one entry per piece in its state)."""
+    out: list[tuple[int, int | None, int]] = []
+    for start, end, done in segments:
+        if out and end is not None and start + done == end:
+            p_start, p_end, p_done = out[-1]
+            if p_end == start and p_start + p_done == p_end:
+                out[-1] = (p_start, end, p_done + done)
+                continue
+        out.append((start, end, done))
+    return out
+
+
+def _open_direct(path: Path, mode: int = os.O_WRONLY) -> int:
     try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+        return os.open(path, mode | os.O_DIRECT)
     except OSError:
         return -1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import random
 import stat
@@ -107,6 +108,8 @@ def test_blob_iteration_skips_foreign_names(store: Store, put_blob: Put) -> None
     assert [b.digest for b in BlobStore(store.blobs.root)] == [good.blake3]
 
 
+MIB = 1024 * 1024
+
 # --- Ingest ----------------------------------------------------------------------------------
 
 
@@ -138,6 +141,67 @@ def test_plan_splits_into_contiguous_segments(store: Store) -> None:
         assert [(s.start, s.end) for s in empty] == [(0, 0)] and empty[0].complete
     finally:
         small.discard()
+
+
+def _write_aligned(ingest: Ingest, seg: Segment, data: bytes) -> None:
+    """Write a segment as the fetch engine does: whole page-aligned buffers (O_DIRECT)."""
+    buf = memoryview(mmap.mmap(-1, MIB))
+    while not seg.complete:
+        n = min(MIB, (seg.end or 0) - seg.offset)
+        buf[:n] = data[seg.offset: seg.offset + n]
+        pending = ingest.write(seg, buf[:n])
+        if pending is not None:
+            pending.wait()
+
+
+def test_a_slow_file_is_fetched_in_pieces_in_order(store: Store) -> None:
+    data = random.Random(2).randbytes(40 * MIB + 123)
+    ingest = store.open_ingest("pieces", identity(data))
+    (first,) = ingest.plan(len(data), parts=1, min_part=MIB)
+    assert ingest.take_piece(4 * MIB) is None, "no pool before the file is split"
+    buf = memoryview(mmap.mmap(-1, 3 * MIB))
+    buf[:] = data[: 3 * MIB]
+    ingest.write(first, buf)
+    assert ingest.pool_rest(first, MIB + 5, min_part=MIB)
+    assert first.end == 5 * MIB, "the running stream keeps what it may have in flight"
+    assert not ingest.pool_rest(first, MIB, min_part=MIB), "one pool per file"
+    pieces = []
+    while (piece := ingest.take_piece(4 * MIB)) is not None:
+        pieces.append(piece)
+    spans = [(p.start, p.end) for p in pieces]
+    assert spans[0][0] == 5 * MIB and spans[-1][1] == len(data)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans)), "in file order, no gap"
+    sizes = [b - a for a, b in spans]
+    assert sizes[0] == 4 * MIB and min(sizes) < 4 * MIB, "smaller pieces at the end"
+    assert all(a % MIB == 0 for a, _ in spans)
+    ingest.start_hasher()
+    # pieces land out of order (the last first), each written and read back O_DIRECT
+    for seg in [*reversed(pieces), first]:
+        _write_aligned(ingest, seg, data)
+    ingest.checkpoint()
+    state = json.loads((ingest.dir / "state.json").read_text())
+    assert state["segments"] == [[0, len(data), len(data)]], "complete pieces merged"
+    sealed = ingest.commit(store.blobs, len(data), sha(data))
+    assert sealed.blake3 == blake3.blake3(data).hexdigest()
+
+
+def test_a_pooled_file_resumes_as_ordinary_segments(store: Store) -> None:
+    data = random.Random(3).randbytes(12 * MIB)
+    ingest = store.open_ingest("pooled", identity(data))
+    (first,) = ingest.plan(len(data), parts=1, min_part=MIB)
+    assert ingest.pool_rest(first, MIB, min_part=MIB)
+    piece = ingest.take_piece(2 * MIB)
+    assert piece is not None
+    _write_aligned(ingest, piece, data)
+    ingest.checkpoint()
+    ingest.close()
+    again = store.open_ingest("pooled", identity(data))
+    try:
+        assert [(s.start, s.end, s.done, s.pooled) for s in again.segments] == [
+            (0, MIB, 0, False), (MIB, 3 * MIB, 2 * MIB, False), (3 * MIB, 12 * MIB, 0, False)]
+        assert again.take_piece(MIB) is None, "a resumed file pools again only when split"
+    finally:
+        again.discard()
 
 
 def _write_segment(ingest: Ingest, seg: Segment, data: bytes, rng: random.Random) -> None:
