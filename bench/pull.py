@@ -17,6 +17,10 @@ way (a fresh agent process per source; its store emptied after every rep):
 - ``hf``: the local Hugging Face hub (``tests/servers/hfhub.py``), LFS files redirected to
   nginx as its CDN; ``agent`` pulls ``hf://`` against ``snapshot_download`` of the real
   ``huggingface_hub`` (``HF_HUB_DISABLE_XET=1``, into a fresh cache, timed in its process);
+- ``hf-cdn``: the same, with the CDN capping each connection (nginx ``limit_rate``,
+  ``--cdn-mb-per-conn``, 40 MB/s by default: what one stream from Hugging Face's CDN gets,
+  huggingface/huggingface_hub#2658), as a remote hub behaves; on bare loopback (``hf``) both
+  sides are CPU-bound instead, and the agent's share goes to sha256 + blake3;
 - ``oci``: the model pushed as an OCI artifact (one layer per file) to the Debian
   ``docker-registry``; ``agent`` pulls ``oci://`` against ``skopeo copy`` to an OCI layout;
 - ``s3``: the model under a prefix of SeaweedFS (shards with ``x-amz-checksum-sha256``);
@@ -25,7 +29,8 @@ way (a fresh agent process per source; its store emptied after every rep):
 
 Prints each rep, the medians and the ratios. Not a test: run it by hand.
 
-    python bench/pull.py [--reps 5] [--shards 4] [--shard-mib 512] [--rows http,hf,oci,s3]
+    python bench/pull.py [--reps 5] [--shards 4] [--shard-mib 512]
+                         [--rows http,hf,hf-cdn,oci,s3] [--cdn-mb-per-conn 40]
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.client import AgentClient  # noqa: E402
 
-SOURCE_ROWS = ("hf", "oci", "s3")
+SOURCE_ROWS = ("hf", "hf-cdn", "oci", "s3")
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -90,7 +95,9 @@ def make_model(d: Path, shards: int, shard_bytes: int) -> list[str]:
     return names
 
 
-def start_nginx(root: Path, work: Path, port: int) -> subprocess.Popen[bytes]:
+def start_nginx(root: Path, work: Path, port: int, limit_rate: int = 0
+                ) -> subprocess.Popen[bytes]:
+    """nginx serving ``root``; ``limit_rate``: bytes per second per connection (0: none)."""
     (work / "tmp").mkdir(parents=True, exist_ok=True)
     conf = work / "nginx.conf"
     conf.write_text(textwrap.dedent(f"""
@@ -107,6 +114,7 @@ def start_nginx(root: Path, work: Path, port: int) -> subprocess.Popen[bytes]:
           default_type application/octet-stream;
           sendfile on; tcp_nopush on;
           keepalive_requests 10000;
+          limit_rate {limit_rate};
           server {{ listen 127.0.0.1:{port}; root {root}; }}
         }}
     """))
@@ -190,7 +198,9 @@ def main() -> int:
     p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "modelcache-bench"))
     p.add_argument("--skip-kserve", action="store_true")
     p.add_argument("--rows", default=",".join(("http", *SOURCE_ROWS)),
-                   help="comma-separated sections to run: http, hf, oci, s3")
+                   help="comma-separated sections to run: http, hf, hf-cdn, oci, s3")
+    p.add_argument("--cdn-mb-per-conn", type=float, default=40.0,
+                   help="hf-cdn: the CDN's cap per connection, in MB/s")
     args = p.parse_args()
     rows = {r.strip() for r in args.rows.split(",") if r.strip()}
 
@@ -312,6 +322,8 @@ class Served:
     peer: Callable[[Path], float]
     """Download everything into a directory; return the seconds it took."""
     target: str
+    note: str = ""
+    """Said under the row's heading (how the server was set up)."""
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -328,8 +340,8 @@ def mapped(path: Path, stack: contextlib.ExitStack) -> Any:
         return stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
 
-def serve_hf(stack: contextlib.ExitStack, base: Path, model_dir: Path,
-             names: list[str]) -> Served:
+def serve_hf(stack: contextlib.ExitStack, args: argparse.Namespace, base: Path,
+             model_dir: Path, names: list[str], cdn_limited: bool = False) -> Served:
     from tests.servers.aioserver import AppThread
     from tests.servers.hfhub import HubServer
 
@@ -343,7 +355,8 @@ def serve_hf(stack: contextlib.ExitStack, base: Path, model_dir: Path,
         if f.lfs:
             os.link(model_dir / f.path, cdn / "lfs" / f.sha256)
     port = free_port()
-    stack.callback(stop, start_nginx(cdn, base / "nginx-cdn", port))
+    rate = int(args.cdn_mb_per_conn * 1e6) if cdn_limited else 0
+    stack.callback(stop, start_nginx(cdn, base / "nginx-cdn", port, limit_rate=rate))
     hub.base_url = stack.enter_context(AppThread(hub.make_app(), name="hf-hub")).url
     hub.cdn_url = f"http://127.0.0.1:{port}"  # the CDN: nginx serving lfs/<sha256>
 
@@ -359,8 +372,15 @@ def serve_hf(stack: contextlib.ExitStack, base: Path, model_dir: Path,
                   "snapshot_download", peer, ">= 3x")
 
 
-def serve_oci(stack: contextlib.ExitStack, base: Path, model_dir: Path,
-              names: list[str]) -> Served:
+def serve_hf_cdn(stack: contextlib.ExitStack, args: argparse.Namespace, base: Path,
+                 model_dir: Path, names: list[str]) -> Served:
+    served = serve_hf(stack, args, base, model_dir, names, cdn_limited=True)
+    served.note = f"the CDN caps each connection at {args.cdn_mb_per_conn:g} MB/s"
+    return served
+
+
+def serve_oci(stack: contextlib.ExitStack, args: argparse.Namespace, base: Path,
+              model_dir: Path, names: list[str]) -> Served:
     from tests.servers import oci
     from tests.servers.registry import SKOPEO, registry_server, skopeo_copy
 
@@ -379,8 +399,8 @@ def serve_oci(stack: contextlib.ExitStack, base: Path, model_dir: Path,
     return Served(registry.ref("bench/model", "v1"), {}, "skopeo-copy", peer, "> 1: faster")
 
 
-def serve_s3(stack: contextlib.ExitStack, base: Path, model_dir: Path,
-             names: list[str]) -> Served:
+def serve_s3(stack: contextlib.ExitStack, args: argparse.Namespace, base: Path,
+             model_dir: Path, names: list[str]) -> Served:
     from tests.servers.s3 import seaweedfs_server
 
     shutil.rmtree(base / "seaweedfs", ignore_errors=True)
@@ -405,8 +425,9 @@ def serve_s3(stack: contextlib.ExitStack, base: Path, model_dir: Path,
                   "> 1: faster, while verifying")
 
 
-SERVERS: dict[str, Callable[[contextlib.ExitStack, Path, Path, list[str]], Served]] = {
-    "hf": serve_hf, "oci": serve_oci, "s3": serve_s3,
+SERVERS: dict[str, Callable[[contextlib.ExitStack, argparse.Namespace, Path, Path, list[str]],
+                            Served]] = {
+    "hf": serve_hf, "hf-cdn": serve_hf_cdn, "oci": serve_oci, "s3": serve_s3,
 }
 
 
@@ -429,7 +450,7 @@ def bench_source(row: str, args: argparse.Namespace, base: Path, model_dir: Path
                  names: list[str]) -> None:
     total = sum((model_dir / n).stat().st_size for n in names)
     with contextlib.ExitStack() as stack:
-        served = SERVERS[row](stack, base, model_dir, names)
+        served = SERVERS[row](stack, args, base, model_dir, names)
         agent, url, token = start_agent(base / f"store-{row}", served.agent_env)
         stack.callback(stop, agent)
         cpu: list[float] = []
@@ -447,6 +468,8 @@ def bench_source(row: str, args: argparse.Namespace, base: Path, model_dir: Path
         shutil.rmtree(out)
         print(f"\n{row}: {served.uri} ({len(names)} files, {total / 1e9:.2f} GB); "
               f"{args.reps} reps, order alternated each rep")
+        if served.note:
+            print(f"  ({served.note})")
         times: dict[str, list[float]] = {c: [] for c in contenders}
         for rep in range(args.reps):
             order = list(contenders)[rep % 2:] + list(contenders)[:rep % 2]
