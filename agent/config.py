@@ -12,7 +12,10 @@ the field. Flags override the file; ``--allow-host`` and ``--allow-path`` add to
     allowPaths: [/mnt/seed]
     refreshInterval: 3600
     ociPlainHttp: ["registry.internal:5000"]
-    fetch: {connectionsPerFile: 6, maxConnections: 16, maxFiles: 4}
+    sources: {hfEndpoint: "https://hf-mirror.internal", s3Endpoint: "http://minio.data:9000",
+              s3Region: us-east-1, s3Addressing: path,
+              modelRegistry: "model-registry.kubeflow:8080", modelRegistryScheme: https}
+    fetch: {connectionsPerFile: 6, maxConnections: 32, maxFiles: 4}
     models:
       - uri: hf://Qwen/Qwen2.5-0.5B@main
         include: ["*.json", "*.safetensors"]
@@ -70,6 +73,18 @@ SCHEMA: dict[str, Any] = {
         "allowPaths": {"type": "array", "items": {"type": "string", "pattern": "^/"}},
         "refreshInterval": {"type": "number", "minimum": 0},
         "ociPlainHttp": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "sources": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "hfEndpoint": {"type": "string", "pattern": "^https?://"},
+                "s3Endpoint": {"type": "string", "pattern": "^https?://"},
+                "s3Region": {"type": "string", "minLength": 1},
+                "s3Addressing": {"enum": ["auto", "path", "virtual"]},
+                "modelRegistry": {"type": "string", "minLength": 1},
+                "modelRegistryScheme": {"enum": ["http", "https"]},
+            },
+        },
         "fetch": {
             "type": "object",
             "additionalProperties": False,
@@ -155,11 +170,20 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
     warm = tuple(WarmModel(m["uri"], tuple(m.get("include", ())), bool(m.get("pin", False)))
                  for m in cfg.get("models", ()))
     node = args.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+    # a source setting in the config file wins over the environment variable that tools
+    # of that ecosystem read (HF_ENDPOINT, AWS_ENDPOINT_URL, ...), which wins over the default
+    src = cfg.get("sources", {})
     sources = SourceSettings(
-        hf_endpoint=os.environ.get("HF_ENDPOINT", SourceSettings.hf_endpoint),
-        s3_endpoint=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
-        s3_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
-        model_registry=os.environ.get("MODEL_REGISTRY_ADDRESS"),
+        hf_endpoint=src.get("hfEndpoint") or os.environ.get("HF_ENDPOINT")
+        or SourceSettings.hf_endpoint,
+        s3_endpoint=src.get("s3Endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL"),
+        s3_region=src.get("s3Region") or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION"),
+        s3_addressing=src.get("s3Addressing", SourceSettings.s3_addressing),
+        model_registry=src.get("modelRegistry") or os.environ.get("MODEL_REGISTRY_ADDRESS"),
+        model_registry_scheme=src.get("modelRegistryScheme",
+                                      SourceSettings.model_registry_scheme),
         oci_plain_http=tuple(cfg.get("ociPlainHttp", ())),
     )
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")

@@ -1,0 +1,72 @@
+"""The config file's ``sources`` section: applied to the sources the agent builds, ahead of
+the environment variables of each ecosystem, and refused with the field named when wrong."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from agent.config import add_agent_flags, agent_settings
+from agent.egress import Egress
+from agent.errors import InvalidInput
+from agent.main import build_sources
+from agent.settings import AgentSettings
+from agent.sources.registry import ModelRegistrySource
+from agent.sources.s3 import S3Source
+
+
+def settings_from(tmp_path: Path, config: str) -> AgentSettings:
+    path = tmp_path / "config.yaml"
+    path.write_text(config)
+    p = argparse.ArgumentParser()
+    add_agent_flags(p)
+    args = p.parse_args(["--standalone", "--store", str(tmp_path / "store"),
+                         "--config", str(path)])
+    return agent_settings(args)
+
+
+def test_sources_section_reaches_the_sources(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "https://from-env.example")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://from-env.example:9000")
+    settings = settings_from(tmp_path, """
+sources:
+  hfEndpoint: https://hf-mirror.internal
+  s3Addressing: virtual
+  s3Region: eu-west-1
+  modelRegistry: model-registry.kubeflow:8443
+  modelRegistryScheme: https
+""")
+    s = settings.sources
+    assert s.hf_endpoint == "https://hf-mirror.internal", "the file wins over HF_ENDPOINT"
+    assert s.s3_endpoint == "http://from-env.example:9000", "the environment fills the rest"
+    assert (s.s3_addressing, s.s3_region) == ("virtual", "eu-west-1")
+    sources = build_sources(Egress(settings.egress), settings)
+    s3 = sources["s3"]
+    registry = sources["model-registry"]
+    assert isinstance(s3, S3Source) and s3.addressing == "virtual"
+    assert isinstance(registry, ModelRegistrySource) and registry.scheme == "https"
+
+
+def test_without_a_sources_section_the_environment_and_defaults_apply(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "https://from-env.example")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    s = settings_from(tmp_path, "refreshInterval: 60\n").sources
+    assert s.hf_endpoint == "https://from-env.example"
+    assert (s.s3_endpoint, s.s3_addressing, s.model_registry_scheme) == (None, "auto", "http")
+
+
+@pytest.mark.parametrize(("config", "named"), [
+    ("sources: {s3Addressing: dns}\n", "sources/s3Addressing"),
+    ("sources: {modelRegistryScheme: grpc}\n", "sources/modelRegistryScheme"),
+    ("sources: {hfEndpoint: hf-mirror.internal}\n", "sources/hfEndpoint"),
+    ("sources: {hfToken: x}\n", "hfToken"),
+])
+def test_a_bad_sources_section_is_refused_naming_the_field(tmp_path: Path, config: str,
+                                                           named: str) -> None:
+    with pytest.raises(InvalidInput, match=named):
+        settings_from(tmp_path, config)
