@@ -42,6 +42,8 @@ from agent.sources.control import Control
 API = "/api/model_registry/v1alpha3"
 TOKEN_KEYS = ("model_registry_token", "token")
 PAGE_SIZE = 100
+MAX_PAGES = 100
+"""Pages of a version's artifacts read, at most, looking for its model artifact's URI."""
 
 
 class ModelRegistrySource:
@@ -86,12 +88,19 @@ class ModelRegistrySource:
         version_query = urlencode({"name": ref.revision, "parentResourceId": _id(model, shown)})
         version = await self._get(f"{base}/model_version?{version_query}", headers, shown,
                                   f"model {ref.path!r} has no version {ref.revision!r}")
-        artifacts_query = urlencode({"artifactType": "model-artifact", "orderBy": "ID",
-                                     "sortOrder": "ASC", "pageSize": PAGE_SIZE})
-        page = await self._get(
-            f"{base}/model_versions/{quote(_id(version, shown), safe='')}/artifacts?"
-            f"{artifacts_query}", headers, shown, f"version {ref.revision!r} has no artifacts")
-        uri = _model_artifact_uri(page, shown)
+        artifacts = f"{base}/model_versions/{quote(_id(version, shown), safe='')}/artifacts"
+        query = {"artifactType": "model-artifact", "orderBy": "ID", "sortOrder": "ASC",
+                 "pageSize": str(PAGE_SIZE)}
+        for _ in range(MAX_PAGES):  # the oldest model artifact with a URI, page by page
+            page = await self._get(f"{artifacts}?{urlencode(query)}", headers, shown,
+                                   f"version {ref.revision!r} has no artifacts")
+            uri = _model_artifact_uri(page, shown)
+            token = page.get("nextPageToken")
+            if uri is not None or not token or not isinstance(token, str):
+                break
+            query["nextPageToken"] = token
+        if uri is None:
+            raise SourceNotFound(f"{shown}: the version has no model artifact with a URI")
         try:
             target = parse(uri, ref.include)
         except InvalidInput as e:
@@ -149,7 +158,7 @@ def _id(entity: Mapping[str, Any], shown: str) -> str:
     return str(value)
 
 
-def _model_artifact_uri(page: Mapping[str, Any], shown: str) -> str:
+def _model_artifact_uri(page: Mapping[str, Any], shown: str) -> str | None:
     items = page.get("items")
     if not isinstance(items, list):
         raise SourceError(f"{shown}: the model registry's artifact list has no items")
@@ -160,5 +169,5 @@ def _model_artifact_uri(page: Mapping[str, Any], shown: str) -> str:
         uri = item.get("uri")
         if kind == "model-artifact" and isinstance(uri, str) and uri.strip():
             return uri.strip()
-    raise SourceNotFound(f"{shown}: the version has no model artifact with a URI")
+    return None
 

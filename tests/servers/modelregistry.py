@@ -106,6 +106,12 @@ class ModelRegistryServer:
             )
         return rm["id"], mv["id"], ma["id"]
 
+    def add_artifact(self, version_id: str, **artifact: Any) -> str:
+        """Add an artifact (a model artifact unless ``artifactType`` says otherwise) to a
+        version; returns its id."""
+        with self._lock:
+            return str(self._create_artifact(artifact, parent=version_id)["id"])
+
     # -- entity creation (caller holds the lock) ----------------------------------------
     def _stamp(self, entity: Entity, new_id: str) -> Entity:
         now = str(int(time.time() * 1000))

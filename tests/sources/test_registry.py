@@ -103,6 +103,31 @@ async def test_an_oci_artifact_registered_by_the_real_client(
     assert model.manifest.source_uri == artifact_uri
 
 
+async def test_the_model_artifact_is_found_past_the_first_page(
+    model_registry: ModelRegistryServer, hf_hub_factory: Callable[..., HubServer],
+    pipeline: PipelineFactory,
+) -> None:
+    # a version whose first 150 model artifacts carry no URI (metadata-only records):
+    # the agent reads on, page by page, to the oldest one that has one
+    hub = hf_hub_factory()
+    hub.create_repo("org/iris")
+    hub.commit("org/iris", FILES)
+    _, version, _ = model_registry.register("iris", "v4", "")
+    for i in range(149):
+        model_registry.add_artifact(version, name=f"note-{i}")
+    model_registry.add_artifact(version, name="weights", uri="hf://org/iris@main")
+    model_registry.add_artifact(version, name="later", uri="hf://org/other@main")
+    p = await pipeline(sources=SourceSettings(hf_endpoint=hub.base_url,
+                                              model_registry=model_registry.host_port))
+
+    model = await p.pull("model-registry://iris/v4", include=["*.safetensors", "*.json"])
+
+    assert p.tree(model) == FILES
+    assert model.manifest is not None and model.manifest.source_uri == "hf://org/iris@main"
+    pages = [e for e in model_registry.log() if e.path.endswith("/artifacts")]
+    assert len(pages) == 2, "two pages of 100 read, no more"
+
+
 async def test_lookups_that_fail_say_what_is_missing(
     model_registry_factory: Callable[..., ModelRegistryServer], pipeline: PipelineFactory,
 ) -> None:
