@@ -33,11 +33,10 @@ from agent.names import safe_relpath
 from agent.settings import ArchiveSettings
 from agent.store.ingest import BlobWriter
 from agent.store.local import Store
-from agent.store.trees import FileEntry
+from agent.store.trees import WHITEOUT, WHITEOUT_PREFIX, FileEntry
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
-WHITEOUT = ".wh."
 #: what the decoders raise on a damaged or cut archive
 _CORRUPT = (tarfile.TarError, EOFError, zlib.error, zipfile.BadZipFile, zstandard.ZstdError)
 
@@ -71,8 +70,10 @@ def unpack(path: Path, kind: str, root: str, store: Store,
         try:
             for name, size, reader in _members(raw, kind, budget, root):
                 rel = _select(name, root)
-                if rel is None:
+                if rel is None or rel.rsplit("/", 1)[-1].startswith(WHITEOUT_PREFIX):
                     _skip(reader, size, budget)
+                    if rel is not None:  # applied to the layers below when they are merged
+                        entries.append(FileEntry(rel, 0, WHITEOUT))
                     continue
                 if rel in seen:
                     raise ArchiveRejected(f"archive member {name!r} appears twice")
@@ -81,7 +82,7 @@ def unpack(path: Path, kind: str, root: str, store: Store,
         except _CORRUPT as e:  # raised while a member's bytes are read, outside _members
             raise ArchiveRejected(
                 f"archive is corrupt or truncated (in member {name!r}): {e}") from e
-    if not entries and not root:
+    if not root and all(e.whiteout for e in entries):
         raise ArchiveRejected("archive holds no regular files")
     return entries
 
@@ -191,10 +192,6 @@ def _check_name(name: str) -> str:
 
 def _select(name: str, root: str) -> str | None:
     """The member's path in the model tree, or None if it is outside ``root``."""
-    base = name.rsplit("/", 1)[-1]
-    if base.startswith(WHITEOUT):
-        log.info("skipping OCI whiteout entry", extra={"member": name})
-        return None
     if not root:
         return name
     if name.startswith(root + "/"):

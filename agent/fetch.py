@@ -142,7 +142,8 @@ class Fetcher:
                 if running.cancelled() and task is not None and not task.cancelling():
                     continue  # the leader was stopped, not us: take over
                 raise
-            if not await asyncio.to_thread(self._hold_all, entries):
+            if not await asyncio.to_thread(self._hold_all,
+                                           [e for e in entries if not e.whiteout]):
                 continue  # collected since: fetch it again
             progress(sum(e.size for e in entries))
             if file.unpack:

@@ -35,7 +35,7 @@ from agent.settings import AgentSettings
 from agent.sharing import SharedAccess
 from agent.sources.base import Credentials, RemoteFile, Resolved, Source
 from agent.store.local import Store
-from agent.store.trees import FileEntry, Manifest
+from agent.store.trees import FileEntry, Manifest, apply_whiteout
 
 log = logging.getLogger(__name__)
 INTENT_FLUSH_SECONDS = 1.0
@@ -299,8 +299,9 @@ class Puller:
                                                    progress.done if not refresh else _ignore,
                                                    stats)
             results[i] = entries
-            held.extend(e.blake3 for e in entries)
-            intent["blobs"].extend(e.blake3 for e in entries)
+            blobs = [e.blake3 for e in entries if not e.whiteout]
+            held.extend(blobs)
+            intent["blobs"].extend(blobs)
             if time.monotonic() - last_flush > INTENT_FLUSH_SECONDS:
                 last_flush = time.monotonic()
                 await asyncio.to_thread(self.store.write_intent, model.key, intent)
@@ -324,11 +325,15 @@ class Puller:
     def _merge(self, ref: Reference, files: list[RemoteFile],
                results: dict[int, list[FileEntry]]) -> list[FileEntry]:
         """One entry per path. Members of successive archives (image layers) overlay
-        earlier ones; a plain file listed twice is an error."""
+        earlier ones, after the layer's whiteouts deleted from them; a plain file listed
+        twice is an error."""
         merged: dict[str, FileEntry] = {}
         for i, f in enumerate(files):
             for e in results[i]:
-                if f.unpack and not ref.matches(e.path):
+                if e.whiteout:
+                    apply_whiteout(merged, e.path)
+            for e in results[i]:
+                if e.whiteout or (f.unpack and not ref.matches(e.path)):
                     continue
                 merged[e.path] = e
         if not merged:

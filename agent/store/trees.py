@@ -39,7 +39,34 @@ class FileEntry:
     path: str
     size: int
     blake3: str
+    """The blob's name; :data:`WHITEOUT` for an image layer's whiteout (no blob)."""
     sha256: str | None = None
+
+    @property
+    def whiteout(self) -> bool:
+        return self.blake3 == WHITEOUT
+
+
+WHITEOUT = ""
+"""``FileEntry.blake3`` of an OCI whiteout from an image layer: ``path`` is the member as
+the layer names it (``dir/.wh.NAME`` deletes ``dir/NAME`` from the layers below it,
+``dir/.wh..wh..opq`` everything below ``dir``). It never reaches a tree."""
+WHITEOUT_PREFIX = ".wh."
+OPAQUE = ".wh..wh..opq"
+
+
+def apply_whiteout(tree: dict[str, FileEntry], whiteout: str) -> None:
+    """Delete from ``tree`` (the layers below) what the whiteout member ``whiteout``
+    deletes."""
+    parent, _, base = whiteout.rpartition("/")
+    prefix = parent + "/" if parent else ""
+    if base == OPAQUE:
+        doomed = [p for p in tree if p.startswith(prefix)]
+    else:
+        target = prefix + base[len(WHITEOUT_PREFIX):]
+        doomed = [p for p in tree if p == target or p.startswith(target + "/")]
+    for p in doomed:
+        del tree[p]
 
 
 @dataclass(frozen=True)

@@ -160,12 +160,16 @@ def test_root_selects_and_strips(tmp_path: Path, store: Store) -> None:
         ("models/config.json", CONFIG),
         ("./models/sub/w.bin", WEIGHTS),
         ("models/.wh.deleted", b""),  # an OCI whiteout: not a file of the model
+        ("other/.wh.config.json", b""),  # a whiteout outside the root: nothing at all
         ("other/config.json", b"not selected"),
         ("README", b"not selected"),
         ("modelsX/a", b"not selected"),
     ])
     entries = unpack(write(tmp_path, "layer.tar", raw), "tar", "/models/", store, DEFAULTS)
-    assert_unpacked(store, entries, {"config.json": CONFIG, "sub/w.bin": WEIGHTS})
+    # the whiteout is returned as such, for the puller to apply to the layers below
+    assert [e.path for e in entries if e.whiteout] == [".wh.deleted"]
+    assert_unpacked(store, [e for e in entries if not e.whiteout],
+                    {"config.json": CONFIG, "sub/w.bin": WEIGHTS})
     assert len(list(store.blobs)) == 2  # skipped members are not stored
 
 

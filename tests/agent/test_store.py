@@ -27,7 +27,7 @@ from agent.store.blobs import BlobStore
 from agent.store.ingest import Ingest, Segment
 from agent.store.local import Store
 from agent.store.recovery import recover
-from agent.store.trees import MANIFEST, FileEntry, Manifest, tree_id
+from agent.store.trees import MANIFEST, WHITEOUT, FileEntry, Manifest, apply_whiteout, tree_id
 
 REPO = Path(agent.__file__).resolve().parents[1]
 KEY = "0123456789abcdef01234567"
@@ -708,3 +708,19 @@ def test_an_ingest_ref_cannot_name_a_path(store: Store, tmp_path: Path, ref: str
         store.remove_partial(ref)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
     assert store.root.is_dir()
+
+
+def test_whiteouts_delete_from_the_layers_below() -> None:
+    def tree(*paths: str) -> dict[str, FileEntry]:
+        return {p: FileEntry(p, 1, "b" * 64) for p in paths}
+
+    below = tree("a.bin", "ab.bin", "d/x", "d/e/y", "dd/z", "keep")
+    apply_whiteout(below, ".wh.a.bin")
+    apply_whiteout(below, "d/.wh.e")  # a directory, whole
+    apply_whiteout(below, ".wh.missing")  # nothing to delete: no error
+    assert sorted(below) == ["ab.bin", "d/x", "dd/z", "keep"]
+    apply_whiteout(below, "d/.wh..wh..opq")  # d emptied; dd (a sibling) untouched
+    assert sorted(below) == ["ab.bin", "dd/z", "keep"]
+    apply_whiteout(below, ".wh..wh..opq")  # the root itself
+    assert below == {}
+    assert FileEntry(".wh.x", 0, WHITEOUT).whiteout and not FileEntry("x", 1, "b").whiteout

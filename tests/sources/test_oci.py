@@ -97,6 +97,32 @@ async def test_later_layers_overlay_earlier_ones(
     assert p.tree(model) == {"config.json": b"new", "w.bin": big}
 
 
+async def test_whiteouts_in_later_layers_delete_from_earlier_ones(
+    oci_registry: Registry, oci_repo: str, pipeline: PipelineFactory
+) -> None:
+    # as a container runtime would show /models: .wh.NAME deletes NAME (a file or a whole
+    # directory) from the layers below, .wh..wh..opq empties its directory of them
+    big = os.urandom(300_000)
+    car = oci.modelcar(
+        {"config.json": b"old", "w.bin": big, "sub/a.bin": b"a", "sub/b.bin": b"b",
+         "gone/x.bin": b"x", "keep/k.bin": b"k"}, layers=("gzip",),
+        extra_layers=[([
+            oci.TarEntry("models/.wh.w.bin", b""),
+            oci.TarEntry("models/.wh.gone", b""),
+            oci.TarEntry("models/sub/", kind="dir"),
+            oci.TarEntry("models/sub/.wh..wh..opq", b""),
+            oci.TarEntry("models/sub/c.bin", b"c"),
+            oci.TarEntry("models/.wh.never-there", b""),
+            oci.TarEntry("etc/.wh.passwd", b""),
+        ], "tar")])
+    oci_registry.client().push(car, oci_repo, "v1")
+    p = await pipeline()
+
+    model = await p.pull(oci_registry.ref(oci_repo, "v1"))
+
+    assert p.tree(model) == {"config.json": b"old", "sub/c.bin": b"c", "keep/k.bin": b"k"}
+
+
 async def test_basic_auth(
     oci_registry_factory: Callable[..., Registry], tmp_path: Path, pipeline: PipelineFactory
 ) -> None:
