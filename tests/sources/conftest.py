@@ -99,8 +99,10 @@ def read_tree(root: Path) -> dict[str, bytes]:
 
 
 def files_named(root: Path, name: str) -> list[Path]:
-    """Every file called ``name`` under ``root`` (to prove nothing escaped)."""
-    return [p for p in root.rglob(name) if p.is_file()]
+    """Every file called ``name`` under ``root`` (to prove nothing escaped). os.walk, not
+    rglob: servers under ``root`` (the registry's upload directories) may remove a
+    directory while it is walked, which rglob raises on."""
+    return [Path(d) / name for d, _, files in os.walk(root) if name in files]
 
 
 PipelineFactory = Callable[..., Any]
