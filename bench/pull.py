@@ -61,16 +61,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.client import AgentClient  # noqa: E402
+from tests.servers.net import free_port, wait_until  # noqa: E402
 
 SOURCE_ROWS = ("hf", "hf-cdn", "oci", "s3")
 
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_model(d: Path, shards: int, shard_bytes: int) -> list[str]:
@@ -124,13 +119,10 @@ def start_nginx(root: Path, work: Path, port: int, limit_rate: int = 0
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on port {port}")
+    def listening() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+    wait_until(listening, timeout=timeout, what=f"a listener on port {port}")
 
 
 def stop(proc: subprocess.Popen[Any]) -> None:
