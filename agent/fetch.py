@@ -270,9 +270,10 @@ class Fetcher:
         fast ones alone (on a fast link the extra streams would only cost a second read of
         their bytes for the ordered hash).
 
-        At each look the streams of a slow file double (up to ``connections_per_file`` and
-        the connections free under ``max_connections``), so a file reaches its full width in
-        a few looks. They grow again only while growing pays: if the last split did not
+        The streams of a slow file double (up to ``connections_per_file`` and the
+        connections free under ``max_connections``) every other look (the look after a
+        split lets the new connections ramp up), so a file reaches its full width in a
+        second or so. They grow again only while growing pays: if the last split did not
         raise the file's rate by at least half of what the new streams would add at the
         old per-stream rate, the link or the server is the limit, not each connection, and
         more connections would only load an overloaded server further."""
@@ -280,10 +281,14 @@ class Fetcher:
         clock = asyncio.get_running_loop().time
         mark_bytes, mark_time = ingest.received_bytes, clock()
         last_split: tuple[float, int, int] | None = None  # rate before it, streams, added
+        settling = False
         while True:
             await asyncio.sleep(s.split_interval)
             active = [seg for seg in ingest.segments if not seg.complete and not seg.pooled]
             if not active:
+                continue
+            if settling:  # new connections ramp up (TCP slow start): judge them a look later
+                mark_bytes, mark_time, settling = ingest.received_bytes, clock(), False
                 continue
             # bytes become visible a whole buffer at a time: measure over a window long
             # enough to hold several buffers per stream (or, for a crawl, a few seconds)
@@ -317,7 +322,7 @@ class Fetcher:
                 active.append(new)
                 added += 1
             if added:
-                last_split = (rate, streams, added)
+                last_split, settling = (rate, streams, added), True
                 log.debug("splitting a slow download", extra={
                     "ref": ingest.ref, "streams": len(active), "added": added,
                     "bytes_per_second": int(rate)})

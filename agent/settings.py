@@ -39,7 +39,7 @@ class StoreSettings:
 class FetchSettings:
     connections_per_file: int = 8
     """Most parallel ranged connections for one large file. A file starts with one; while
-    its streams are slower than ``split_below_rate`` they double every ``split_interval``
+    its streams are slower than ``split_below_rate`` they double every other ``split_interval``
     (as long as that raises the file's rate)."""
 
     split_below_rate: int = 64 * MiB

@@ -188,10 +188,10 @@ def split_steps(caplog: pytest.LogCaptureFixture) -> list[int]:
             if r.name == "agent.fetch" and r.getMessage() == "splitting a slow download"]
 
 
-async def test_slow_streams_double_at_each_look_up_to_the_cap(
+async def test_slow_streams_double_up_to_the_cap(
         tmp_path: Path, faulty: FaultyServer, caplog: pytest.LogCaptureFixture) -> None:
     # a CDN that caps each connection (Hugging Face's gives one stream ~40 MB/s): the file
-    # reaches its full width in three looks, not seven
+    # reaches its full width in three splits, not seven
     data = os.urandom(32 * MiB)
     faulty.add("/m.bin", data)
     faulty.always("/m.bin", Fault(rate=2 * MiB, methods=("GET",)))
