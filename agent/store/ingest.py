@@ -251,6 +251,7 @@ class Ingest:
         all of it if less than two pieces are left; None if there is no pool or it is
         empty. Pieces go in file order, so the ordered hash follows the streams closely."""
         with self._cond:
+            self._compact_locked()  # a stream is done with its piece: keep the list short
             pool = next((s for s in self.segments if s.pooled), None)
             if pool is None or pool.end is None:
                 return None
@@ -264,6 +265,19 @@ class Ingest:
             pool.start += size
             self.segments.insert(self.segments.index(pool), piece)
             return piece
+
+    def _compact_locked(self) -> None:
+        """Merge adjacent complete segments into one: a file fetched in pieces would
+        otherwise keep one per piece, walked by every ordered-hash step and written into
+        every checkpoint. Their streams are done with them. Caller holds ``_cond``."""
+        out: list[Segment] = []
+        for seg in self.segments:
+            prev = out[-1] if out else None
+            if prev is not None and prev.complete and seg.complete and prev.end == seg.start:
+                out[-1] = Segment(prev.start, seg.end, prev.done + seg.done)
+            else:
+                out.append(seg)
+        self.segments = out
 
     @property
     def resumed_bytes(self) -> int:
@@ -388,6 +402,7 @@ class Ingest:
 
     def _checkpoint_locked(self) -> None:
         with self._cond:
+            self._compact_locked()
             snapshot = [(s.start, s.end, s.done) for s in self.segments]
             self._since_checkpoint = 0
             self._checkpointed = time.monotonic()
@@ -400,8 +415,7 @@ class Ingest:
     def _write_state(self, snapshot: list[tuple[int, int | None, int]] | None = None) -> None:
         if snapshot is None:
             snapshot = [(s.start, s.end, s.done) for s in self.segments]
-        state = {"version": STATE_VERSION, "identity": self.identity,
-                 "segments": _merge_complete(snapshot)}
+        state = {"version": STATE_VERSION, "identity": self.identity, "segments": snapshot}
         tmp = self.dir / "state.json.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.dir / "state.json")
@@ -575,21 +589,6 @@ class Ingest:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
-def _merge_complete(segments: list[tuple[int, int | None, int]]
-                    ) -> list[tuple[int, int | None, int]]:
-    """Adjacent complete segments as one (a file fetched in pieces would otherwise keep
-    one entry per piece in its state)."""
-    out: list[tuple[int, int | None, int]] = []
-    for start, end, done in segments:
-        if out and end is not None and start + done == end:
-            p_start, p_end, p_done = out[-1]
-            if p_end == start and p_start + p_done == p_end:
-                out[-1] = (p_start, end, p_done + done)
-                continue
-        out.append((start, end, done))
-    return out
 
 
 def _open_direct(path: Path, mode: int = os.O_WRONLY) -> int:

@@ -181,6 +181,7 @@ def test_a_slow_file_is_fetched_in_pieces_in_order(store: Store) -> None:
     ingest.checkpoint()
     state = json.loads((ingest.dir / "state.json").read_text())
     assert state["segments"] == [[0, len(data), len(data)]], "complete pieces merged"
+    assert [(s.start, s.end) for s in ingest.segments] == [(0, len(data))], "in memory too"
     sealed = ingest.commit(store.blobs, len(data), sha(data))
     assert sealed.blake3 == blake3.blake3(data).hexdigest()
 
