@@ -142,8 +142,7 @@ class Fetcher:
                 if running.cancelled() and task is not None and not task.cancelling():
                     continue  # the leader was stopped, not us: take over
                 raise
-            if not await asyncio.to_thread(self._hold_all,
-                                           [e for e in entries if not e.whiteout]):
+            if not await asyncio.to_thread(self._hold_all, entries):
                 continue  # collected since: fetch it again
             progress(sum(e.size for e in entries))
             if file.unpack:
@@ -167,7 +166,9 @@ class Fetcher:
             del self._inflight[ref]
 
     def _hold_all(self, entries: list[FileEntry]) -> bool:
-        """Hold blobs another caller fetched, for this caller; False if one is gone."""
+        """Hold blobs another caller fetched, for this caller; False if one is gone.
+        (An image layer's whiteouts have no blob.)"""
+        entries = [e for e in entries if not e.whiteout]
         for i, e in enumerate(entries):
             self.store.blobs.hold(e.blake3)
             if not self.store.blobs.exists(e.blake3):
