@@ -53,12 +53,13 @@ _FIXED_MTIME = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
 
 class Link:
     """A rate shared by every response whose fault carries it: more connections get no
-    more bytes per second in all (an uplink or a server that is the bottleneck)."""
+    more bytes per second in all (an uplink or a server that is the bottleneck). A
+    fault's ``rate`` is a link of each response's own, started with the response."""
 
-    def __init__(self, rate: int) -> None:
+    def __init__(self, rate: int, began: float | None = None) -> None:
         self.rate = rate
         self._sent = 0
-        self._began: float | None = None
+        self._began = began
 
     async def pace(self, n: int) -> None:
         """Wait until ``n`` more bytes fit under the rate (the server's one event loop
@@ -326,7 +327,7 @@ async def _write_body(
         cut, cut_with = fault.reset_after, _reset
     elif fault is not None and fault.close_after is not None:
         cut = fault.close_after
-    began = time.monotonic()
+    own_rate = Link(fault.rate, time.monotonic()) if fault is not None and fault.rate else None
     pos = start
     stall_at = fault.stall_after if fault is not None else None
     while pos < end:
@@ -343,14 +344,14 @@ async def _write_body(
             n = min(n, cut - record.sent)
         if stall_at is not None:
             n = min(n, stall_at - record.sent)
-        if fault is not None and fault.rate:
-            n = min(n, max(1024, fault.rate // 10))
-            ahead = record.sent / fault.rate - (time.monotonic() - began)
-            if ahead > 0:
-                await asyncio.sleep(ahead)
-        if fault is not None and fault.link is not None:
-            n = min(n, max(1024, fault.link.rate // 20))
-            await fault.link.pace(n)
+        shared = fault.link if fault is not None else None
+        if own_rate is not None:
+            n = min(n, max(1024, own_rate.rate // 10))
+        if shared is not None:
+            n = min(n, max(1024, shared.rate // 20))
+        for link in (own_rate, shared):
+            if link is not None:
+                await link.pace(n)
         if resource.file is not None:
             chunk = await asyncio.to_thread(resource.read, pos, n)
         else:
