@@ -188,13 +188,12 @@ def split_steps(caplog: pytest.LogCaptureFixture) -> list[int]:
             if r.name == "agent.fetch" and r.getMessage() == "splitting a slow download"]
 
 
-async def test_slow_streams_double_up_to_the_cap(
-        tmp_path: Path, faulty: FaultyServer, caplog: pytest.LogCaptureFixture) -> None:
-    # a CDN that caps each connection (Hugging Face's gives one stream ~40 MB/s): the file
-    # reaches its full width in three splits, not seven
-    data = os.urandom(32 * MiB)
+async def pull_split(tmp_path: Path, faulty: FaultyServer, data: bytes, fault: Fault,
+                     caplog: pytest.LogCaptureFixture) -> None:
+    """Pull ``data`` served with ``fault`` (up to 8 connections, looks every 0.1 s, streams
+    under 8 MiB/s are slow) and check it arrived whole."""
     faulty.add("/m.bin", data)
-    faulty.always("/m.bin", Fault(rate=2 * MiB, methods=("GET",)))
+    faulty.always("/m.bin", fault)
     settings = fast_settings(tmp_path, segment_min_bytes=MiB, connections_per_file=8,
                              split_interval=0.1, split_below_rate=8 * MiB,
                              buffer_bytes=256 * 1024)
@@ -204,6 +203,14 @@ async def test_slow_streams_double_up_to_the_cap(
         model = await client.model(model["key"], wait=60)
         assert model["state"] == "ready", model["error"]
         assert (tree_of(agent, model["key"]) / "m.bin").read_bytes() == data
+
+
+async def test_slow_streams_double_up_to_the_cap(
+        tmp_path: Path, faulty: FaultyServer, caplog: pytest.LogCaptureFixture) -> None:
+    # a CDN that caps each connection (Hugging Face's gives one stream ~40 MB/s): the file
+    # reaches its full width in three splits, not seven
+    data = os.urandom(32 * MiB)
+    await pull_split(tmp_path, faulty, data, Fault(rate=2 * MiB, methods=("GET",)), caplog)
     assert split_steps(caplog) == [1, 2, 4]
     # (+1: the first response, cut short, runs on at the server until it finds the
     # connection closed)
@@ -217,17 +224,8 @@ async def test_streams_stop_growing_when_more_connections_do_not_help(
     # the link (or an overloaded server) is the limit, not each connection: after one split
     # that did not raise the rate, no more connections are opened
     data = os.urandom(12 * MiB)
-    faulty.add("/m.bin", data)
-    faulty.always("/m.bin", Fault(link=Link(4 * MiB), methods=("GET",)))
-    settings = fast_settings(tmp_path, segment_min_bytes=MiB, connections_per_file=8,
-                             split_interval=0.1, split_below_rate=8 * MiB,
-                             buffer_bytes=256 * 1024)
-    caplog.set_level(logging.DEBUG, logger="agent.fetch")
-    async with InProcessAgent(settings) as agent, agent.client() as client:
-        model = await client.ensure(faulty.url("/m.bin"))
-        model = await client.model(model["key"], wait=60)
-        assert model["state"] == "ready", model["error"]
-        assert (tree_of(agent, model["key"]) / "m.bin").read_bytes() == data
+    await pull_split(tmp_path, faulty, data, Fault(link=Link(4 * MiB), methods=("GET",)),
+                     caplog)
     assert split_steps(caplog) == [1]
     assert 2 <= most_at_once(faulty.gets("/m.bin")) <= 3  # (+1 as above)
 
