@@ -269,11 +269,7 @@ class Cluster:
         dry_run: bool = False,
     ) -> JSON:
         rt = self.resource(resource)
-        require_kind(rt, body)
-        obj = copy.deepcopy(body)
-        obj.pop("kind", None)
-        obj.pop("apiVersion", None)
-        meta = obj.setdefault("metadata", {})
+        obj, meta = _decoded(rt, copy.deepcopy(body))
         namespace = namespace or (meta.get("namespace", "") if rt.namespaced else "")
         self._check_namespace(rt, meta, namespace)
         if not meta.get("name") and meta.get("generateName"):
@@ -327,16 +323,8 @@ class Cluster:
     ) -> JSON:
         """PUT: replace the object (or its status); a stale resourceVersion is a 409."""
         rt = self.resource(resource)
-        require_kind(rt, body)
-        obj = copy.deepcopy(body)
-        obj.pop("kind", None)
-        obj.pop("apiVersion", None)
-        meta = obj.setdefault("metadata", {})
-        if meta.get("name") != name:
-            raise bad_request(
-                f"the name of the object ({meta.get('name', '')}) does not match the name on "
-                f"the URL ({name})"
-            )
+        obj, meta = _decoded(rt, copy.deepcopy(body))
+        _check_url_name(meta, name)
         namespace = namespace or (meta.get("namespace", "") if rt.namespaced else "")
         self._check_namespace(rt, meta, namespace)
         old = self.objects[rt.key].get(self._key(rt, namespace, name))
@@ -367,15 +355,8 @@ class Cluster:
         patched = patches.apply(content_type, current, body, strategic_allowed=rt.builtin)
         if not isinstance(patched, dict):
             raise bad_request("the patch produced something that is not an object")
-        require_kind(rt, patched)
-        patched.pop("kind", None)
-        patched.pop("apiVersion", None)
-        meta = patched.setdefault("metadata", {})
-        if meta.get("name") != name:
-            raise bad_request(
-                f"the name of the object ({meta.get('name', '')}) does not match the name on "
-                f"the URL ({name})"
-            )
+        patched, meta = _decoded(rt, patched)
+        _check_url_name(meta, name)
         if rt.namespaced and meta.get("namespace") != namespace:
             raise bad_request("the namespace of the provided object does not match the namespace "
                               "sent on the request")
@@ -751,3 +732,19 @@ def _parse_rv(value: str | None) -> int:
         raise bad_request(f'Invalid value: "{value}": resourceVersion must not be negative')
     return rv
 
+
+def _decoded(rt: ResourceType, obj: JSON) -> tuple[JSON, JSON]:
+    """A request's object as stored (kind and apiVersion checked, then dropped), and its
+    metadata."""
+    require_kind(rt, obj)
+    obj.pop("kind", None)
+    obj.pop("apiVersion", None)
+    return obj, obj.setdefault("metadata", {})
+
+
+def _check_url_name(meta: JSON, name: str) -> None:
+    if meta.get("name") != name:
+        raise bad_request(
+            f"the name of the object ({meta.get('name', '')}) does not match the name on "
+            f"the URL ({name})"
+        )
