@@ -24,7 +24,7 @@ from pathlib import Path
 
 import trustme
 
-from tests.servers.net import LOOPBACK, answers, free_port, tls_client_context, wait_until
+from tests.servers.net import LOOPBACK, answers, free_port, tls_client_context
 from tests.servers.proc import ManagedProcess
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -191,15 +191,10 @@ def start_nginx(
             log_dir=workdir,
         ).start()
         try:
-            wait_until(
-                functools.partial(answers, host, port, "/__ready", probe_tls, (204,)),
-                timeout=10,
-                what="nginx ready",
-                alive=proc.alive,
-            )
-        except (RuntimeError, TimeoutError) as e:
-            proc.stop()
-            last = RuntimeError(f"nginx did not start: {e}\n{proc.log_tail()}")
+            proc.wait_ready(functools.partial(answers, host, port, "/__ready", probe_tls, (204,)),
+                            timeout=10, what="nginx ready")
+        except RuntimeError as e:
+            last = e
             continue
         return NginxServer(
             root=root,

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+
+from tests.servers.net import wait_until
 
 GRACE_SECONDS = 5.0
 
@@ -62,6 +64,16 @@ class ManagedProcess:
         except OSError:
             return ""
         return data[-limit:].decode(errors="replace")
+
+    def wait_ready(self, probe: Callable[[], object], *, what: str, timeout: float,
+                   interval: float = 0.02) -> None:
+        """Wait until ``probe`` answers truthy. If the process exits or time runs out, stop
+        it and raise RuntimeError with the end of its log."""
+        try:
+            wait_until(probe, timeout=timeout, interval=interval, what=what, alive=self.alive)
+        except (RuntimeError, TimeoutError) as e:
+            self.stop()
+            raise RuntimeError(f"{e}\n{self.log_tail()}") from e
 
     def stop(self, grace: float = GRACE_SECONDS) -> int | None:
         """SIGTERM, SIGKILL after ``grace`` seconds; returns the exit status."""

@@ -52,7 +52,7 @@ from cryptography.x509.oid import NameOID
 from tests.servers import oci
 from tests.servers.aioserver import AppThread
 from tests.servers.faulty import FaultyServer
-from tests.servers.net import LOOPBACK, Reply, answers, fetch, free_port, wait_until
+from tests.servers.net import LOOPBACK, Reply, answers, fetch, free_port
 from tests.servers.net import tls_client_context as _tls_ctx
 from tests.servers.proc import ManagedProcess
 
@@ -340,15 +340,10 @@ def start_registry(
             [DOCKER_REGISTRY, "serve", conf], name=f"registry-{attempt}", log_dir=workdir
         ).start()
         try:
-            wait_until(
-                functools.partial(answers, host, port, "/v2/", probe_tls, (200, 401)),
-                timeout=15,
-                what="docker-registry ready",
-                alive=proc.alive,
-            )
-        except (RuntimeError, TimeoutError) as e:
-            proc.stop()
-            last = RuntimeError(f"docker-registry did not start: {e}\n{proc.log_tail()}")
+            proc.wait_ready(functools.partial(answers, host, port, "/v2/", probe_tls, (200, 401)),
+                            timeout=15, what="docker-registry ready")
+        except RuntimeError as e:
+            last = e
             continue
         return Registry(host, port, proc, workdir, tls, dict(users or {}), token)
     raise RuntimeError(f"docker-registry failed {attempts} times") from last

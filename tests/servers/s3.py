@@ -127,16 +127,9 @@ def seaweedfs_server(workdir: Path, host: str = LOOPBACK) -> Iterator[S3Endpoint
     try:
         endpoint = S3Endpoint(f"http://{host}:{ports['s3']}", "test", "testsecret")
         client = endpoint.client()
-        try:
-            wait_until(
-                lambda: client.list_objects_v2(Bucket=endpoint.bucket, MaxKeys=1) is not None,
-                timeout=60,
-                interval=0.1,
-                what="SeaweedFS S3 ready",
-                alive=proc.alive,
-            )
-        except (RuntimeError, TimeoutError) as e:
-            raise RuntimeError(f"{e}\n{proc.log_tail()}") from e
+        proc.wait_ready(
+            lambda: client.list_objects_v2(Bucket=endpoint.bucket, MaxKeys=1) is not None,
+            timeout=60, interval=0.1, what="SeaweedFS S3 ready")
         yield endpoint
     finally:
         proc.stop()
