@@ -12,6 +12,12 @@ import sys
 import time
 from typing import Any
 
+#: Libraries whose DEBUG output carries credentials: botocore logs each signed request's
+#: headers (Authorization, X-Amz-Security-Token) and the signature of each presigned URL,
+#: which is a bearer credential for an hour; kubernetes_asyncio logs every response body,
+#: Secrets and TokenReviews included. They log at INFO and above whatever ``--log-level`` is.
+NEVER_DEBUG = ("botocore", "boto3", "s3transfer", "urllib3", "kubernetes_asyncio")
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -55,3 +61,5 @@ def setup(level: str = "info", json_logs: bool | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for name in NEVER_DEBUG:
+        logging.getLogger(name).setLevel(max(root.level, logging.INFO))

@@ -1,9 +1,11 @@
 """End to end: a real ``modelcache agent`` process (no ``--standalone``) against the fake
-apiserver, pulling from a real nginx, stopped with SIGTERM."""
+apiserver, pulling from a real nginx with credentials from a Secret, logging at debug level,
+stopped with SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import sys
 from pathlib import Path
@@ -14,13 +16,14 @@ from tests.cluster.test_cluster_auth import init_pod
 from tests.cluster.test_cluster_warm import serve_model
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.fixtures import AGENT_TOKEN
-from tests.kubeapi.objects import cached_model
+from tests.kubeapi.objects import cached_model, secret
 from tests.kubeapi.server import REPO
 from tests.servers.net import free_port
 from tests.servers.nginx import ServedDir
 from tests.servers.proc import ManagedProcess
 
 STALE = "modelcache.io/m-0123456789abcdef"
+TOKEN = "hf_do-not-log-me-7f3a9c"
 
 
 async def test_the_agent_process_in_a_cluster(api: FakeKubeApi, tmp_path: Path,
@@ -29,14 +32,15 @@ async def test_the_agent_process_in_a_cluster(api: FakeKubeApi, tmp_path: Path,
     ref = parse(uri)
     c = api.cluster
     c.patch("nodes", "n1", {"metadata": {"labels": {STALE: "ready"}}})  # an earlier run's
-    c.create("cachedmodels", cached_model("m", uri, nodeSelector={"pool": "gpu"}, pin=True),
-             "default")
+    c.create("secrets", secret("creds", token=TOKEN), "default")
+    c.create("cachedmodels", cached_model("m", uri, nodeSelector={"pool": "gpu"}, pin=True,
+                                          credentialsSecret="creds"), "default")
     kubeconfig = api.write_kubeconfig(tmp_path / "agent.kubeconfig", token=AGENT_TOKEN)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "agent", "agent", "--kubeconfig", kubeconfig,
             "--store", tmp_path / "store", "--listen", f"127.0.0.1:{port}",
-            "--allow-host", "127.0.0.1", "--startup-jitter", "0"]
+            "--allow-host", "127.0.0.1", "--startup-jitter", "0", "--log-level", "debug"]
     env = {**os.environ, "NODE_NAME": "n1", "PYTHONPATH": str(REPO)}
     with ManagedProcess(argv, name="agent", log_dir=tmp_path, env=env, cwd=REPO) as proc:
         try:
@@ -57,6 +61,11 @@ async def test_the_agent_process_in_a_cluster(api: FakeKubeApi, tmp_path: Path,
         finally:
             code = await asyncio.to_thread(proc.stop)
         assert code == 0, proc.log_tail()
+    assert api.count("get", "secrets", 200) >= 1, "the agent read the credentials Secret"
+    log = proc.log_path.read_text()
+    assert '"level": "debug"' in log
+    for secret_text in (TOKEN, base64.b64encode(TOKEN.encode()).decode(), token):
+        assert secret_text not in log, "a credential reached the log"
 
     # SIGTERM keeps the labels of what stays on disk; the stale one went at start
     assert node_labels(api, "n1") == {ref.node_label: "ready",

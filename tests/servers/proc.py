@@ -18,6 +18,20 @@ from tests.servers.net import wait_until
 GRACE_SECONDS = 5.0
 
 
+def with_hosts(argv: Sequence[str | os.PathLike[str]], hosts_file: Path) -> list[str]:
+    """``argv`` run in a private mount namespace that sees ``hosts_file`` as /etc/hosts.
+
+    For names nothing here resolves, such as an S3 bucket's virtual-hosted name: only that
+    process (and its children) sees them; the tests and every other server do not. Needs
+    root, or unprivileged user namespaces (the caller is then root inside its own).
+    """
+    unshare = ["unshare", "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        unshare[1:1] = ["--user", "--map-root-user"]
+    bind = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    return [*unshare, "sh", "-c", bind, os.fspath(hosts_file), *map(os.fspath, argv)]
+
+
 class ManagedProcess:
     """One child process with its output in ``<log_dir>/<name>.log``."""
 

@@ -31,6 +31,8 @@ from tests.servers.net import LOOPBACK, fetch, free_port, wait_until
 from tests.servers.proc import ManagedProcess
 
 MIB = 1024 * 1024
+#: SeaweedFS's ``-s3.domainName``: a request to ``BUCKET.s3.test`` is virtual-hosted
+S3_DOMAIN = "s3.test"
 WEED = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed") or "weed"
 
 
@@ -97,8 +99,10 @@ def moto_reset(endpoint: S3Endpoint) -> None:
 
 
 @contextmanager
-def seaweedfs_server(workdir: Path, host: str = LOOPBACK) -> Iterator[S3Endpoint]:
-    """``weed mini`` with real SigV4 checks; stopped by PID (SIGTERM, then SIGKILL)."""
+def seaweedfs_server(workdir: Path, host: str = LOOPBACK, domain: str = S3_DOMAIN
+                     ) -> Iterator[S3Endpoint]:
+    """``weed mini`` with real SigV4 checks; stopped by PID (SIGTERM, then SIGKILL). It takes
+    path-style requests, and virtual-hosted ones to ``BUCKET.{domain}``."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "data").mkdir(exist_ok=True)
     identities = {
@@ -118,7 +122,7 @@ def seaweedfs_server(workdir: Path, host: str = LOOPBACK) -> Iterator[S3Endpoint
     argv = [
         WEED, "mini", f"-dir={workdir / 'data'}", f"-ip={host}", f"-ip.bind={host}",
         f"-s3.config={workdir / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        "-webdav=false", "-admin.ui=false", "-bucket=models",
+        "-webdav=false", "-admin.ui=false", "-bucket=models", f"-s3.domainName={domain}",
         f"-filer.localSocket={workdir / 'filer.sock'}", f"-s3.localSocket={workdir / 's3.sock'}",
         *(f"-{name.replace('.grpc', '.port.grpc')}={p}" if name.endswith(".grpc")
           else f"-{name}.port={p}" for name, p in ports.items()),

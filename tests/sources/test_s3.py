@@ -21,7 +21,7 @@ from agent.reference import parse
 from agent.settings import EgressSettings, SourceSettings
 from agent.sources.control import Control
 from agent.sources.s3 import S3Source
-from tests.servers.s3 import S3Endpoint, upload_model
+from tests.servers.s3 import S3_DOMAIN, S3Endpoint, upload_model
 from tests.sources.agentproc import agent_process
 from tests.sources.conftest import LOOPBACK_HOSTS, PipelineFactory, files_named, read_tree
 
@@ -199,6 +199,34 @@ async def test_addressing_styles(moto_s3: S3Endpoint, no_aws_env: None) -> None:
     finally:
         await path_style.close()
         await virtual.close()
+
+
+async def test_virtual_hosted_addressing_against_seaweedfs(
+    seaweedfs: S3Endpoint, s3_prefix: str, tmp_path: Path
+) -> None:
+    """Virtual-hosted addressing for real. The agent runs where ``models.s3.test`` (the
+    bucket under SeaweedFS's domain) resolves to loopback, and may reach that host alone: the
+    listing, the checksums and the ranged GETs all went to the bucket's own name, signed for
+    it, or the pull would have been refused. At debug level, no signature reaches its log."""
+    files = {"config.json": b"{}", "w.safetensors": os.urandom(3 * MIB)}
+    upload_model(seaweedfs.client(), seaweedfs.bucket, s3_prefix, files,
+                 checksum_sha256=["w.safetensors"])
+    port = seaweedfs.url.rsplit(":", 1)[1]
+    bucket_host = f"{seaweedfs.bucket}.{S3_DOMAIN}"
+    config = f"sources:\n  s3Endpoint: http://{S3_DOMAIN}:{port}\n  s3Addressing: virtual\n"
+    with agent_process(tmp_path, env=keys(seaweedfs), allow_hosts=(bucket_host,),
+                       config=config, log_level="debug",
+                       hosts={bucket_host: "127.0.0.1"}) as agent:
+        async with AgentClient(agent.url, agent.token) as client:
+            started = await client.ensure(f"s3://models/{s3_prefix}")
+            model: dict[str, Any] = await client.model(started["key"], wait=60)
+    assert model["state"] == "ready", model["error"]
+    published = [d for d in (agent.store / "models" / model["key"]).iterdir()
+                 if d.name.startswith("t-")]
+    assert len(published) == 1 and read_tree(published[0]) == files
+    log = agent.process.log_path.read_text()
+    assert '"level": "debug"' in log
+    assert "Signature" not in log and seaweedfs.secret_key not in log
 
 
 async def test_unsigned_when_no_credentials_exist(
