@@ -27,6 +27,7 @@ from agent.client import AgentClient
 from agent.main import build, serve
 from agent.progress import ProgressBar, human_bytes
 from agent.settings import AgentSettings, ApiSettings, EgressSettings, SourceSettings, StoreSettings
+from agent.store.ingest import git_blob_hasher
 
 REPO = "demo/tiny-llm"
 SHARD_BYTES = 24 * 1024 * 1024
@@ -95,8 +96,10 @@ class MiniHub:
         files = self._files(request.match_info["rev"])
         entries = []
         for path, data in sorted(files.items()):
+            oid = git_blob_hasher(len(data))
+            oid.update(data)
             entry: dict[str, Any] = {"type": "file", "path": path, "size": len(data),
-                                     "oid": hashlib.sha1(data).hexdigest()}  # noqa: S324
+                                     "oid": oid.hexdigest()}
             if path.endswith(".safetensors"):
                 entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}
             entries.append(entry)

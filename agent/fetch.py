@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import http.client
 import logging
 import mmap
@@ -31,7 +32,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urljoin, urlsplit
 
 import blake3
@@ -126,13 +127,12 @@ class Fetcher:
                     progress: ProgressFn, stats: FetchStats) -> list[FileEntry]:
         """Fetch one remote file into the store; return the tree entries it produces
         (one, or an archive's members)."""
-        if file.sha256 and not file.unpack:
-            found = await asyncio.to_thread(self.store.find_sha256, file.sha256)
-            if found is not None and (file.size is None or found[1] == file.size):
-                stats.files_deduplicated += 1
-                stats.bytes_deduplicated += found[1]
-                progress(found[1])
-                return [FileEntry(file.path, found[1], found[0], file.sha256)]
+        found = await self._find_stated(file)
+        if found is not None:
+            stats.files_deduplicated += 1
+            stats.bytes_deduplicated += found.size
+            progress(found.size)
+            return [found]
         ref = ref_id(file)
         while (running := self._inflight.get(ref)) is not None:
             try:
@@ -147,7 +147,7 @@ class Fetcher:
             progress(sum(e.size for e in entries))
             if file.unpack:
                 return entries
-            return [FileEntry(file.path, e.size, e.blake3, e.sha256) for e in entries]
+            return [replace(e, path=file.path) for e in entries]
         future: asyncio.Future[list[FileEntry]] = asyncio.get_running_loop().create_future()
         self._inflight[ref] = future
         try:
@@ -164,6 +164,24 @@ class Fetcher:
             return entries
         finally:
             del self._inflight[ref]
+
+    async def _find_stated(self, file: RemoteFile) -> FileEntry | None:
+        """The store's blob for the digest the source stated (sha256, else git blob id),
+        held for the caller; None if there is none or its size differs."""
+        if file.unpack or not (file.sha256 or file.git_oid):
+            return None
+        if file.sha256:
+            found = await asyncio.to_thread(self.store.find_sha256, file.sha256)
+        else:
+            assert file.git_oid is not None
+            found = await asyncio.to_thread(self.store.find_git_oid, file.git_oid)
+        if found is None:
+            return None
+        if file.size is not None and found[1] != file.size:
+            await asyncio.to_thread(self.store.blobs.release, [found[0]])
+            return None
+        return FileEntry(file.path, found[1], found[0], file.sha256,
+                         None if file.sha256 else file.git_oid)
 
     def _hold_all(self, entries: list[FileEntry]) -> bool:
         """Hold blobs another caller fetched, for this caller; False if one is gone.
@@ -183,7 +201,7 @@ class Fetcher:
         if file.url.startswith("file://"):
             return await self._copy_local(file, progress, stats)
         identity = {"url": shown_url(file.url), "size": file.size, "sha256": file.sha256,
-                    "etag": file.etag}
+                    "etag": file.etag, **_git_identity(file)}
         split, restarted = True, False
         while True:
             ingest = await _opened(lambda: self.store.open_ingest(ref, identity))
@@ -261,9 +279,12 @@ class Fetcher:
                 self.archive_settings)
             await asyncio.to_thread(ingest.discard)
             return entries
-        sealed = await asyncio.to_thread(ingest.commit, self.store.blobs, file.size, file.sha256)
-        await asyncio.to_thread(self.store.note_blob, sealed.blake3, sealed.size, sealed.sha256)
-        return [FileEntry(file.path, sealed.size, sealed.blake3, sealed.sha256)]
+        git_oid = _git_identity(file).get("git_oid")
+        sealed = await asyncio.to_thread(functools.partial(
+            ingest.commit, self.store.blobs, file.size, file.sha256, expected_git_oid=git_oid))
+        await asyncio.to_thread(self.store.note_blob, sealed.blake3, sealed.size, sealed.sha256,
+                                sealed.git_oid)
+        return [FileEntry(file.path, sealed.size, sealed.blake3, sealed.sha256, sealed.git_oid)]
 
     async def _splitter(self, ingest: Ingest, launch: Callable[[Segment], None]) -> None:
         """Give a file more connections while its streams are slow (a remote CDN or object
@@ -710,6 +731,15 @@ def _check_content_range(value: str | None, seg: Segment, url: str) -> None:
         raise TransientError(
             f"{shown_url(url)}: wrong Content-Range {value!r} for bytes "
             f"{seg.offset}-{'' if want_end is None else want_end}")
+
+
+def _git_identity(file: RemoteFile) -> dict[str, str]:
+    """The git blob id to check, when there is one and nothing stronger: it needs the size
+    up front. Absent (not None) otherwise, so that partial downloads kept from before it
+    existed keep their identity."""
+    if file.git_oid and not file.sha256 and file.size is not None and not file.unpack:
+        return {"git_oid": file.git_oid}
+    return {}
 
 
 def ref_id(file: RemoteFile) -> str:

@@ -53,7 +53,8 @@ class Model:
         """The model as the admin API shows it (DESIGN.md: the exact shape)."""
         m = self.manifest
         files = [{"path": f.path, "size": f.size, "blake3": f.blake3,
-                  **({"sha256": f.sha256} if f.sha256 else {})} for f in m.files] if m else []
+                  **({"sha256": f.sha256} if f.sha256 else {}),
+                  **({"git_oid": f.git_oid} if f.git_oid else {})} for f in m.files] if m else []
         size = m.size_bytes if m and self.state == READY else self.bytes_total
         return {
             "key": self.key,

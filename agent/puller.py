@@ -211,7 +211,7 @@ class Puller:
                 model.bytes_total = sum(f.size or 0 for f in files)
             # content the store already has (by the digest the source states) needs no room
             needed = sum(f.size or 0 for f in files
-                         if not (f.sha256 and self.store.knows_sha256(f.sha256)))
+                         if not self.store.knows_stated(f.sha256, f.git_oid))
             if resolved.source_uri and resolved.credentials is not None:
                 credentials = resolved.credentials  # the referred-to source's own
             fetched: dict[int, list[FileEntry]] = {}

@@ -42,6 +42,12 @@ class RemoteFile:
     """Lowercase hex sha256 the source states up front (OCI digest, HF LFS oid, S3 checksum).
     Verified in the same pass as blake3; content already stored under it is not fetched."""
 
+    git_oid: str | None = None
+    """The git blob id the source states for a file kept in git rather than LFS (Hugging
+    Face's ``oid``): 40 hex of sha1 over ``blob <size>\\0`` and the bytes. Checked in the
+    same pass as blake3 when there is no sha256; content already stored under it is not
+    fetched again (a moved branch does not fetch its unchanged small files)."""
+
     etag: str | None = None
     """A change detector (ETag, Last-Modified): used to key partial downloads, never proof."""
 

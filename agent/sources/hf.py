@@ -3,11 +3,13 @@
 1. ``GET {endpoint}/api/models/{repo}/revision/{rev}`` resolves a branch or tag to its
    40-hex commit (skipped when the revision already is one);
 2. ``GET {endpoint}/api/models/{repo}/tree/{sha}?recursive=true`` lists the files (paginated
-   by ``Link: rel="next"``), with sizes and, for LFS files, their sha256;
+   by ``Link: rel="next"``), with sizes and, for LFS files, their sha256 (for files kept
+   in git, their git blob id);
 3. each file is fetched from ``{endpoint}/{repo}/resolve/{sha}/{path}`` (the hub redirects
    LFS files to a CDN: the fetch engine follows under the egress policy and drops the token
    when the host changes), and LFS files are verified against their sha256 in the same pass
-   as blake3; a shard whose sha256 the store already holds is not downloaded.
+   as blake3 (files kept in git against their git blob id); a file whose sha256 or git
+   blob id the store already holds is not downloaded.
 
 The endpoint is ``HF_ENDPOINT`` (a mirror or an air-gapped hub). The token is the
 credentials' ``token`` (or ``HF_TOKEN``) key, else the agent's own ``HF_TOKEN``.
@@ -26,6 +28,7 @@ from agent.sources.control import Control
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_GIT_OID = re.compile(r"^[0-9a-f]{40}$")
 _NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 MAX_PAGES = 1000
 
@@ -91,7 +94,7 @@ class HfSource:
         if not isinstance(path, str) or not isinstance(size, int) or size < 0:
             raise SourceError(f"hf://{repo}: tree entry without a valid path and size")
         path = safe_relpath(path, what=f"hf://{repo} file name")
-        digest = None
+        digest = git_oid = None
         lfs = entry.get("lfs")
         if isinstance(lfs, dict):
             oid = lfs.get("oid") or lfs.get("sha256")
@@ -101,11 +104,15 @@ class HfSource:
             if not isinstance(lfs_size, int) or lfs_size < 0:
                 raise SourceError(f"hf://{repo}: {path!r} has a malformed LFS size")
             digest, size = oid, lfs_size
+        elif (oid := entry.get("oid")) is not None:  # kept in git: its oid is the blob's
+            if not isinstance(oid, str) or not _GIT_OID.match(oid):
+                raise SourceError(f"hf://{repo}: {path!r} has a malformed git oid")
+            git_oid = oid
         url = f"{self.endpoint}/{repo}/resolve/{sha}/{quote(path)}"
         # No ETag: the commit in the URL pins the content (the hub's ETag for an LFS file
         # is its sha256, not the tree's git oid, so the two must not be compared). No
         # headers either: locate() adds the token for each connection.
-        return RemoteFile(path=path, url=url, size=size, sha256=digest)
+        return RemoteFile(path=path, url=url, size=size, sha256=digest, git_oid=git_oid)
 
     async def locate(self, file: RemoteFile, credentials: Credentials | None, *,
                      refresh: bool = False) -> Location:

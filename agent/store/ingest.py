@@ -13,9 +13,9 @@ A partial download lives in ``partial/<ref>/``:
 - ``lock``: ``flock``-ed by the writer, holding its pid and start time.
 
 Hashing follows the contiguous written prefix in one thread per download: segments arrive
-out of order, the hasher reads them back in order from the page cache (blake3, and sha256 when
-the source stated one), so the digest is ready when the last byte lands. After a restart the
-hasher re-reads what is already on disk; nothing is fetched twice.
+out of order, the hasher reads them back in order from the page cache (blake3, and sha256 or
+a git blob id when the source stated one), so the digest is ready when the last byte lands.
+After a restart the hasher re-reads what is already on disk; nothing is fetched twice.
 
 Everything here blocks; it runs in worker threads, never on the event loop.
 """
@@ -93,15 +93,23 @@ class Sealed:
     size: int
     blake3: str
     sha256: str | None
+    git_oid: str | None = None
+
+
+def git_blob_hasher(size: int) -> Any:
+    """sha1 primed with a git blob's header: fed the ``size`` bytes, its hex digest is the
+    blob's git object id."""
+    return hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
 
 
 class ShaPipe:
-    """sha256 on a thread of its own, fed in order, so that it runs beside the receiving
-    thread's recv + blake3 + write instead of after them (sha256 is the slowest of the
-    three). A buffer handed to :meth:`feed` must not change until its event is set."""
+    """The source's digest (sha256, or a git blob's sha1) on a thread of its own, fed in
+    order, so that it runs beside the receiving thread's recv + blake3 + write instead of
+    after them (sha256 is the slowest of the three). A buffer handed to :meth:`feed` must not
+    change until its event is set."""
 
-    def __init__(self) -> None:
-        self._sha = hashlib.sha256()
+    def __init__(self, hasher: Any) -> None:
+        self._sha = hasher
         self._queue: queue.SimpleQueue[tuple[memoryview, threading.Event] | None] = \
             queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
@@ -159,7 +167,7 @@ class Ingest:
         self._hash_lock = threading.Lock()
         """Held by whoever advances the hashes (the hash thread or an in-order writer)."""
         self._b3 = blake3.blake3()
-        self._sha = ShaPipe() if identity.get("sha256") else None
+        self._sha = _stated_pipe(identity)
         self._load_state()
 
     # --- opening -------------------------------------------------------------------------
@@ -168,8 +176,8 @@ class Ingest:
     def open(cls, partial_root: Path, ref: str, identity: dict[str, Any]) -> Ingest:
         """Take the lock of ``ref`` and open (or resume) its partial download.
 
-        ``identity`` (size, sha256, etag, url) decides whether bytes already on disk belong
-        to the same content: if it differs, the partial download starts over.
+        ``identity`` (size, sha256 or git_oid, etag, url) decides whether bytes already on
+        disk belong to the same content: if it differs, the partial download starts over.
         """
         directory = partial_root / check_ref(ref)
         directory.mkdir(parents=True, exist_ok=True)
@@ -514,7 +522,8 @@ class Ingest:
 
     # --- finishing -----------------------------------------------------------------------
 
-    def seal(self, expected_size: int | None, expected_sha256: str | None) -> Sealed:
+    def seal(self, expected_size: int | None, expected_sha256: str | None, *,
+             expected_git_oid: str | None = None) -> Sealed:
         """fsync -> check size -> check digests. The bytes stay in the partial directory."""
         if not self._finished():
             raise StoreError(f"partial download {self.ref} is not complete")
@@ -530,18 +539,25 @@ class Ingest:
         if expected_size is not None and size != expected_size:
             raise IntegrityError(f"size mismatch: expected {expected_size} bytes, got {size}")
         self._wait_hashed(size)
-        sha = self._sha.hexdigest() if self._sha is not None else None
+        stated = self._sha.hexdigest() if self._sha is not None else None
+        sha = stated if self.identity.get("sha256") else None
+        oid = stated if sha is None and self.identity.get("git_oid") else None
         if expected_sha256 is not None and sha != expected_sha256:
             raise IntegrityError(
                 f"sha256 mismatch: the source stated {expected_sha256}, the bytes are {sha}"
             )
-        return Sealed(self.data_path, size, self._b3.hexdigest(), sha)
+        if expected_git_oid is not None and oid != expected_git_oid:
+            raise IntegrityError(
+                f"git blob id mismatch: the source stated {expected_git_oid}, the bytes are "
+                f"{oid}")
+        return Sealed(self.data_path, size, self._b3.hexdigest(), sha, oid)
 
     def commit(self, blobs: BlobStore, expected_size: int | None,
-               expected_sha256: str | None) -> Sealed:
+               expected_sha256: str | None, *, expected_git_oid: str | None = None
+               ) -> Sealed:
         """Seal, then move the bytes into ``blobs/`` under their blake3 and remove the
         partial directory. A blob that already exists is success."""
-        sealed = self.seal(expected_size, expected_sha256)
+        sealed = self.seal(expected_size, expected_sha256, expected_git_oid=expected_git_oid)
         self._stop_hasher()
         self._drop_direct()
         os.close(self.fd)
@@ -607,6 +623,17 @@ def _aligned(offset: int, data: memoryview) -> bool:
     except (TypeError, ValueError):
         return False  # a read-only or non-contiguous buffer
     return address % DIRECT_ALIGN == 0
+
+
+def _stated_pipe(identity: dict[str, Any]) -> ShaPipe | None:
+    """The hasher of the digest the source stated: its sha256, else its git blob id (which
+    needs the size up front), else none."""
+    if identity.get("sha256"):
+        return ShaPipe(hashlib.sha256())
+    size = identity.get("size")
+    if identity.get("git_oid") and isinstance(size, int):
+        return ShaPipe(git_blob_hasher(size))
+    return None
 
 
 class BlobWriter:

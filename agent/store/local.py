@@ -1,8 +1,9 @@
 """The store on the node's disk: blobs, published trees, partial downloads, pull intents.
 
 This is the one object the rest of the agent holds. It keeps in memory only what it can
-rebuild from disk at start-up (:mod:`agent.store.recovery`): blob sizes, the sha256 -> blake3
-aliases that let a source's stated digest find content already stored, and the manifests.
+rebuild from disk at start-up (:mod:`agent.store.recovery`): blob sizes, the sha256 (and git
+blob id) -> blake3 aliases that let a source's stated digest find content already stored, and
+the manifests.
 
 Blocking: methods touch the disk; async callers use ``asyncio.to_thread``.
 """
@@ -60,7 +61,8 @@ class Store:
         """Held while a model is removed, so a concurrent manifest update cannot bring
         back the manifest of a model being evicted."""
         self._sizes: dict[str, int] = {}
-        self._sha256: dict[str, str] = {}
+        self._stated: dict[str, str] = {}
+        """``sha256:HEX`` / ``git:HEX`` (digests sources stated) -> blake3 of the blob."""
         self._manifests: dict[str, Manifest] = {}
 
     def ensure_layout(self) -> None:
@@ -77,18 +79,30 @@ class Store:
     def blob_writer(self, expected_sha256: str | None = None) -> BlobWriter:
         return BlobWriter(self.tmp, expected_sha256)
 
-    def note_blob(self, digest: str, size: int, sha256: str | None = None) -> None:
-        """Record a committed blob (and the sha256 a source stated for it)."""
+    def note_blob(self, digest: str, size: int, sha256: str | None = None,
+                  git_oid: str | None = None) -> None:
+        """Record a committed blob (and the sha256 or git blob id a source stated for it)."""
         with self._lock:
-            self._sizes[digest] = size
-            if sha256:
-                self._sha256[sha256] = digest
+            self._note_locked(digest, size, sha256, git_oid)
+
+    def _note_locked(self, digest: str, size: int, sha256: str | None,
+                     git_oid: str | None) -> None:
+        self._sizes[digest] = size
+        for key in _stated_keys(sha256, git_oid):
+            self._stated[key] = digest
 
     def find_sha256(self, sha256: str) -> tuple[str, int] | None:
         """A committed blob whose content has this sha256: (blake3, size), or None.
         A blob found is held for the caller (release it with ``blobs.release``)."""
+        return self._find(f"sha256:{sha256}")
+
+    def find_git_oid(self, git_oid: str) -> tuple[str, int] | None:
+        """Like :meth:`find_sha256`, by git blob id."""
+        return self._find(f"git:{git_oid}")
+
+    def _find(self, key: str) -> tuple[str, int] | None:
         with self._lock:
-            digest = self._sha256.get(sha256)
+            digest = self._stated.get(key)
         if digest is None:
             return None
         self.blobs.hold(digest)
@@ -96,15 +110,16 @@ class Store:
         if info is None:
             self.blobs.release([digest])
             with self._lock:
-                self._sha256.pop(sha256, None)
+                self._stated.pop(key, None)
                 self._sizes.pop(digest, None)
             return None
         return digest, info.size
 
-    def knows_sha256(self, sha256: str) -> bool:
-        """Whether content with this sha256 is (probably) stored; no hold taken."""
+    def knows_stated(self, sha256: str | None, git_oid: str | None) -> bool:
+        """Whether content with this sha256 or git blob id is (probably) stored; no hold
+        taken."""
         with self._lock:
-            return sha256 in self._sha256
+            return any(k in self._stated for k in _stated_keys(sha256, git_oid))
 
     def has_blob(self, digest: str, size: int) -> bool:
         info = self.blobs.info(digest)
@@ -129,7 +144,7 @@ class Store:
             with self._lock:
                 for digest in gone:
                     self._sizes.pop(digest, None)
-                self._sha256 = {s: d for s, d in self._sha256.items() if d not in gone}
+                self._stated = {s: d for s, d in self._stated.items() if d not in gone}
         return freed
 
     def unreferenced_blobs(self, keep: Iterable[str] = ()) -> list[str]:
@@ -163,9 +178,7 @@ class Store:
         with self._lock:
             self._manifests[published.key] = published
             for f in published.files:
-                self._sizes[f.blake3] = f.size
-                if f.sha256:
-                    self._sha256[f.sha256] = f.blake3
+                self._note_locked(f.blake3, f.size, f.sha256, f.git_oid)
         return published
 
     def update_manifest(self, manifest: Manifest) -> None:
@@ -204,9 +217,7 @@ class Store:
         with self._lock:
             self._manifests[manifest.key] = manifest
             for f in manifest.files:
-                self._sizes[f.blake3] = f.size
-                if f.sha256:
-                    self._sha256[f.sha256] = f.blake3
+                self._note_locked(f.blake3, f.size, f.sha256, f.git_oid)
 
     # --- pull intents --------------------------------------------------------------------
 
@@ -290,6 +301,9 @@ class Store:
         with self._lock:
             self._sizes = dict(sizes)
 
+
+def _stated_keys(sha256: str | None, git_oid: str | None) -> list[str]:
+    return [*([f"sha256:{sha256}"] if sha256 else []), *([f"git:{git_oid}"] if git_oid else [])]
 
 
 __all__ = ["FileEntry", "Manifest", "Store", "Usage"]

@@ -41,6 +41,8 @@ class FileEntry:
     blake3: str
     """The blob's name; :data:`WHITEOUT` for an image layer's whiteout (no blob)."""
     sha256: str | None = None
+    git_oid: str | None = None
+    """The git blob id the source stated (a Hugging Face file kept in git), if any."""
 
     @property
     def whiteout(self) -> bool:
@@ -102,8 +104,8 @@ class Manifest:
     def from_json(cls, data: dict[str, Any]) -> Manifest:
         if data.get("version") != MANIFEST_VERSION:
             raise StoreError(f"manifest version {data.get('version')!r} is not supported")
-        files = tuple(FileEntry(f["path"], int(f["size"]), f["blake3"], f.get("sha256"))
-                      for f in data["files"])
+        files = tuple(FileEntry(f["path"], int(f["size"]), f["blake3"], f.get("sha256"),
+                                f.get("git_oid")) for f in data["files"])
         _check_names(data["tree"], data.get("previous", ()), files)
         return cls(
             key=data["key"], uri=data["uri"], revision=data["revision"], tree=data["tree"],

@@ -320,6 +320,44 @@ def test_a_wrong_sha256_is_never_committed(store: Store) -> None:
     assert list(store.partial.iterdir()) == []
 
 
+def git_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+
+
+def test_a_git_blob_id_is_checked_and_indexed(store: Store) -> None:
+    """A file kept in git: its blob id is hashed in the same pass (from out-of-order
+    writes too), a wrong one is never committed, and the store finds the content by it,
+    also after a restart (from the manifests)."""
+    data = random.Random(5).randbytes(3 * MIB + 17)
+    ident = {"url": "http://127.0.0.1/x", "size": len(data), "git_oid": git_oid(data)}
+    lie = git_oid(b"what the source claimed")
+    ingest = _complete(store, "git-lie", data, {**ident, "git_oid": lie})
+    with pytest.raises(IntegrityError, match=f"git blob id mismatch: the source stated {lie}, "
+                                             f"the bytes are {git_oid(data)}"):
+        ingest.commit(store.blobs, len(data), None, expected_git_oid=lie)
+    ingest.discard()
+    assert list(store.blobs) == []
+
+    ingest = store.open_ingest("git", ident)
+    segments = ingest.plan(len(data), 3, 1)
+    for seg in reversed(segments):
+        _write_segment(ingest, seg, data, random.Random(seg.offset))
+    sealed = ingest.commit(store.blobs, len(data), None, expected_git_oid=git_oid(data))
+    assert (sealed.blake3, sealed.sha256, sealed.git_oid) == (b3(data), None, git_oid(data))
+    store.note_blob(sealed.blake3, sealed.size, sealed.sha256, sealed.git_oid)
+    assert store.knows_stated(None, git_oid(data)) and not store.knows_stated(sha(data), None)
+    assert store.find_git_oid(git_oid(data)) == (b3(data), len(data))
+    store.blobs.release([b3(data), b3(data)])
+
+    entry = FileEntry("tokenizer.json", len(data), b3(data), None, git_oid(data))
+    store.publish(manifest((entry,)))
+    fresh = Store(store.root)
+    recover(fresh)
+    assert fresh.manifest(KEY).files == (entry,)  # type: ignore[union-attr]
+    assert fresh.find_git_oid(git_oid(data)) == (b3(data), len(data))
+    assert fresh.find_sha256(git_oid(data)) is None, "the two kinds of digest never mix"
+
+
 def test_close_then_open_resumes(store: Store) -> None:
     data = random.Random(3).randbytes(4 * 1024 * 1024)
     ident = identity(data)

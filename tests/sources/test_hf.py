@@ -130,6 +130,40 @@ async def test_corrupted_lfs_bytes_fail_and_commit_nothing(
     assert not list((p.store.models / model.key).glob("t-*"))
 
 
+async def test_corrupted_git_file_fails_on_its_git_blob_id(
+    hf_hub: HubServer, pipeline: PipelineFactory
+) -> None:
+    """A file kept in git (no LFS sha256) is checked against the tree's git oid: a mirror
+    serving other bytes of the same size is caught, and nothing is committed."""
+    hf_hub.create_repo("org/m", gitattributes=False)
+    hf_hub.commit("org/m", {"tokenizer.json": b'{"vocab": "%s"}' % (b"x" * 50_000)}, lfs=())
+    hf_hub.always("resolve", Fault(corrupt_at=30_000))
+    p = await pipeline(sources=hub_settings(hf_hub))
+
+    model = await p.pull("hf://org/m", ok=False)
+
+    assert model.state == FAILED and model.error is not None
+    assert "git blob id mismatch" in model.error and "tokenizer.json" in model.error
+    assert p.blob_count() == 0 and not list(p.store.partial.iterdir())
+
+
+async def test_git_oid_of_a_file_is_recorded_and_malformed_ones_refused(
+    hf_hub: HubServer, pipeline: PipelineFactory
+) -> None:
+    hf_hub.create_repo("org/m", gitattributes=False)
+    data = b'{"model_type": "test"}'
+    hf_hub.commit("org/m", {"config.json": data}, lfs=())
+    p = await pipeline(sources=hub_settings(hf_hub))
+    model = await p.pull("hf://org/m")
+    git_oid = hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+    assert model.to_json()["files"][0]["git_oid"] == git_oid
+
+    source = p.sources["hf"]
+    with pytest.raises(SourceError, match=r"'w\.bin' has a malformed git oid"):
+        source._file("org/m", "0" * 40, {"type": "file", "path": "w.bin", "size": 1,
+                                         "oid": "not-hex"})
+
+
 async def test_429_with_retry_after_is_waited_out(
     hf_hub: HubServer, pipeline: PipelineFactory
 ) -> None:
@@ -201,9 +235,9 @@ async def test_moved_branch_is_a_new_tree_after_the_refresh_interval(
     assert read_tree(old_tree) == old_files, "the old tree is untouched"
     assert {f: (old_tree / f).stat().st_ino for f in old_files} == old_inodes
     fetched = {r.path.rsplit("/", 1)[-1] for r in hf_hub.log("resolve")}
-    shards = {f for f in fetched if f.endswith(".safetensors")}
-    assert not shards, "unchanged LFS shards are not fetched again"
-    assert {"config.json", "extra.md"} <= fetched
+    assert fetched == {"config.json", "extra.md"}, (
+        "unchanged files, LFS shards (by sha256) and files kept in git (by git blob id), "
+        "are not fetched again")
 
 
 async def test_next_page_link_to_another_host_is_refused(faulty: FaultyServer) -> None:
