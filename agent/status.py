@@ -4,7 +4,14 @@ Each tracked CachedModel gets this node's entry: ``state`` (pulling, ready, fail
 evicted), ``revision``, ``bytes``, ``lastTransitionTime`` and ``message``, written with
 ``agent.kube``'s merge patch of that one key (agents on other nodes never conflict).
 Writes are throttled: a state change is written at once; while a model is pulling, its
-progress is written at most once per ``interval`` seconds per CachedModel. A state change
+progress is written at most once per ``interval`` seconds per CachedModel, and less often on
+a CachedModel that many nodes report on. Every status write reaches every agent (each
+watches every CachedModel) carrying the whole object, about 300 bytes per node (its entry
+and its managed fields): N agents writing progress every 30 s would have the apiserver send
+300 * N**3 bytes per 30 s (300 GB at 1000 nodes). So each agent stretches its progress
+interval to the number of nodes in the status divided by :data:`PROGRESS_WRITES_PER_SECOND`,
+which bounds a CachedModel's progress writes across the cluster to about that rate (at 1000
+nodes: one write per node every 1000 s; state changes still go at once). A state change
 also records an Event on the CachedModel: ``Pulled``, ``PullFailed`` or ``Evicted``.
 
 The last entry written starts as what the CachedModel already shows, so a restart rewrites
@@ -36,6 +43,8 @@ Obj = dict[str, Any]
 Entry = dict[str, Any]
 #: the fields compared to decide whether an entry changed (not the transition time)
 CONTENT = ("state", "revision", "bytes", "message")
+#: progress writes of one CachedModel per second, all nodes together (state changes aside)
+PROGRESS_WRITES_PER_SECOND = 1.0
 
 
 @dataclass
@@ -155,9 +164,10 @@ class StatusWriter:
             last = self._written.get(cm_key)
             entry = self.entry(target, model, last)
             now = self._clock()
-            when = due(last, entry, now, self.interval)
+            interval = self.progress_interval(target.obj)
+            when = due(last, entry, now, interval)
             if model is not None and model.state == PULLING:
-                wake = _earliest(wake, (last.at if last else now) + self.interval)
+                wake = _earliest(wake, (last.at if last else now) + interval)
             if when is None or entry is None:
                 continue
             if when > now:
@@ -171,6 +181,13 @@ class StatusWriter:
             else:
                 wake = _earliest(wake, self._clock() + RETRY_SECONDS)
         return wake
+
+    def progress_interval(self, obj: Obj) -> float:
+        """Least seconds between two progress writes to ``obj``: the configured interval,
+        stretched on a CachedModel that many nodes report on (see the module's text)."""
+        nodes = (obj.get("status") or {}).get("nodes")
+        count = len(nodes) if isinstance(nodes, dict) else 0
+        return max(self.interval, count / PROGRESS_WRITES_PER_SECOND)
 
     def entry(self, target: Target, model: Model | None, last: Written | None) -> Entry | None:
         """This node's entry for ``target`` now (``None``: nothing to report yet)."""

@@ -155,6 +155,35 @@ async def test_status_writer_throttles_progress_and_writes_transitions():
     assert kube.writes[-1] == ("default/m", "n1", None)  # its entry removed
 
 
+async def test_progress_writes_thin_out_on_a_cachedmodel_of_many_nodes():
+    """Every status write reaches every agent: with 500 nodes in the status, this node
+    writes its progress every 500 s (the cluster about once a second), its states at once."""
+    clock = [1000.0]
+    index, kube = Index(), RecordingKube()
+    writer = StatusWriter(kube, "n1", index, interval=30.0,  # type: ignore[arg-type]
+                          clock=lambda: clock[0])
+    others = {f"gpu-{i}": {"state": "pulling", "bytes": 0} for i in range(499)}
+    cm = {"metadata": {"name": "m", "namespace": "default"}, "status": {"nodes": others}}
+    assert writer.progress_interval(cm) == 499.0
+    ref = parse(URI)
+    writer.track("default/m", cm, ref.key)
+    model = index.add(Model(ref, PULLING, bytes_total=1000))
+    await writer.flush()
+    cm = {**cm, "status": {"nodes": {**others, "n1": kube.writes[-1][2]}}}
+    writer.track("default/m", cm, ref.key)  # the watch brings this node's own entry back
+    assert writer.progress_interval(cm) == 500.0
+    clock[0], model.bytes_done = 1100.0, 500
+    assert await writer.flush() == 1500.0 and len(kube.writes) == 1  # not at 30 s
+    clock[0] = 1500.0
+    await writer.flush()
+    assert [w[2]["bytes"] for w in kube.writes] == [0, 500]
+    clock[0], model.state, model.manifest = 1501.0, READY, manifest(ref.key, 1000)
+    await writer.flush()
+    assert kube.writes[-1][2]["state"] == "ready", "a state change is written at once"
+    few = {"metadata": cm["metadata"], "status": {"nodes": {"n1": {}, "n2": {}}}}
+    assert writer.progress_interval(few) == 30.0
+
+
 async def test_status_writer_rewrites_nothing_a_restart_finds_unchanged():
     index, kube = Index(), RecordingKube()
     writer = StatusWriter(kube, "n1", index, interval=30.0)  # type: ignore[arg-type]
