@@ -2,7 +2,8 @@
 
 Started on a free loopback port with its store under the test's directory; ready when
 ``/readyz`` answers 200; stopped by SIGTERM (graceful) or killed with SIGKILL (crash tests)
-and restarted on the same store.
+and restarted on the same store. It inherits no source settings from the environment the
+tests run in (``HF_*``, ``AWS_*``, ``MODEL_REGISTRY*``, proxies): only those it is given.
 """
 
 from __future__ import annotations
@@ -11,28 +12,48 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
-from tests.servers.net import fetch, free_port, wait_until
-from tests.servers.proc import ManagedProcess
+from tests.servers.net import fetch, free_port
+from tests.servers.proc import ManagedProcess, with_hosts
 
 REPO = Path(__file__).resolve().parents[2]
+#: environment variables a test's agent does not inherit (each sets a source's endpoint,
+#: credentials or proxy)
+NOT_INHERITED = ("HF_", "AWS_", "MODEL_REGISTRY")
 
 
 class AgentProcess:
+    """``config``: the config file's text; ``hosts``: names only this agent resolves, to
+    their addresses (see :func:`tests.servers.proc.with_hosts`)."""
+
     def __init__(self, store: Path, *, allow_hosts: Sequence[str] = ("127.0.0.1",),
                  allow_paths: Sequence[Path] = (), extra_args: Sequence[str] = (),
-                 env: dict[str, str] | None = None, log_dir: Path | None = None,
-                 name: str = "agent") -> None:
+                 env: Mapping[str, str] | None = None, log_dir: Path | None = None,
+                 name: str = "agent", config: str | None = None,
+                 hosts: Mapping[str, str] | None = None) -> None:
         self.store = store
         self.allow_hosts = list(allow_hosts)
         self.allow_paths = [Path(p) for p in allow_paths]
         self.extra_args = list(extra_args)
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        inherited = {k: v for k, v in os.environ.items()
+                     if not k.startswith(NOT_INHERITED) and "proxy" not in k.lower()}
+        self.env = {**inherited, "PYTHONPATH": str(REPO), "AWS_EC2_METADATA_DISABLED": "true",
+                    **(env or {})}
         self.log_dir = log_dir or store.parent
         self.name = name
+        self.hosts_file: Path | None = None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            (self.log_dir / f"{name}-config.yaml").write_text(config)
+            self.extra_args += ["--config", str(self.log_dir / f"{name}-config.yaml")]
+        if hosts:
+            self.hosts_file = self.log_dir / f"{name}-hosts"
+            lines = ["127.0.0.1 localhost", *(f"{a} {n}" for n, a in hosts.items())]
+            self.hosts_file.write_text("\n".join(lines) + "\n")
         self.port = 0
         self.proc: ManagedProcess | None = None
         self.starts = 0
@@ -55,12 +76,23 @@ class AgentProcess:
         for path in self.allow_paths:
             argv += ["--allow-path", str(path)]
         argv += self.extra_args
+        if self.hosts_file is not None:
+            argv = with_hosts(argv, self.hosts_file)
         self.starts += 1
         self.proc = ManagedProcess(argv, name=f"{self.name}-{self.starts}", log_dir=self.log_dir,
                                    env=self.env, cwd=REPO).start()
-        wait_until(lambda: fetch(self.url + "/readyz").status == 200, timeout=timeout,
-                   what=f"agent on {self.url}", alive=self.proc.alive)
+        self.proc.wait_ready(lambda: fetch(self.url + "/readyz").status == 200, timeout=timeout,
+                             what=f"agent on {self.url}")
         return self
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is not None:
+            print(self.log()[-4000:], file=sys.stderr)
+        self.stop()
 
     def stop(self) -> int | None:
         return self.proc.stop() if self.proc is not None else None

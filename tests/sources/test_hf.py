@@ -21,9 +21,9 @@ from agent.reference import parse
 from agent.settings import EgressSettings, SourceSettings
 from agent.sources.control import Control
 from agent.sources.hf import HfSource
+from tests.servers.agent import AgentProcess
 from tests.servers.faulty import Fault, FaultyServer
 from tests.servers.hfhub import HubServer
-from tests.sources.agentproc import agent_process
 from tests.sources.conftest import (
     LOOPBACK_HOSTS,
     TEST_FETCH,
@@ -265,8 +265,9 @@ async def test_real_agent_pulls_a_private_repo_through_its_admin_api(
     secrets.mkdir(parents=True)
     (secrets / "token").write_text("hf_secret\n")
 
-    with agent_process(tmp_path, env={"HF_ENDPOINT": hub.base_url},
-                       credentials_dir=secrets.parent) as agent:
+    with AgentProcess(tmp_path / "store", env={"HF_ENDPOINT": hub.base_url},
+                      allow_hosts=LOOPBACK_HOSTS,
+                      extra_args=("--credentials-dir", str(secrets.parent))) as agent:
         async with AgentClient(agent.url, agent.token) as client:
             started = await client.ensure("hf://org/private@main", credentials="hf-token")
             model = await client.model(started["key"], wait=60)

@@ -21,8 +21,8 @@ from agent.reference import parse
 from agent.settings import EgressSettings, SourceSettings
 from agent.sources.control import Control
 from agent.sources.s3 import S3Source
+from tests.servers.agent import AgentProcess
 from tests.servers.s3 import S3_DOMAIN, S3Endpoint, upload_model
-from tests.sources.agentproc import agent_process
 from tests.sources.conftest import LOOPBACK_HOSTS, PipelineFactory, files_named, read_tree
 
 MIB = 1024 * 1024
@@ -214,9 +214,8 @@ async def test_virtual_hosted_addressing_against_seaweedfs(
     port = seaweedfs.url.rsplit(":", 1)[1]
     bucket_host = f"{seaweedfs.bucket}.{S3_DOMAIN}"
     config = f"sources:\n  s3Endpoint: http://{S3_DOMAIN}:{port}\n  s3Addressing: virtual\n"
-    with agent_process(tmp_path, env=keys(seaweedfs), allow_hosts=(bucket_host,),
-                       config=config, log_level="debug",
-                       hosts={bucket_host: "127.0.0.1"}) as agent:
+    with AgentProcess(tmp_path / "store", env=keys(seaweedfs), allow_hosts=(bucket_host,),
+                      config=config, hosts={bucket_host: "127.0.0.1"}) as agent:
         async with AgentClient(agent.url, agent.token) as client:
             started = await client.ensure(f"s3://models/{s3_prefix}")
             model: dict[str, Any] = await client.model(started["key"], wait=60)
@@ -224,7 +223,8 @@ async def test_virtual_hosted_addressing_against_seaweedfs(
     published = [d for d in (agent.store / "models" / model["key"]).iterdir()
                  if d.name.startswith("t-")]
     assert len(published) == 1 and read_tree(published[0]) == files
-    log = agent.process.log_path.read_text()
+    assert agent.proc is not None
+    log = agent.proc.log_path.read_text()
     assert '"level": "debug"' in log
     assert "Signature" not in log and seaweedfs.secret_key not in log
 
@@ -250,7 +250,7 @@ async def test_real_agent_uses_the_aws_environment(
     upload_model(seaweedfs.client(), seaweedfs.bucket, s3_prefix, files,
                  checksum_sha256=["w.safetensors"])
     env: Mapping[str, str] = seaweedfs.env()
-    with agent_process(tmp_path, env=env) as agent:
+    with AgentProcess(tmp_path / "store", env=env) as agent:
         async with AgentClient(agent.url, agent.token) as client:
             started = await client.ensure(f"s3://models/{s3_prefix}")
             model: dict[str, Any] = await client.model(started["key"], wait=60)
