@@ -111,6 +111,67 @@ async def test_standard_chain_reads_the_environment(
         await src.close()
 
 
+async def test_standard_chain_reads_a_named_profile(
+    seaweedfs: S3Endpoint, s3_prefix: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    no_aws_env: None
+) -> None:
+    """AWS_PROFILE picks a profile of the shared credentials file; SeaweedFS checks the
+    signature, so only the right profile's keys list the prefix."""
+    upload_model(seaweedfs.client(), seaweedfs.bucket, s3_prefix, {"a.bin": b"a"})
+    (tmp_path / "credentials").write_text(
+        f"[default]\naws_access_key_id = nobody\naws_secret_access_key = wrong\n\n"
+        f"[models]\naws_access_key_id = {seaweedfs.access_key}\n"
+        f"aws_secret_access_key = {seaweedfs.secret_key}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "models")
+    src = source(seaweedfs)
+    try:
+        resolved = await src.resolve(parse(f"s3://models/{s3_prefix}"), None)
+        assert [f.path for f in resolved.files] == ["a.bin"]
+    finally:
+        await src.close()
+    monkeypatch.setenv("AWS_PROFILE", "default")
+    src = source(seaweedfs)
+    try:
+        with pytest.raises(SourceAuthError, match="s3://models"):
+            await src.resolve(parse(f"s3://models/{s3_prefix}"), None)
+    finally:
+        await src.close()
+
+
+async def test_standard_chain_assumes_a_role_with_a_web_identity(
+    moto_s3: S3Endpoint, pipeline: PipelineFactory, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, no_aws_env: None
+) -> None:
+    """IRSA / EKS pod identity: a projected token file and a role ARN in the environment.
+    botocore exchanges the token at STS (moto's, in this process) for temporary keys, and
+    the listing and the presigned GETs are signed with those."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.sts.models import sts_backends
+
+    upload_model(moto_s3.client(), moto_s3.bucket, "irsa", {"a.bin": b"weights"})
+    (tmp_path / "token").write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW0ifQ.c2ln")
+    role = f"arn:aws:iam::{DEFAULT_ACCOUNT_ID}:role/modelcache-agent"
+    monkeypatch.setenv("AWS_ROLE_ARN", role)
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(tmp_path / "token"))
+    monkeypatch.setenv("AWS_ROLE_SESSION_NAME", "node-a")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", moto_s3.url)
+    assumed = sts_backends[DEFAULT_ACCOUNT_ID]["aws"].assumed_roles
+    before = len(assumed)
+    p = await pipeline(sources=settings(moto_s3))
+
+    model = await p.pull("s3://models/irsa")
+
+    assert p.tree(model) == {"a.bin": b"weights"}
+    (role_session,) = assumed[before:]
+    assert (role_session.role_arn, role_session.session_name) == (role, "node-a")
+    s3 = p.sources["s3"]
+    (a_bin,) = (await s3.resolve(parse("s3://models/irsa"), None)).files
+    loc = await s3.locate(a_bin, None)
+    assert f"X-Amz-Credential={role_session.access_key_id}%2F" in loc.url
+    assert "X-Amz-Security-Token=" in loc.url
+
+
 async def test_listing_pages_single_object_and_empty_prefix(
     moto_s3: S3Endpoint, pipeline: PipelineFactory, no_aws_env: None
 ) -> None:
