@@ -17,6 +17,7 @@ Blocking: runs in a worker thread.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import logging
 import stat
 import tarfile
@@ -24,7 +25,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 import zstandard
 
@@ -38,7 +39,8 @@ from agent.store.trees import WHITEOUT, WHITEOUT_PREFIX, FileEntry
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
 #: what the decoders raise on a damaged or cut archive
-_CORRUPT = (tarfile.TarError, EOFError, zlib.error, zipfile.BadZipFile, zstandard.ZstdError)
+_CORRUPT = (tarfile.TarError, EOFError, zlib.error, zipfile.BadZipFile, zstandard.ZstdError,
+            gzip.BadGzipFile)
 
 
 def kind_of(name: str) -> str | None:
@@ -121,7 +123,9 @@ def _members(raw: IO[bytes], kind: str, budget: _Budget, root: str = ""
         stream = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK)
         mode = "r|"
     elif kind == "tar.gz":
-        stream, mode = raw, "r|gz"
+        # gzip's own reader, not tarfile's "r|gz": tarfile's parses the gzip header itself
+        # and fails with a TypeError on a header cut short
+        stream, mode = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb")), "r|"
     elif kind == "tar":
         stream, mode = raw, "r|"
     else:

@@ -2,7 +2,8 @@
 
 Every file name that comes from a listing, a manifest or an archive passes through
 :func:`safe_relpath`. Absolute paths, ``..``, NUL, backslashes, empty segments, names that
-are too long, and names that are reserved by the store are rejected with :class:`UnsafeName`.
+are too long or not UTF-8, and names that are reserved by the store are rejected with
+:class:`UnsafeName`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ def safe_relpath(name: str, *, what: str = "file name") -> str:
         raise UnsafeName(f"{what} is empty")
     if "\x00" in name:
         raise UnsafeName(f"{what} {shown} contains NUL")
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8 (a tar member
+        # name decoded with surrogateescape) or a JSON "\udcXX" escape
+        raise UnsafeName(f"{what} {shown} is not valid UTF-8") from None
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         raise UnsafeName(f"{what} {shown} contains a control character")
     if "\\" in name:

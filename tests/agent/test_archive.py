@@ -412,6 +412,21 @@ def test_a_truncated_archive_is_refused(tmp_path: Path, store: Store, kind: str,
     assert list(store.tmp.iterdir()) == []
 
 
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "tar.zst", "zip"])
+@pytest.mark.parametrize("keep", [1, 3, 9, 12])
+def test_an_archive_cut_inside_its_header_is_refused(tmp_path: Path, store: Store, kind: str,
+                                                    keep: int) -> None:
+    """Found by fuzzing: tarfile's own gzip reader failed with a TypeError on a gzip
+    header cut after its third byte."""
+    raw = {"tar": _good_tar, "tar.gz": lambda: gz(_good_tar()),
+           "tar.zst": lambda: zstandard.ZstdCompressor().compress(_good_tar()),
+           "zip": lambda: zip_bytes(list(GOOD.items()))}[kind]()
+    path = write(tmp_path, f"cut.{kind}", raw[:keep])
+    with pytest.raises(ArchiveRejected, match=r"corrupt or (truncated|unsupported)"):
+        unpack(path, kind, "", store, DEFAULTS)
+    assert list(store.tmp.iterdir()) == []
+
+
 def test_a_corrupt_zip_member_is_refused(tmp_path: Path, store: Store) -> None:
     raw = bytearray(zip_bytes([("w.bin", WEIGHTS)]))
     at = raw.index(b"w.bin") + 5 + 1000  # inside the member's compressed bytes
