@@ -177,8 +177,7 @@ def parse(uri: str, include: Iterable[str] | str | None = None) -> Reference:
         raise InvalidReference("model URI is empty")
     if len(uri) > MAX_URI_LENGTH:
         raise InvalidReference(f"model URI is longer than {MAX_URI_LENGTH} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
-        raise InvalidReference("model URI contains a control character")
+    _check_chars(uri, "model URI")
     scheme, sep, rest = uri.partition("://")
     scheme = scheme.lower()
     if not sep:
@@ -211,8 +210,7 @@ def parse_include(include: Iterable[str] | str | None) -> tuple[str, ...]:
             raise InvalidReference("include glob is empty")
         if len(glob) > MAX_GLOB_LENGTH:
             raise InvalidReference(f"include glob longer than {MAX_GLOB_LENGTH} characters")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in glob):
-            raise InvalidReference(f"include glob {glob!r} contains a control character")
+        _check_chars(glob, f"include glob {glob!r}")
         if glob.startswith("/"):
             raise InvalidReference(
                 f"include glob {glob!r} is absolute; globs are relative to the model"
@@ -223,6 +221,15 @@ def parse_include(include: Iterable[str] | str | None) -> tuple[str, ...]:
             raise InvalidReference(f"include glob {glob!r} has an unbalanced '['")
         globs.add(glob)
     return tuple(sorted(globs))
+
+
+def _check_chars(text: str, what: str) -> None:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise InvalidReference(f"{what} contains a control character")
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from a JSON "\udcXX" escape
+        raise InvalidReference(f"{what} is not valid UTF-8") from None
 
 
 def _parse_hf(scheme: str, rest: str) -> tuple[str, str, str]:

@@ -94,6 +94,7 @@ BAD = [
     ("hf://org/repo\x01", "control character"),
     ("hf://org/repo\x7f", "control character"),
     ("hf://org/re\npo", "control character"),
+    ("hf://org/re\udcbfpo", "not valid UTF-8"),  # a lone surrogate (JSON "\udcbf")
     ("Qwen/Qwen2.5", "no scheme"),
     ("hf:/org/repo", "no scheme"),
     ("ftp://host/file", "unknown scheme 'ftp'"),
@@ -203,6 +204,7 @@ def test_non_string_uri_is_refused() -> None:
     (["a/../b"], "'..'"),
     (["[ab"], "unbalanced"),
     (["a\x01"], "control character"),
+    (["a\udcbf"], "not valid UTF-8"),
     (["x" * 257], "longer than 256"),
     ([f"g{i}" for i in range(MAX_GLOBS + 1)], "too many include globs"),
     ([1], "must be strings"),
