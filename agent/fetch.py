@@ -368,7 +368,10 @@ class Fetcher:
                                 progress: ProgressFn, stats: FetchStats) -> None:
         s = self.settings
         attempt = 0
-        refreshed = False
+        # seg.done when the location was last renewed after a 401/403: refused again with
+        # no byte since, renewing does not help (a signed URL that expires mid-pull, as a
+        # CDN's or a presigned S3 URL does each hour, is renewed each time)
+        renewed_at: int | None = None
         while not seg.complete:
             loc = await location.get()
             before = seg.done
@@ -383,9 +386,9 @@ class Fetcher:
                 await location.redirect(loc, r.location)
                 continue
             except SourceAuthError:
-                if refreshed:
+                if renewed_at == seg.done:
                     raise
-                refreshed = True
+                renewed_at = seg.done
                 await location.get(refresh=True)
                 continue
             except TransientError as e:

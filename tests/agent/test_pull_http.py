@@ -118,6 +118,33 @@ async def test_transient_faults_are_recovered(tmp_path: Path, faulty: FaultyServ
     assert_store_consistent(tmp_path / "store")
 
 
+async def test_a_refused_url_is_renewed_again_after_progress(tmp_path: Path,
+                                                            faulty: FaultyServer) -> None:
+    """A long pull outlives its signed URL more than once (a CDN's or a presigned S3 URL
+    expires each hour; each reconnect then gets 403): it is renewed each time it was
+    refused after bytes came through, and fails only when renewing does not help."""
+    data = os.urandom(4 * MiB)
+    faulty.add("/m.bin", data)
+    expired = Fault(status=403, methods=("GET",))
+    faulty.fault("/m.bin", Fault(close_after=MiB, methods=("GET",)), expired,
+                 Fault(close_after=MiB, methods=("GET",)), expired)
+    async with InProcessAgent(fast_settings(tmp_path)) as agent, agent.client() as client:
+        model = await client.ensure(faulty.url("/m.bin"))
+        model = await client.model(model["key"], wait=30)
+        assert model["state"] == "ready", model["error"]
+        assert (tree_of(agent, model["key"]) / "m.bin").read_bytes() == data
+    assert [g.status for g in faulty.gets("/m.bin")] == [206, 403, 206, 403, 206]
+    assert faulty.bytes_sent_twice("/m.bin") == 0
+
+    faulty.clear_faults()
+    faulty.always("/m.bin", expired)
+    async with InProcessAgent(fast_settings(tmp_path / "again")) as agent, \
+            agent.client() as client:
+        model = await client.ensure(faulty.url("/m.bin"))
+        model = await client.model(model["key"], wait=30)
+        assert model["state"] == "failed" and "access denied (403)" in model["error"]
+
+
 async def test_a_503_storm_that_does_not_end_fails_clearly(tmp_path: Path,
                                                            faulty: FaultyServer) -> None:
     faulty.add("/m.bin", os.urandom(MiB))
