@@ -10,6 +10,7 @@ import random
 import stat
 import struct
 import tarfile
+import tempfile
 import time
 import warnings
 import zipfile
@@ -20,9 +21,12 @@ from pathlib import Path
 import blake3
 import pytest
 import zstandard
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from agent.archive import kind_of, unpack
 from agent.errors import ArchiveRejected
+from agent.names import safe_relpath
 from agent.settings import ArchiveSettings, GiB, MiB
 from agent.store import ingest as ingest_module
 from agent.store.local import Store
@@ -439,3 +443,62 @@ def test_a_corrupt_zip_member_is_refused(tmp_path: Path, store: Store) -> None:
 def test_an_unknown_kind_is_refused(tmp_path: Path, store: Store) -> None:
     with pytest.raises(ArchiveRejected, match="unknown archive kind 'rar'"):
         unpack(write(tmp_path, "m.rar", b"Rar!"), "rar", "", store, DEFAULTS)
+
+
+# --- damage of any kind ------------------------------------------------------------------------
+
+#: (what, where: a byte offset in the headers, or a fraction of the length, what with)
+MUTATIONS = st.lists(st.tuples(st.sampled_from(["flip", "cut", "delete", "insert"]),
+                               st.integers(0, 600) | st.floats(0, 1),
+                               st.binary(min_size=1, max_size=64)),
+                     min_size=1, max_size=6)
+
+
+def _damaged(raw: bytes, mutations: list[tuple[str, float, bytes]]) -> bytes:
+    data = bytearray(raw)
+    for op, where, blob in mutations:
+        if not data:
+            break
+        at = min(where if isinstance(where, int) else int(where * len(data)), len(data) - 1)
+        if op == "flip":
+            data[at] ^= blob[0] or 0xFF
+        elif op == "cut":
+            del data[at:]
+        elif op == "delete":
+            del data[at:at + len(blob)]
+        else:
+            data[at:at] = blob
+    return bytes(data)
+
+
+@settings(max_examples=200, deadline=None)
+@example("tar.gz", "", [("cut", 3, b"\0")])  # the gzip header's flags byte cut off
+@given(st.sampled_from(["tar", "tar.gz", "tar.zst", "zip"]), st.sampled_from(["", "models"]),
+       MUTATIONS)
+def test_any_damage_is_refused_or_unpacks_to_checked_blobs(
+        kind: str, root: str, mutations: list[tuple[str, float, bytes]]) -> None:
+    """Found by fuzzing like this: a gzip header cut after three bytes raised a TypeError.
+    Whatever the damage, the archive is refused with ArchiveRejected, or what it unpacks to
+    has safe names and blobs named by their content; nothing lands outside the store."""
+    members = [(f"{root}/{name}" if root else name, data) for name, data in GOOD.items()]
+    raw = {"tar": lambda: tar_bytes(members), "tar.gz": lambda: gz(tar_bytes(members)),
+           "tar.zst": lambda: zstandard.ZstdCompressor().compress(tar_bytes(members)),
+           "zip": lambda: zip_bytes(members)}[kind]()
+    with tempfile.TemporaryDirectory() as tmp:
+        top = Path(tmp)
+        store = Store(top / "a" / "b" / "store")
+        store.ensure_layout()
+        path = write(top, f"damaged.{kind}", _damaged(raw, mutations))
+        before = snapshot(top, store)
+        try:
+            entries = unpack(path, kind, root, store, DEFAULTS)
+        except ArchiveRejected as e:
+            assert str(e)
+            entries = []
+        for e in entries:
+            assert safe_relpath(e.path) == e.path
+            if not e.whiteout:
+                blob = store.blobs.path(e.blake3).read_bytes()
+                assert blake3.blake3(blob).hexdigest() == e.blake3 and len(blob) == e.size
+        assert snapshot(top, store) == before
+        assert list(store.tmp.iterdir()) == []
