@@ -112,7 +112,7 @@ class ShaPipe:
         self._sha = hasher
         self._queue: queue.SimpleQueue[tuple[memoryview, threading.Event] | None] = \
             queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="stated-digest", daemon=True)
         self._thread.start()
         self._digest: str | None = None
 
