@@ -301,15 +301,42 @@ def describe_error(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def status_error(status: int, url: str, retry_after: str | None = None) -> ModelcacheError:
-    """The error for an HTTP status from a source."""
+def status_error(status: int, url: str, retry_after: str | None = None,
+                 ratelimit: str | None = None) -> ModelcacheError:
+    """The error for an HTTP status from a source, with the wait the server asked for: its
+    ``Retry-After``, or for a 429 the reset of its exhausted ``RateLimit`` window (the IETF
+    draft's header, which Hugging Face sends: ``"api";r=0;t=55``), whichever is longer."""
     if status in (401, 403):
         return SourceAuthError(f"{url}: access denied ({status}); check the credentials")
     if status == 404 or status == 410:
         return SourceNotFound(f"{url}: not found ({status})")
     if status == 429 or status >= 500 or status == 408:
-        return TransientError(f"{url}: server answered {status}", _retry_after(retry_after))
+        wait = _retry_after(retry_after)
+        reset = _ratelimit_reset(ratelimit) if status == 429 else None
+        if reset is not None:
+            wait = max(wait or 0.0, reset)
+        asked = f" (rate limited: it asks to wait {wait:g} s)" if wait else ""
+        return TransientError(f"{url}: server answered {status}{asked}", wait)
     return SourceError(f"{url}: unexpected HTTP status {status}")
+
+
+
+def _ratelimit_reset(value: str | None) -> float | None:
+    """Seconds until the exhausted window of a ``RateLimit`` header resets (the longest, if
+    several are; an item without ``r`` counts as exhausted), or None."""
+    if not value:
+        return None
+    resets: list[float] = []
+    for item in value.split(","):
+        params = dict(p.strip().partition("=")[::2] for p in item.split(";")[1:])
+        try:
+            remaining = int(params["r"]) if "r" in params else 0
+            reset = float(params["t"])
+        except (KeyError, ValueError):
+            continue
+        if remaining <= 0 and 0 <= reset < 86400:
+            resets.append(reset)
+    return max(resets) if resets else None
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -459,7 +459,8 @@ class Fetcher:
             if status not in (200, 206):
                 _drain(resp)
                 reusable = resp.isclosed() and not resp.will_close
-                raise status_error(status, shown_url(loc.url), resp.getheader("Retry-After"))
+                raise status_error(status, shown_url(loc.url), resp.getheader("Retry-After"),
+                                   resp.getheader("RateLimit"))
             # a 200 is the body from byte 0: usable only by a segment that starts there
             # (it reads no further than its end)
             if status == 200 and ranged and seg.offset != 0:

@@ -76,7 +76,8 @@ class FetchSettings:
     """First retry delay in seconds; doubles each attempt, with full jitter."""
 
     backoff_max: float = 30.0
-    """Longest wait between attempts, also the cap on a server's Retry-After."""
+    """Longest wait between attempts of our own choosing. A wait the server asks for
+    (``Retry-After``, a ``RateLimit`` window's reset) is honoured up to 10 minutes."""
 
     connect_timeout: float = 15.0
     """Seconds to establish a connection (TCP + TLS)."""

@@ -1,8 +1,9 @@
 """Control-plane HTTP for sources: listings, manifests, tokens, registry lookups.
 
 Small bodies read whole (capped), every hop checked by the egress policy, and 429 / 5xx /
-resets retried with full-jitter exponential backoff that honours ``Retry-After`` (many
-nodes asking a hub at once must spread out, not stampede).
+resets retried with full-jitter exponential backoff that honours ``Retry-After`` and the
+reset of a ``RateLimit`` window (many nodes asking a hub at once must spread out, not
+stampede, and come back when the hub said, not before).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class Control:
         async with resp:
             body = await _read_capped(resp, method, url, max_body) if max_body >= 0 else b""
             if resp.status not in ok:
-                raise status_error(resp.status, shown_url(url), resp.headers.get("Retry-After"))
+                raise status_error(resp.status, shown_url(url), resp.headers.get("Retry-After"),
+                                   resp.headers.get("RateLimit"))
             return Reply(resp.status, resp.headers, body, str(resp.url))
 
     async def json(self, url: str, *, headers: Mapping[str, str] | None = None) -> Reply:
@@ -111,12 +113,20 @@ async def _read_capped(resp: aiohttp.ClientResponse, method: str, url: str,
     return b"".join(chunks)
 
 
+#: the longest wait a server may ask for and get (``Retry-After``, a ``RateLimit`` window's
+#: reset: Hugging Face's windows are 5 minutes); a longer ask is cut to this
+SERVER_WAIT_MAX = 600.0
+
+
 def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None,
                   rng: random.Random | None = None) -> float:
     """Seconds to wait before attempt ``attempt + 1``: full jitter over an exponential
-    window, and never before the server's ``Retry-After`` (capped). The jitter is added
-    *after* ``Retry-After``, so nodes told "1 s" together do not come back together."""
+    window of at most ``cap``; when the server said how long to wait, that wait (up to
+    :data:`SERVER_WAIT_MAX`) comes first and the jitter after it, so nodes told "55 s"
+    together do not come back together. Retrying sooner than asked would only spend the
+    attempts inside the window and fail the pull (``cap`` is our own patience, not the
+    server's)."""
     draw = (rng or random).uniform(0, min(cap, base * 2 ** attempt))
     if retry_after is None:
         return draw
-    return min(cap, retry_after + draw)
+    return min(retry_after, SERVER_WAIT_MAX) + draw

@@ -200,6 +200,27 @@ def test_status_errors() -> None:
     assert isinstance(late, TransientError) and late.retry_after == 0.0
 
 
+@pytest.mark.parametrize(("retry_after", "ratelimit", "wait"), [
+    (None, '"api";r=0;t=55', 55.0),  # Hugging Face's 429
+    (None, '"api";r=0;t=55, "resolvers";r=900;t=240', 55.0),  # only the exhausted window
+    (None, '"a";r=0;t=10, "b";r=0;t=70', 70.0),  # both exhausted: the later reset
+    (None, '"api";t=30', 30.0),  # no remaining count: the window it names
+    ("120", '"api";r=0;t=55', 120.0),  # Retry-After asks longer
+    ("5", '"api";r=0;t=55', 55.0),
+    (None, '"api";r=3;t=55', None),  # not exhausted: nothing asked
+    (None, "garbage;;t=x, =;", None),
+    (None, '"api";r=0;t=99999999', None),  # an absurd reset is ignored
+])
+def test_a_429_waits_for_its_ratelimit_window(retry_after: str | None, ratelimit: str,
+                                              wait: float | None) -> None:
+    error = status_error(429, "https://hub/api/models/o/m", retry_after, ratelimit)
+    assert isinstance(error, TransientError) and error.retry_after == wait
+    if wait:
+        assert f"rate limited: it asks to wait {wait:g} s" in str(error)
+    busy = status_error(503, "u", None, '"api";r=0;t=55')
+    assert isinstance(busy, TransientError) and busy.retry_after is None, "429s only"
+
+
 # --- redirects against real servers on 127.0.0.1 ---------------------------------------------
 
 

@@ -183,6 +183,27 @@ async def test_429_with_retry_after_is_waited_out(
     assert 429 in [r.status for r in hf_hub.log("resolve")]
 
 
+async def test_429_waits_for_the_ratelimit_window_to_reset(
+    hf_hub: HubServer, pipeline: PipelineFactory
+) -> None:
+    """Hugging Face answers a 429 with ``RateLimit: "api";r=0;t=N`` (the window resets in N
+    s) and no Retry-After. The agent waits that long, on the API and on a resolve alike;
+    its own backoff here (50 ms at most) would have spent its attempts inside the window."""
+    hf_hub.create_repo("org/m")
+    hf_hub.commit("org/m", model_files())
+    hf_hub.fault("tree", Fault(status=429, headers={"RateLimit": '"api";r=0;t=2'}))
+    hf_hub.fault("resolve", Fault(status=429, headers={"RateLimit": '"resolvers";r=0;t=1'}))
+    p = await pipeline(sources=hub_settings(hf_hub))
+
+    started = time.monotonic()
+    model = await p.pull("hf://org/m")
+
+    assert time.monotonic() - started >= 3.0, "both windows were waited out"
+    assert p.tree(model) == hf_hub.files("org/m")
+    assert [r.status for r in hf_hub.log("tree")][:2] == [429, 200]
+    assert 429 in [r.status for r in hf_hub.log("resolve")]
+
+
 @pytest.mark.parametrize(
     ("names", "expected"),
     [
