@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
+import re
 import socket
 import time
 from collections.abc import Mapping
@@ -302,22 +304,74 @@ def describe_error(e: BaseException) -> str:
 
 
 def status_error(status: int, url: str, retry_after: str | None = None,
-                 ratelimit: str | None = None) -> ModelcacheError:
+                 ratelimit: str | None = None, detail: str | None = None) -> ModelcacheError:
     """The error for an HTTP status from a source, with the wait the server asked for: its
     ``Retry-After``, or for a 429 the reset of its exhausted ``RateLimit`` window (the IETF
-    draft's header, which Hugging Face sends: ``"api";r=0;t=55``), whichever is longer."""
+    draft's header, which Hugging Face sends: ``"api";r=0;t=55``), whichever is longer; and
+    the server's own explanation (:func:`server_says`), quoted at the end."""
+    says = f" (the server says: {detail})" if detail else ""
     if status in (401, 403):
-        return SourceAuthError(f"{url}: access denied ({status}); check the credentials")
+        return SourceAuthError(f"{url}: access denied ({status}); check the credentials{says}")
     if status == 404 or status == 410:
-        return SourceNotFound(f"{url}: not found ({status})")
+        return SourceNotFound(f"{url}: not found ({status}){says}")
     if status == 429 or status >= 500 or status == 408:
         wait = _retry_after(retry_after)
         reset = _ratelimit_reset(ratelimit) if status == 429 else None
         if reset is not None:
             wait = max(wait or 0.0, reset)
         asked = f" (rate limited: it asks to wait {wait:g} s)" if wait else ""
-        return TransientError(f"{url}: server answered {status}{asked}", wait)
-    return SourceError(f"{url}: unexpected HTTP status {status}")
+        return TransientError(f"{url}: server answered {status}{asked}{says}", wait)
+    return SourceError(f"{url}: unexpected HTTP status {status}{says}")
+
+
+#: the most of a server's explanation an error message quotes
+DETAIL_MAX = 200
+_XML_MESSAGE = re.compile(rb"<Message>([^<]{1,2000})</Message>")
+
+
+def server_says(header: str | None, body: bytes | None,
+                sent: Mapping[str, str] | None = None) -> str | None:
+    """A server's own short explanation of an error reply: Hugging Face's ``X-Error-Message``
+    header (a gated repo says what to do), else the body's: an OCI registry's
+    ``errors[0]`` code and message, a REST API's ``error`` or ``message``, S3's XML
+    ``<Message>``. Printable characters only, cut to :data:`DETAIL_MAX`, and every
+    credential we sent (``sent``'s credential headers) redacted, should the server echo one."""
+    text = header or _body_message(body)
+    if not text:
+        return None
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    for name, value in (sent or {}).items():
+        if name.lower() in CREDENTIAL_HEADERS:
+            for part in value.split():
+                if len(part) >= 8:
+                    text = text.replace(part, "[redacted]")
+    return text[:DETAIL_MAX] or None
+
+
+def _body_message(body: bytes | None) -> str | None:
+    if not body:
+        return None
+    body = body[:64 * 1024]
+    if body.lstrip()[:1] != b"{":
+        found = _XML_MESSAGE.search(body)
+        return found.group(1).decode(errors="replace") if found else None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    errors = doc.get("errors")
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        parts = [errors[0].get("code"), errors[0].get("message")]
+        return ": ".join(p for p in parts if isinstance(p, str) and p) or None
+    for key in ("error", "message"):
+        value = doc.get(key)
+        if isinstance(value, dict):
+            value = value.get("message")
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 

@@ -42,6 +42,7 @@ from agent.egress import (
     REDIRECTS,
     Egress,
     describe_error,
+    server_says,
     shown_url,
     status_error,
     strip_credentials,
@@ -457,10 +458,11 @@ class Fetcher:
                 reusable = resp.isclosed() and not resp.will_close
                 raise _Redirected(urljoin(loc.url, location))
             if status not in (200, 206):
-                _drain(resp)
+                body = _drain(resp)
                 reusable = resp.isclosed() and not resp.will_close
                 raise status_error(status, shown_url(loc.url), resp.getheader("Retry-After"),
-                                   resp.getheader("RateLimit"))
+                                   resp.getheader("RateLimit"),
+                                   server_says(resp.getheader("X-Error-Message"), body, headers))
             # a 200 is the body from byte 0: usable only by a segment that starts there
             # (it reads no further than its end)
             if status == 200 and ranged and seg.offset != 0:
@@ -715,9 +717,11 @@ class _Buffers(threading.local):
 _buffers = _Buffers()
 
 
-def _drain(resp: http.client.HTTPResponse, limit: int = 64 * 1024) -> None:
+def _drain(resp: http.client.HTTPResponse, limit: int = 64 * 1024) -> bytes:
+    """Read a small reply body out (so the connection can be reused); return it."""
     with contextlib.suppress(OSError, http.client.HTTPException):
-        resp.read(limit)
+        return resp.read(limit)
+    return b""
 
 
 def _check_content_range(value: str | None, seg: Segment, url: str) -> None:

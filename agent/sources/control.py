@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from agent.egress import Egress, shown_url, status_error
+from agent.egress import Egress, server_says, shown_url, status_error
 from agent.errors import SourceError, TransientError
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,10 @@ class Control:
         async with resp:
             body = await _read_capped(resp, method, url, max_body) if max_body >= 0 else b""
             if resp.status not in ok:
-                raise status_error(resp.status, shown_url(url), resp.headers.get("Retry-After"),
-                                   resp.headers.get("RateLimit"))
+                raise status_error(
+                    resp.status, shown_url(url), resp.headers.get("Retry-After"),
+                    resp.headers.get("RateLimit"),
+                    server_says(resp.headers.get("X-Error-Message"), body, headers))
             return Reply(resp.status, resp.headers, body, str(resp.url))
 
     async def json(self, url: str, *, headers: Mapping[str, str] | None = None) -> Reply:

@@ -12,7 +12,13 @@ import pytest
 import trustme
 from aiohttp import web
 
-from agent.egress import CREDENTIAL_HEADERS, Egress, status_error, strip_credentials
+from agent.egress import (
+    CREDENTIAL_HEADERS,
+    Egress,
+    server_says,
+    status_error,
+    strip_credentials,
+)
 from agent.errors import (
     NotAllowed,
     SourceAuthError,
@@ -198,6 +204,36 @@ def test_status_errors() -> None:
     assert isinstance(status_error(429, "u"), TransientError)
     late = status_error(503, "u", "Wed, 21 Oct 2015 07:28:00 GMT")
     assert isinstance(late, TransientError) and late.retry_after == 0.0
+
+
+@pytest.mark.parametrize(("header", "body", "says"), [
+    ("Repository not found", b'{"error": "other"}', "Repository not found"),  # the Hub's
+    (None, b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}',
+     "MANIFEST_UNKNOWN: manifest unknown"),  # an OCI registry
+    (None, b'{"error": "no such model"}', "no such model"),
+    (None, b'{"code": 5, "message": "version not found"}', "version not found"),
+    (None, b'{"error": {"message": "nested"}}', "nested"),
+    (None, b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>Access Denied"
+           b"</Message></Error>", "Access Denied"),  # S3
+    (None, b"<html>502 Bad Gateway</html>", None),
+    (None, b'{"errors": []}', None),
+    (None, b"[1, 2]", None),
+    (None, b"{not json", None),
+    ("line one\r\nline\x1btwo   three", None, "line one line two three"),
+    ("x" * 500, None, "x" * 200),
+])
+def test_server_says_quotes_the_servers_own_reason(header: str | None, body: bytes | None,
+                                                    says: str | None) -> None:
+    assert server_says(header, body) == says
+
+
+def test_server_says_never_repeats_a_credential_we_sent() -> None:
+    sent = {"Authorization": "Bearer hf_abcdef123456", "User-Agent": "modelcache/0.1"}
+    said = server_says("token hf_abcdef123456 is not allowed (modelcache/0.1)", None, sent)
+    assert said == "token [redacted] is not allowed (modelcache/0.1)"
+    error = status_error(403, "https://hub/x", detail=said)
+    assert str(error).endswith("check the credentials (the server says: token [redacted] is "
+                               "not allowed (modelcache/0.1))")
 
 
 @pytest.mark.parametrize(("retry_after", "ratelimit", "wait"), [

@@ -183,6 +183,29 @@ async def test_429_with_retry_after_is_waited_out(
     assert 429 in [r.status for r in hf_hub.log("resolve")]
 
 
+async def test_errors_quote_the_hub_and_never_the_token(
+    hf_hub_factory: Callable[..., HubServer], pipeline: PipelineFactory
+) -> None:
+    """The Hub says why in ``X-Error-Message`` (a gated repo says what to do): the error
+    quotes it, and a token the server echoes is redacted."""
+    hub = hf_hub_factory(tokens={"hf_secret"})
+    hub.create_repo("org/m")
+    hub.commit("org/m", model_files())
+    p = await pipeline(sources=hub_settings(hub))
+
+    missing = await p.pull("hf://org/m@nope", ok=False)
+    assert missing.error is not None and "not found (404)" in missing.error
+    assert "(the server says: Invalid rev id: nope)" in missing.error
+
+    hub.fault("info", Fault(status=403, headers={
+        "X-Error-Message": "Access to model org/m is restricted; token hf_secret is not "
+                           "in the authorized list. Visit https://hub/org/m to ask for it."}))
+    gated = await p.pull("hf://org/m@main", ok=False, credentials={"token": "hf_secret"})
+    assert gated.error is not None and "access denied (403)" in gated.error
+    assert "Access to model org/m is restricted; token [redacted] is not" in gated.error
+    assert "hf_secret" not in gated.error
+
+
 async def test_429_waits_for_the_ratelimit_window_to_reset(
     hf_hub: HubServer, pipeline: PipelineFactory
 ) -> None:

@@ -52,6 +52,17 @@ async def test_artifact_pushed_by_skopeo(
     assert p.tree(pinned) == {k: v for k, v in FILES.items() if k.endswith(".json")}
 
 
+async def test_a_missing_tag_is_explained_by_the_registry(
+    oci_registry: Registry, oci_repo: str, tmp_path: Path, pipeline: PipelineFactory
+) -> None:
+    skopeo_copy(oci.artifact(FILES), oci_registry, oci_repo, "v1", tmp_path)
+    p = await pipeline()
+    model = await p.pull(oci_registry.ref(oci_repo, "v2"), ok=False)
+    assert model.state == FAILED and model.error is not None
+    assert "not found (404)" in model.error
+    assert "(the server says: MANIFEST_UNKNOWN: manifest unknown" in model.error
+
+
 async def test_artifact_pushed_by_oras(
     oci_registry: Registry, oci_repo: str, tmp_path: Path, pipeline: PipelineFactory
 ) -> None:
