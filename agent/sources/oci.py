@@ -33,7 +33,11 @@ they expire and whenever a blob request is refused (``locate(refresh=True)``). B
 fetch engine follows, dropping the ``Authorization`` header when the host changes.
 
 Registries on loopback and those listed in ``SourceSettings.oci_plain_http`` are reached over
-plain HTTP; every other one over HTTPS.
+plain HTTP; every other one over HTTPS. Docker Hub (``docker.io``) is reached as container
+runtimes reach it: its API at ``registry-1.docker.io``, its token service at
+``auth.docker.io`` (the one realm on another host followed without ``--allow-host``),
+official images under ``library/``, and ``docker login``'s
+``https://index.docker.io/v1/`` credentials.
 """
 
 from __future__ import annotations
@@ -90,6 +94,12 @@ TOKEN_MARGIN = 10.0
 _DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
 _ALGORITHM = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:")
 _CHALLENGE = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
+#: Docker Hub as references name it; its API is at DOCKER_HUB_API, its token service at
+#: DOCKER_HUB_REALM (another host, followed for Docker Hub alone), and a one-part repository
+#: there is an official image under ``library/`` (as container runtimes resolve them)
+DOCKER_HUB = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+DOCKER_HUB_API = "registry-1.docker.io"
+DOCKER_HUB_REALM = "auth.docker.io"
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
          "ppc64le": "ppc64le", "s390x": "s390x"}
 
@@ -126,7 +136,7 @@ class OciSource:
     # --- the Source protocol -------------------------------------------------------------
 
     async def resolve(self, ref: Reference, credentials: Credentials | None) -> Resolved:
-        registry, repo = ref.host, ref.path
+        registry, repo = ref.host, _repository(ref.host, ref.path)
         shown = ref.display
         digest, media_type, doc = await self._manifest(registry, repo, ref.revision,
                                                        credentials, shown)
@@ -148,8 +158,9 @@ class OciSource:
         return Location(file.url, {"Authorization": grant.header} if grant.header else {})
 
     async def check_access(self, ref: Reference, credentials: Credentials | None) -> None:
-        url = f"{self._base(ref.host)}/v2/{ref.path}/manifests/{ref.revision}"
-        await self._send(ref.host, ref.path, credentials, "HEAD", url, ref.display)
+        repo = _repository(ref.host, ref.path)
+        url = f"{self._base(ref.host)}/v2/{repo}/manifests/{ref.revision}"
+        await self._send(ref.host, repo, credentials, "HEAD", url, ref.display)
 
     async def close(self) -> None:
         await self.control.close()
@@ -254,6 +265,8 @@ class OciSource:
     # --- requests and auth ---------------------------------------------------------------
 
     def _base(self, registry: str) -> str:
+        if registry.lower() in DOCKER_HUB:
+            return f"https://{DOCKER_HUB_API}"
         name, _ = split_host_port(registry, 443)
         plain = registry in self.plain_http or name in self.plain_http or _loopback(name)
         return f"{'http' if plain else 'https'}://{registry}"
@@ -355,6 +368,9 @@ class OciSource:
         own = split_host_port(registry, 443)[0].strip("[]").lower()
         if host == own or egress.host_listed(host, port):
             return
+        if registry.lower() in DOCKER_HUB and (scheme, host, port) == (
+                "https", DOCKER_HUB_REALM, 443):
+            return
         try:
             if egress.address_listed(ipaddress.ip_address(host)):
                 return
@@ -405,7 +421,8 @@ def _basic(credentials: Credentials | None, registry: str) -> tuple[str, str] | 
     if not isinstance(auths, dict):
         return None
     for server, entry in auths.items():
-        if _server_key(server) != registry.lower() or not isinstance(entry, dict):
+        if _canonical(_server_key(server)) != _canonical(registry) or \
+                not isinstance(entry, dict):
             continue
         if entry.get("username") and "password" in entry:
             return str(entry["username"]), str(entry["password"])
@@ -427,6 +444,21 @@ def _server_key(server: str) -> str:
     if "://" in server:
         server = server.split("://", 1)[1]
     return server.split("/", 1)[0]
+
+
+def _canonical(registry: str) -> str:
+    """One name per registry: Docker Hub has several (``docker login`` files it under
+    ``https://index.docker.io/v1/``)."""
+    registry = registry.lower()
+    return DOCKER_HUB_API if registry in DOCKER_HUB else registry
+
+
+def _repository(registry: str, repo: str) -> str:
+    """The repository as the registry's API names it: ``ubuntu`` on Docker Hub is
+    ``library/ubuntu``."""
+    if registry.lower() in DOCKER_HUB and "/" not in repo:
+        return f"library/{repo}"
+    return repo
 
 
 def _basic_header(user: str, password: str) -> str:

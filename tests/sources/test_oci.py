@@ -19,6 +19,7 @@ from agent.errors import NotAllowed, SourceAuthError
 from agent.index import FAILED
 from agent.reference import parse
 from agent.settings import EgressSettings
+from agent.sources import oci as oci_module
 from agent.sources.control import Control
 from agent.sources.oci import OciSource
 from tests.servers import oci
@@ -373,6 +374,34 @@ def test_plain_http_only_for_loopback_and_listed_registries(tmp_path: Path) -> N
     assert source._base("[::1]:5000") == "http://[::1]:5000"
     assert source._base("localhost") == "http://localhost"
     assert source._base("ghcr.io") == "https://ghcr.io"
+
+
+def test_docker_hub_is_reached_as_container_runtimes_reach_it() -> None:
+    """``oci://docker.io/ai/smollm2:latest``: the API at registry-1.docker.io, tokens from
+    auth.docker.io (for Docker Hub only), official images under library/, and the
+    credentials ``docker login`` files under https://index.docker.io/v1/. (Docker Hub is
+    not reachable here: the realm rule and the token dance themselves are tested against
+    the real registry above, with its token service on another host.)"""
+    source = OciSource(Control(Egress(EgressSettings())))
+    for name in ("docker.io", "index.docker.io", "registry-1.docker.io"):
+        assert source._base(name) == "https://registry-1.docker.io"
+    shown = "oci://docker.io/ai/smollm2:latest"
+    source._check_realm("docker.io", "https://auth.docker.io/token", shown)  # followed
+    with pytest.raises(NotAllowed, match=r"auth\.docker\.io:443, which is not the registry"):
+        source._check_realm("ghcr.io", "https://auth.docker.io/token", "oci://ghcr.io/m:1")
+    with pytest.raises(NotAllowed, match="plain http for an https registry"):
+        source._check_realm("docker.io", "http://auth.docker.io/token", shown)
+    with pytest.raises(NotAllowed, match=r"evil\.example"):
+        source._check_realm("docker.io", "https://evil.example/token", shown)
+
+    assert oci_module._repository("docker.io", "ubuntu") == "library/ubuntu"
+    assert oci_module._repository("docker.io", "ai/smollm2") == "ai/smollm2"
+    assert oci_module._repository("ghcr.io", "ubuntu") == "ubuntu"
+
+    login = base64.b64encode(b"me:dckr_pat_x").decode()
+    config = json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": login}}})
+    assert oci_module._basic({".dockerconfigjson": config}, "docker.io") == ("me", "dckr_pat_x")
+    assert oci_module._basic({".dockerconfigjson": config}, "ghcr.io") is None
 
 
 async def test_docker_v2_list_and_manifest_with_an_attestation_entry(
