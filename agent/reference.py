@@ -314,6 +314,9 @@ def _parse_http(scheme: str, rest: str) -> tuple[str, str, str]:
         shown = f"{shown}:{port}"
     host = _check_host(shown, f"{scheme}:// host")
     path = parts.path.lstrip("/")
+    if any(c.isspace() for c in f"{parts.path}?{parts.query}"):
+        raise InvalidReference(
+            f"{scheme}:// URI contains a space; percent-encode it (%20), as URLs do")
     if not path or path.endswith("/"):
         raise InvalidReference(f"{scheme}:// URI must name a file, not a directory")
     _check_path_segments(unquote(path), f"{scheme}:// path")
