@@ -10,6 +10,7 @@ the field. Flags override the file; ``--allow-host`` and ``--allow-path`` add to
     allowHosts: ["registry.internal:5000", "*.mirror.corp", "10.20.0.0/16"]
     onlyAllowedHosts: false
     allowPaths: [/mnt/seed]
+    caFile: /etc/modelcache/ca/ca.crt
     refreshInterval: 3600
     ociPlainHttp: ["registry.internal:5000"]
     sources: {hfEndpoint: "https://hf-mirror.internal", s3Endpoint: "http://minio.data:9000",
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import ssl
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,7 @@ SCHEMA: dict[str, Any] = {
         "allowSchemes": {"type": "array", "items": {
             "enum": ["hf", "s3", "oci", "http", "https", "model-registry", "file"]}},
         "allowPaths": {"type": "array", "items": {"type": "string", "pattern": "^/"}},
+        "caFile": {"type": "string", "pattern": "^/"},
         "refreshInterval": {"type": "number", "minimum": 0},
         "ociPlainHttp": {"type": "array", "items": {"type": "string", "minLength": 1}},
         "sources": {
@@ -157,6 +160,7 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
         allow_schemes=tuple(cfg.get("allowSchemes", EgressSettings.allow_schemes)),
         allow_paths=tuple(Path(p) for p in (*cfg.get("allowPaths", ()),
                                             *(args.allow_path or ()))),
+        ca_file=_ca_file(args.ca_file or cfg.get("caFile")),
     )
     fetch_cfg = cfg.get("fetch", {})
     fetch = replace(
@@ -215,6 +219,9 @@ def add_agent_flags(p: argparse.ArgumentParser) -> None:
                    help="allow a host even on private/loopback addresses (repeatable)")
     p.add_argument("--allow-path", action="append", metavar="DIR",
                    help="allow file:// sources under DIR (repeatable)")
+    p.add_argument("--ca-file", metavar="FILE",
+                   help="PEM bundle of CAs trusted for sources on top of the system's "
+                   "(mirrors signed by a private CA)")
     p.add_argument("--credentials-dir", metavar="DIR",
                    help="standalone credentials: DIR/<name>/<key> files, like a Secret")
     p.add_argument("--node-name", help="node name (default $NODE_NAME or the host name)")
@@ -231,3 +238,18 @@ def add_agent_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low-watermark", type=float, help="stop evicting at this used ratio")
     p.add_argument("--quota-bytes", type=int, help="cap on the cache's own bytes")
     p.add_argument("--log-level", default="info")
+
+
+def _ca_file(value: str | None) -> Path | None:
+    """The CA bundle, checked now: a wrong path or a file without a certificate is named
+    at start-up, not at the first HTTPS pull."""
+    if not value:
+        return None
+    path = Path(value)
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(path))
+    except FileNotFoundError:
+        raise InvalidInput(f"caFile {path}: no such file") from None
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidInput(f"caFile {path}: not a PEM bundle of CA certificates ({e})") from None
+    return path

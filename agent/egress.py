@@ -20,6 +20,7 @@ import ipaddress
 import json
 import re
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from agent.errors import (
     SourceAuthError,
     SourceError,
     SourceNotFound,
+    TLSUntrusted,
     TransientError,
 )
 from agent.reference import split_host_port
@@ -83,6 +85,8 @@ class Egress:
             name, port = split_host_port(entry, 0)
             self._nets_or_name(name, port or None)
         self._paths = tuple(Path(p).resolve() for p in settings.allow_paths)
+        self.tls = tls_context(settings.ca_file)
+        """The one TLS context of every connection to a source (control and data)."""
 
     def _nets_or_name(self, name: str, port: int | None) -> None:
         try:
@@ -198,7 +202,7 @@ class Egress:
     def session(self, **kwargs: Any) -> aiohttp.ClientSession:
         """An aiohttp session whose DNS answers pass through this policy."""
         connector = aiohttp.TCPConnector(resolver=PolicyResolver(self), limit=64,
-                                         ttl_dns_cache=30)
+                                         ttl_dns_cache=30, ssl=self.tls)
         timeout = kwargs.pop("timeout", aiohttp.ClientTimeout(total=None, sock_connect=15,
                                                               sock_read=60))
         return aiohttp.ClientSession(connector=connector, timeout=timeout,
@@ -228,6 +232,8 @@ class Egress:
                                              **kwargs)
             except NotAllowed:
                 raise
+            except aiohttp.ClientConnectorCertificateError as e:
+                raise untrusted(url, e.certificate_error) from e
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 raise TransientError(f"{method} {shown_url(url)}: {describe_error(e)}") from e
             if resp.status not in REDIRECTS:
@@ -265,6 +271,23 @@ class PolicyResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+def tls_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """The system's trust, plus the admin's CA bundle if given."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
+
+
+def untrusted(url: str, error: BaseException) -> TLSUntrusted:
+    """The error for a certificate the agent does not trust: not retried, and it says what
+    to do about a private CA."""
+    reason = getattr(error, "verify_message", None) or describe_error(error)
+    return TLSUntrusted(
+        f"{shown_url(url)}: the server's TLS certificate is not trusted ({reason}); if a "
+        "private CA signed it, give the agent that CA (caFile in the config, or --ca-file)")
 
 
 def strip_credentials(headers: Mapping[str, str]) -> dict[str, str]:

@@ -97,6 +97,13 @@ class TransientError(SourceError):
         self.retry_after = retry_after
 
 
+class TLSUntrusted(SourceError):
+    """A source's TLS certificate that the agent does not trust (not retried: it will not
+    change by itself)."""
+
+    reason = "tls"
+
+
 class IntegrityError(SourceError):
     """Downloaded bytes do not match the size or digest the source stated."""
 

@@ -46,6 +46,7 @@ from agent.egress import (
     shown_url,
     status_error,
     strip_credentials,
+    untrusted,
 )
 from agent.errors import (
     IntegrityError,
@@ -112,7 +113,7 @@ class Fetcher:
         self._slots = asyncio.Semaphore(settings.max_connections)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.max_connections + 2, thread_name_prefix="fetch")
-        self._pool = _ConnectionPool(settings)
+        self._pool = _ConnectionPool(settings, egress.tls)
         self._inflight: dict[str, asyncio.Future[list[FileEntry]]] = {}
         self._wanted = 0
         """Segments running or waiting for a connection (the splitter adds no more than
@@ -449,6 +450,8 @@ class Fetcher:
             try:
                 conn.request("GET", target, headers=headers)
                 resp = conn.getresponse()
+            except ssl.SSLCertVerificationError as e:
+                raise untrusted(loc.url, e) from e
             except (OSError, http.client.HTTPException) as e:
                 raise TransientError(f"{shown_url(loc.url)}: {describe_error(e)}") from e
             status = resp.status
@@ -612,11 +615,11 @@ class _SharedLocation:
 class _ConnectionPool:
     """Idle HTTP connections by endpoint, for the worker threads."""
 
-    def __init__(self, settings: FetchSettings) -> None:
+    def __init__(self, settings: FetchSettings, tls: ssl.SSLContext) -> None:
         self._settings = settings
         self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
-        self._tls = ssl.create_default_context()
+        self._tls = tls
 
     def get(self, scheme: str, host: str, port: int | None, addresses: tuple[str, ...]
             ) -> http.client.HTTPConnection:

@@ -104,6 +104,10 @@ class EgressSettings:
     allow_paths: tuple[Path, ...] = ()
     """Directories under which ``file://`` references may read. Empty: ``file://`` refused."""
 
+    ca_file: Path | None = None
+    """PEM bundle of CAs trusted for every source on top of the system's (in-cluster
+    mirrors, registries and object stores whose certificates a private CA signed)."""
+
 
 @dataclass(frozen=True)
 class SourceSettings:

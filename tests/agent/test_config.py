@@ -1,12 +1,15 @@
 """The config file's ``sources`` section: applied to the sources the agent builds, ahead of
-the environment variables of each ecosystem, and refused with the field named when wrong."""
+the environment variables of each ecosystem, and refused with the field named when wrong;
+``caFile``: checked at start-up, trusted on top of the system's CAs."""
 
 from __future__ import annotations
 
 import argparse
+import ssl
 from pathlib import Path
 
 import pytest
+import trustme
 
 from agent.config import add_agent_flags, agent_settings
 from agent.egress import Egress
@@ -70,3 +73,31 @@ def test_a_bad_sources_section_is_refused_naming_the_field(tmp_path: Path, confi
                                                            named: str) -> None:
     with pytest.raises(InvalidInput, match=named):
         settings_from(tmp_path, config)
+
+
+def test_ca_file_reaches_every_tls_connection(tmp_path: Path) -> None:
+    """caFile (or --ca-file) is checked at start-up and trusted on top of the system's."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    settings = settings_from(tmp_path, f"caFile: {tmp_path / 'ca.pem'}\n")
+    assert settings.egress.ca_file == tmp_path / "ca.pem"
+    egress = Egress(settings.egress)
+    subjects = [c["subject"] for c in egress.tls.get_ca_certs()]
+    assert any("trustme" in str(s) for s in subjects), "the private CA is trusted"
+    system = ssl.create_default_context().get_ca_certs()
+    assert len(subjects) == len(system) + 1, "the system's CAs are kept"
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    (None, "no such file"),
+    (b"not a certificate\n", "not a PEM bundle of CA certificates"),
+])
+def test_a_bad_ca_file_is_refused_at_start_up(tmp_path: Path, content: bytes | None,
+                                              says: str) -> None:
+    path = tmp_path / "ca.pem"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InvalidInput, match=f"caFile {path}: {says}"):
+        settings_from(tmp_path, f"caFile: {path}\n")
+    with pytest.raises(InvalidInput, match="caFile"):
+        settings_from(tmp_path, "caFile: relative/ca.pem\n")

@@ -9,16 +9,18 @@ import io
 import logging
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import blake3
 import pytest
+import trustme
 
 from agent.settings import EgressSettings, FetchSettings
 from tests.servers.agent import InProcessAgent, agent_settings
 from tests.servers.faulty import Fault, FaultyServer, Link, Served, most_at_once
-from tests.servers.nginx import ServedDir
+from tests.servers.nginx import NginxServer, ServedDir
 
 MiB = 1024 * 1024
 
@@ -143,6 +145,43 @@ async def test_a_refused_url_is_renewed_again_after_progress(tmp_path: Path,
         model = await client.ensure(faulty.url("/m.bin"))
         model = await client.model(model["key"], wait=30)
         assert model["state"] == "failed" and "access denied (403)" in model["error"]
+
+
+async def test_https_source_signed_by_a_private_ca(
+        tmp_path: Path, nginx_factory: Callable[..., NginxServer]) -> None:
+    """An in-cluster mirror whose certificate a private CA signed. Without that CA the pull
+    fails at once (a certificate does not fix itself: not retried), saying what to do; with
+    it (caFile) the HEAD and the ranged GETs go over TLS, verified against it, host name
+    included, whether the URL names the host or its address."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    (tmp_path / "root").mkdir()
+    data = os.urandom(5 * MiB + 3)
+    (tmp_path / "root" / "m.bin").write_bytes(data)
+    server = nginx_factory(tmp_path / "root", tls=ca)
+    hosts = ("127.0.0.1", "localhost")
+
+    untrusting = agent_settings(tmp_path / "a", egress=EgressSettings(allow_hosts=hosts))
+    async with InProcessAgent(untrusting) as agent, agent.client() as client:
+        model = await client.ensure(server.url("m.bin"))
+        model = await client.model(model["key"], wait=30)
+        assert model["state"] == "failed"
+        assert "the server's TLS certificate is not trusted" in model["error"]
+        assert "caFile" in model["error"] and "after" not in model["error"]  # not retried
+        assert 'modelcache_pull_failures_total{reason="tls"} 1.0' in await client.metrics()
+    assert not [r for r in server.requests() if "m.bin" in r], \
+        "nothing was asked of a server it does not trust"
+
+    trusting = agent_settings(tmp_path / "b", egress=EgressSettings(
+        allow_hosts=hosts, ca_file=tmp_path / "ca.pem"),
+        fetch=replace(FetchSettings(), segment_min_bytes=MiB))
+    async with InProcessAgent(trusting) as agent, agent.client() as client:
+        for url in (server.url("m.bin"), f"https://localhost:{server.port}/m.bin"):
+            model = await client.ensure(url)
+            model = await client.model(model["key"], wait=30)
+            assert model["state"] == "ready", model["error"]
+            assert (tree_of(agent, model["key"]) / "m.bin").read_bytes() == data
+    assert any(line.startswith("GET /m.bin") for line in server.requests())
 
 
 async def test_a_503_storm_that_does_not_end_fails_clearly(tmp_path: Path,
