@@ -29,7 +29,9 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -51,6 +53,8 @@ from agent.store.recovery import recover
 from agent.store.trees import MANIFEST, Manifest
 
 log = logging.getLogger("modelcache.init")
+#: a PEM bundle of CAs the download trusts, set by the webhook (``--init-ca-file``)
+CA_ENV = "MODELCACHE_CA_PEM"
 WORK_DIR = ".modelcache"
 #: give up on an agent pull that makes no progress for this long, and fall back
 STALL_SECONDS = 300.0
@@ -181,9 +185,18 @@ async def from_source(ref: Reference, args: argparse.Namespace) -> None:
     credentials = await asyncio.to_thread(read_secret_dir, args.credentials_dir) \
         if args.credentials_dir else None
     # the pod's own identity: every host it can reach is allowed (see the module docstring)
-    egress = Egress(EgressSettings(allow_hosts=("0.0.0.0/0", "::/0"),
-                                   allow_schemes=("hf", "s3", "oci", "http", "https",
-                                                  "model-registry")))
+    ca_file = await asyncio.to_thread(_ca_file)
+    try:
+        egress = Egress(EgressSettings(allow_hosts=("0.0.0.0/0", "::/0"),
+                                       allow_schemes=("hf", "s3", "oci", "http", "https",
+                                                      "model-registry"),
+                                       ca_file=ca_file))
+    except ssl.SSLError as e:
+        raise InitError(f"the CA bundle the webhook passed (--init-ca-file) is not valid: "
+                        f"{e}") from e
+    finally:  # loaded into the TLS context by now
+        if ca_file is not None:
+            ca_file.unlink(missing_ok=True)
     settings = AgentSettings(
         node_name=os.environ.get("MODELCACHE_NODE_NAME", ""),
         store=StoreSettings(path=work), egress=egress.settings,
@@ -294,6 +307,19 @@ def _read_token(path: Path | None) -> str | None:
         return path.read_text().strip() if path else None
     except OSError:
         return None
+
+
+def _ca_file() -> Path | None:
+    """The CA bundle the webhook passed (``--init-ca-file``, in :data:`CA_ENV`), written to
+    a temporary file (the init container's /tmp is an emptyDir) for the download to load;
+    None without one."""
+    pem = os.environ.get(CA_ENV, "")
+    if not pem.strip():
+        return None
+    fd, name = tempfile.mkstemp(prefix="modelcache-ca-", suffix=".pem")
+    with os.fdopen(fd, "w") as f:
+        f.write(pem)
+    return Path(name)
 
 
 def _source_settings() -> SourceSettings:

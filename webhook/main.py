@@ -35,7 +35,14 @@ from .cluster import ClusterConfig, ClusterError, KubeApi, find_config
 from .metrics import WebhookMetrics
 from .namespaces import NamespaceCache, NamespaceWatch
 from .server import Deps, make_runner
-from .settings import DEFAULT_IMAGE, DEFAULT_NAMESPACE, PlanSettings, ServerSettings, agent_url_for
+from .settings import (
+    DEFAULT_IMAGE,
+    DEFAULT_NAMESPACE,
+    INIT_ENV_NAMES,
+    PlanSettings,
+    ServerSettings,
+    agent_url_for,
+)
 from .tls import CertReloader
 
 
@@ -73,6 +80,11 @@ def serve_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                    help="the webhook's own namespace (never mutated)")
     p.add_argument("--allow-host", action="append", default=[], metavar="HOST[:PORT]",
                    help="allow a model host that is localhost or a private address")
+    p.add_argument("--init-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="where the init container's own download finds the sources "
+                        f"(repeatable; NAME one of {', '.join(INIT_ENV_NAMES)})")
+    p.add_argument("--init-ca-file", metavar="FILE",
+                   help="PEM bundle of CAs that download trusts (a private CA's mirror)")
     p.add_argument("--cert-poll-seconds", type=float, default=ServerSettings.cert_poll_seconds)
     p.add_argument("--shutdown-delay", type=float,
                    default=ServerSettings.shutdown_delay_seconds, metavar="SECONDS")
@@ -99,8 +111,30 @@ def settings_from(args: argparse.Namespace) -> tuple[ServerSettings, PlanSetting
     planning = PlanSettings(
         store_path=store, agent_url=args.agent_url or agent_url_for(args.namespace),
         image=image, allow_hosts=tuple(args.allow_host),
+        init_env=tuple(_init_env(item) for item in args.init_env),
+        init_ca_pem=_init_ca_pem(args.init_ca_file) if args.init_ca_file else "",
     )
     return server, planning
+
+
+def _init_env(item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not value:
+        _fail(f"--init-env {item!r} must be NAME=VALUE")
+    if name not in INIT_ENV_NAMES:
+        _fail(f"--init-env {name}: not one of {', '.join(INIT_ENV_NAMES)} (credentials go "
+              "in the pod's credentials Secret, not in its spec)")
+    return name, value
+
+
+def _init_ca_pem(path: str) -> str:
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(f"--init-ca-file {path}: {e}")
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        _fail(f"--init-ca-file {path}: not a PEM bundle of certificates")
+    return text
 
 
 def _listen(text: str) -> tuple[str, int]:

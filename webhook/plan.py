@@ -38,7 +38,7 @@ from .annotations import (
     read,
     wants_model,
 )
-from .settings import PlanSettings
+from .settings import INIT_CA_ENV, PlanSettings
 
 INIT_NAME = "modelcache-init"
 VOLUME_PREFIX = "modelcache-"
@@ -350,7 +350,10 @@ def _init_container(request: ModelRequest, mode: str, settings: PlanSettings) ->
         "imagePullPolicy": "IfNotPresent",
         "command": init_command(request, mode, settings),
         "env": [{"name": "MODELCACHE_NODE_NAME",
-                 "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                 "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                *({"name": name, "value": value} for name, value in settings.init_env),
+                *([{"name": INIT_CA_ENV, "value": settings.init_ca_pem}]
+                  if settings.init_ca_pem else [])],
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
                       "limits": {"memory": "512Mi"}},
         "securityContext": {

@@ -14,6 +14,12 @@ DEFAULT_IMAGE = "ghcr.io/modelcache/modelcache:0.1.0"
 DEFAULT_NAMESPACE = "modelcache"
 AGENT_SERVICE = "modelcache-agent"
 AGENT_PORT = 9400
+#: environment the injected init container's own download may be given (``--init-env``):
+#: where the sources are, never credentials (those come from the pod's credentials Secret)
+INIT_ENV_NAMES = ("HF_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+                  "AWS_DEFAULT_REGION", "MODEL_REGISTRY_ADDRESS")
+#: the init container's variable carrying ``--init-ca-file``'s PEM bundle
+INIT_CA_ENV = "MODELCACHE_CA_PEM"
 
 
 def agent_url_for(namespace: str) -> str:
@@ -41,6 +47,15 @@ class PlanSettings:
 
     size_headroom: float = 0.05
     """Extra room given to the fallback emptyDir over the model's declared size."""
+
+    init_env: tuple[tuple[str, str], ...] = ()
+    """Environment of the init container (names from :data:`INIT_ENV_NAMES`): the mirrors
+    and endpoints its own download uses (the fallback, and every pull in download mode), as
+    the agent has them. Without it that download goes to the public endpoints."""
+
+    init_ca_pem: str = ""
+    """PEM bundle of CAs the init container's download trusts on top of the image's
+    (``--init-ca-file``; a mirror signed by a private CA)."""
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,20 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trustme
 
 from agent.reference import parse
 from tests.servers.agent import REPO, AgentProcess
 from tests.servers.faulty import FaultyServer
+from tests.servers.hfhub import HubServer
 from tests.servers.net import free_port
+from tests.servers.nginx import NginxServer
+from webhook.plan import Plan, plan
+from webhook.settings import PlanSettings
 
 MiB = 1024 * 1024
 FILES = {
@@ -170,3 +176,61 @@ def test_an_agent_that_cannot_pull_leads_to_a_counted_fallback(
         assert 'modelcache_cache_requests_total{result="fallback"} 1.0' in metrics
     finally:
         agent.stop()
+
+
+def planned_init_env(uri: str, settings: PlanSettings) -> dict[str, str]:
+    """The environment the webhook gives the init container of a pod asking for ``uri``
+    in download mode."""
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "p", "labels": {"modelcache.io/inject": "true"},
+                        "annotations": {"modelcache.io/model": uri,
+                                        "modelcache.io/mode": "download"}},
+           "spec": {"containers": [{"name": "app", "image": "x"}]}}
+    result = plan(pod, {}, settings)
+    assert isinstance(result, Plan), result
+    (init,) = result.pod["spec"]["initContainers"]
+    return {e["name"]: e["value"] for e in init["env"] if "value" in e}
+
+
+def test_download_mode_trusts_the_ca_the_webhook_passes(
+        tmp_path: Path, nginx_factory: Callable[..., NginxServer]) -> None:
+    """An in-cluster mirror signed by a private CA: the webhook's --init-ca-file reaches the
+    init container, whose own download then trusts it; without it the download fails at
+    once, saying the certificate is not trusted."""
+    ca = trustme.CA()
+    (tmp_path / "root").mkdir()
+    data = os.urandom(2 * MiB + 5)
+    (tmp_path / "root" / "m.bin").write_bytes(data)
+    uri = nginx_factory(tmp_path / "root", tls=ca).url("m.bin")
+    env = planned_init_env(uri, PlanSettings(allow_hosts=("127.0.0.1",),
+                                             init_ca_pem=ca.cert_pem.bytes().decode()))
+    assert set(env) == {"MODELCACHE_CA_PEM"}
+    nobody = f"http://127.0.0.1:{free_port()}"
+
+    code, err, _ = run_init(uri, tmp_path / "a", tmp_path / "none", nobody,
+                            tmp_path / "no-token", "--mode", "download")
+    assert code != 0 and "TLS certificate is not trusted" in err
+    code, err, _ = run_init(uri, tmp_path / "b", tmp_path / "none", nobody,
+                            tmp_path / "no-token", "--mode", "download", env=env)
+    assert code == 0, err
+    assert mounted(tmp_path / "b") == {"m.bin": data}
+    broken = {"MODELCACHE_CA_PEM": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"}
+    code, err, _ = run_init(uri, tmp_path / "c", tmp_path / "none", nobody,
+                            tmp_path / "no-token", "--mode", "download", env=broken)
+    assert code != 0 and "the CA bundle the webhook passed (--init-ca-file) is not valid" in err
+
+
+def test_download_mode_uses_the_mirror_the_webhook_passes(
+        tmp_path: Path, hf_hub: HubServer) -> None:
+    """An air-gapped hub mirror: the webhook's --init-env HF_ENDPOINT reaches the init
+    container, whose own download asks the mirror, not the public hub."""
+    hf_hub.create_repo("org/m")
+    hf_hub.commit("org/m", {"config.json": b"{}", "w.safetensors": os.urandom(MiB)})
+    env = planned_init_env("hf://org/m@main", PlanSettings(
+        init_env=(("HF_ENDPOINT", hf_hub.base_url),)))
+    assert env == {"HF_ENDPOINT": hf_hub.base_url}
+    code, err, _ = run_init("hf://org/m@main", tmp_path / "mnt", tmp_path / "none",
+                            f"http://127.0.0.1:{free_port()}", tmp_path / "no-token",
+                            "--mode", "download", env=env)
+    assert code == 0, err
+    assert mounted(tmp_path / "mnt") == hf_hub.files("org/m")

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 from webhook_testkit import CertFiles, RunningApi, admission_review, apply, decoded_patch
 
@@ -271,3 +272,38 @@ def test_bad_flags_exit_2(cert_files: CertFiles, capsys: pytest.CaptureFixture[s
     assert main([*base, "--listen", "nowhere"]) == 2
     assert main([]) == 2
     assert "pinned" in capsys.readouterr().err
+
+
+def test_init_env_and_ca_reach_the_init_container(
+        cert_files: CertFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--init-env and --init-ca-file: where the init container's own download finds the
+    sources (an air-gapped mirror) and which CA it trusts; never credentials."""
+    from webhook.main import main, serve_parser, settings_from
+    from webhook.plan import Plan, plan
+
+    ca_pem = trustme.CA().cert_pem.bytes().decode()
+    (tmp_path / "ca.pem").write_text(ca_pem)
+    base = ["--tls-cert", str(cert_files.cert), "--tls-key", str(cert_files.key)]
+    args = serve_parser({}).parse_args([
+        *base, "--init-env", "HF_ENDPOINT=https://hf-mirror.internal",
+        "--init-env", "AWS_ENDPOINT_URL=http://minio.data:9000",
+        "--init-ca-file", str(tmp_path / "ca.pem")])
+    _, planning = settings_from(args)
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "p", "labels": {"modelcache.io/inject": "true"},
+                        "annotations": {"modelcache.io/model": "hf://org/m@main"}},
+           "spec": {"containers": [{"name": "app", "image": "x"}]}}
+    result = plan(pod, {}, planning)
+    assert isinstance(result, Plan)
+    env = {e["name"]: e.get("value") for e in result.pod["spec"]["initContainers"][0]["env"]}
+    assert env["HF_ENDPOINT"] == "https://hf-mirror.internal"
+    assert env["AWS_ENDPOINT_URL"] == "http://minio.data:9000"
+    assert env["MODELCACHE_CA_PEM"] == ca_pem
+
+    assert main([*base, "--init-env", "AWS_SECRET_ACCESS_KEY=x"]) == 2
+    assert "credentials go in the pod's credentials Secret" in capsys.readouterr().err
+    assert main([*base, "--init-env", "HF_ENDPOINT"]) == 2
+    assert "must be NAME=VALUE" in capsys.readouterr().err
+    (tmp_path / "junk.pem").write_text("hello")
+    assert main([*base, "--init-ca-file", str(tmp_path / "junk.pem")]) == 2
+    assert "not a PEM bundle" in capsys.readouterr().err
