@@ -58,7 +58,7 @@ from agent.errors import (
 )
 from agent.settings import ArchiveSettings, FetchSettings
 from agent.sources.base import Credentials, Location, RemoteFile, Source
-from agent.sources.control import backoff_delay
+from agent.sources.control import backoff_delay, retry_level
 from agent.store.ingest import Ingest, Segment
 from agent.store.local import Store
 from agent.store.trees import FileEntry
@@ -401,7 +401,7 @@ class Fetcher:
                     raise TransientError(
                         f"{file.path}: giving up after {attempt} attempts: {e}") from e
                 delay = backoff_delay(attempt, s.backoff_base, s.backoff_max, e.retry_after)
-                log.info("retrying segment", extra={
+                log.log(retry_level(e), "retrying segment", extra={
                     "path": file.path, "offset": seg.offset, "attempt": attempt,
                     "delay": round(delay, 3), "error": str(e)})
                 await asyncio.sleep(delay)

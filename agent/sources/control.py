@@ -76,7 +76,7 @@ class Control:
                     raise TransientError(f"{e} (after {attempt} attempts)") from e
                 delay = backoff_delay(attempt, self.backoff_base, self.backoff_max,
                                       e.retry_after)
-                log.info("retrying control request", extra={
+                log.log(retry_level(e), "retrying control request", extra={
                     "url": shown_url(url), "attempt": attempt, "delay": round(delay, 3),
                     "error": str(e)})
                 await asyncio.sleep(delay)
@@ -113,6 +113,12 @@ async def _read_capped(resp: aiohttp.ClientResponse, method: str, url: str,
     except (TimeoutError, aiohttp.ClientError, OSError) as e:
         raise TransientError(f"{method} {shown_url(url)}: {e}") from e
     return b"".join(chunks)
+
+
+def retry_level(e: TransientError) -> int:
+    """WARNING when the server asked us to wait (rate limited, or down for a while: an
+    operator wants to see that), INFO for an ordinary retry."""
+    return logging.WARNING if e.retry_after else logging.INFO
 
 
 #: the longest wait a server may ask for and get (``Retry-After``, a ``RateLimit`` window's

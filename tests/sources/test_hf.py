@@ -207,7 +207,7 @@ async def test_errors_quote_the_hub_and_never_the_token(
 
 
 async def test_429_waits_for_the_ratelimit_window_to_reset(
-    hf_hub: HubServer, pipeline: PipelineFactory
+    hf_hub: HubServer, pipeline: PipelineFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Hugging Face answers a 429 with ``RateLimit: "api";r=0;t=N`` (the window resets in N
     s) and no Retry-After. The agent waits that long, on the API and on a resolve alike;
@@ -225,6 +225,10 @@ async def test_429_waits_for_the_ratelimit_window_to_reset(
     assert p.tree(model) == hf_hub.files("org/m")
     assert [r.status for r in hf_hub.log("tree")][:2] == [429, 200]
     assert 429 in [r.status for r in hf_hub.log("resolve")]
+    waits = [r for r in caplog.records if r.levelname == "WARNING"
+             and r.getMessage() in ("retrying control request", "retrying segment")]
+    assert {r.getMessage() for r in waits} == {"retrying control request", "retrying segment"}
+    assert all("rate limited: it asks to wait" in r.error for r in waits)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
