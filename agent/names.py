@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from agent.errors import UnsafeName
+from agent.reference import text_problem
 
 MAX_PATH_BYTES = 4096
 MAX_SEGMENT_BYTES = 255
@@ -33,13 +34,8 @@ def safe_relpath(name: str, *, what: str = "file name") -> str:
         raise UnsafeName(f"{what} is empty")
     if "\x00" in name:
         raise UnsafeName(f"{what} {shown} contains NUL")
-    try:
-        name.encode()
-    except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8 (a tar member
-        # name decoded with surrogateescape) or a JSON "\udcXX" escape
-        raise UnsafeName(f"{what} {shown} is not valid UTF-8") from None
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise UnsafeName(f"{what} {shown} contains a control character")
+    if (problem := text_problem(name)) is not None:
+        raise UnsafeName(f"{what} {shown} {problem}")
     if "\\" in name:
         raise UnsafeName(f"{what} {shown} contains a backslash")
     if name.startswith("/"):

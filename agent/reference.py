@@ -223,13 +223,23 @@ def parse_include(include: Iterable[str] | str | None) -> tuple[str, ...]:
     return tuple(sorted(globs))
 
 
-def _check_chars(text: str, what: str) -> None:
+def text_problem(text: str) -> str | None:
+    """What makes ``text`` unfit for a reference or a file name (``safe_relpath`` asks
+    too), if anything: a control character, or a lone surrogate (bytes that were not
+    UTF-8, such as a tar member name decoded with surrogateescape, or a JSON ``"\\udcXX"``
+    escape)."""
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-        raise InvalidReference(f"{what} contains a control character")
+        return "contains a control character"
     try:
         text.encode()
-    except UnicodeEncodeError:  # a lone surrogate, e.g. from a JSON "\udcXX" escape
-        raise InvalidReference(f"{what} is not valid UTF-8") from None
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    return None
+
+
+def _check_chars(text: str, what: str) -> None:
+    if (problem := text_problem(text)) is not None:
+        raise InvalidReference(f"{what} {problem}")
 
 
 def _parse_hf(scheme: str, rest: str) -> tuple[str, str, str]:
