@@ -36,6 +36,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from agent.egress import tls_context
 from agent.errors import InvalidInput
 from agent.reference import parse
 from agent.settings import (
@@ -247,7 +248,7 @@ def _ca_file(value: str | None) -> Path | None:
         return None
     path = Path(value)
     try:
-        ssl.create_default_context().load_verify_locations(cafile=str(path))
+        tls_context(path)  # as the agent will load it
     except FileNotFoundError:
         raise InvalidInput(f"caFile {path}: no such file") from None
     except (OSError, ssl.SSLError) as e:
