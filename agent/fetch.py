@@ -170,13 +170,9 @@ class Fetcher:
     async def _find_stated(self, file: RemoteFile) -> FileEntry | None:
         """The store's blob for the digest the source stated (sha256, else git blob id),
         held for the caller; None if there is none or its size differs."""
-        if file.unpack or not (file.sha256 or file.git_oid):
+        if file.unpack:
             return None
-        if file.sha256:
-            found = await asyncio.to_thread(self.store.find_sha256, file.sha256)
-        else:
-            assert file.git_oid is not None
-            found = await asyncio.to_thread(self.store.find_git_oid, file.git_oid)
+        found = await asyncio.to_thread(self.store.find_stated, file.sha256, file.git_oid)
         if found is None:
             return None
         if file.size is not None and found[1] != file.size:

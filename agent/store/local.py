@@ -96,9 +96,11 @@ class Store:
         A blob found is held for the caller (release it with ``blobs.release``)."""
         return self._find(f"sha256:{sha256}")
 
-    def find_git_oid(self, git_oid: str) -> tuple[str, int] | None:
-        """Like :meth:`find_sha256`, by git blob id."""
-        return self._find(f"git:{git_oid}")
+    def find_stated(self, sha256: str | None, git_oid: str | None) -> tuple[str, int] | None:
+        """Like :meth:`find_sha256`, by the strongest digest a source stated: its sha256,
+        else its git blob id."""
+        keys = _stated_keys(sha256, git_oid)
+        return self._find(keys[0]) if keys else None
 
     def _find(self, key: str) -> tuple[str, int] | None:
         with self._lock:

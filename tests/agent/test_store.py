@@ -346,7 +346,7 @@ def test_a_git_blob_id_is_checked_and_indexed(store: Store) -> None:
     assert (sealed.blake3, sealed.sha256, sealed.git_oid) == (b3(data), None, git_oid(data))
     store.note_blob(sealed.blake3, sealed.size, sealed.sha256, sealed.git_oid)
     assert store.knows_stated(None, git_oid(data)) and not store.knows_stated(sha(data), None)
-    assert store.find_git_oid(git_oid(data)) == (b3(data), len(data))
+    assert store.find_stated(None, git_oid(data)) == (b3(data), len(data))
     store.blobs.release([b3(data), b3(data)])
 
     entry = FileEntry("tokenizer.json", len(data), b3(data), None, git_oid(data))
@@ -354,7 +354,7 @@ def test_a_git_blob_id_is_checked_and_indexed(store: Store) -> None:
     fresh = Store(store.root)
     recover(fresh)
     assert fresh.manifest(KEY).files == (entry,)  # type: ignore[union-attr]
-    assert fresh.find_git_oid(git_oid(data)) == (b3(data), len(data))
+    assert fresh.find_stated(None, git_oid(data)) == (b3(data), len(data))
     assert fresh.find_sha256(git_oid(data)) is None, "the two kinds of digest never mix"
 
 
