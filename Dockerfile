@@ -36,6 +36,7 @@ RUN python -m venv /opt/modelcache \
 
 # modelcache itself, built as a wheel with the locked build backend, installed without deps.
 COPY pyproject.toml README.md* ./
+COPY common ./common
 COPY agent ./agent
 COPY webhook ./webhook
 RUN python -m venv /opt/build \

@@ -21,8 +21,8 @@ from typing import Protocol
 
 from aiohttp import web
 
-from agent.errors import Unauthorized
-from agent.reference import Reference
+from common.errors import Unauthorized
+from common.reference import Reference
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,12 @@ class Caller:
 class Authenticator(Protocol):
     async def authenticate(self, request: web.Request, action: str) -> Caller:
         """Return the caller allowed to do ``action`` (``write``, ``read``, ``peer``), or raise
-        :class:`~agent.errors.Unauthorized` / :class:`~agent.errors.Forbidden`."""
+        :class:`~common.errors.Unauthorized` / :class:`~common.errors.Forbidden`."""
         ...
 
     async def admit(self, caller: Caller, ref: Reference, credentials: str | None,
                     pin: bool) -> None:
-        """Raise :class:`~agent.errors.Forbidden` unless ``caller`` (authenticated for
+        """Raise :class:`~common.errors.Forbidden` unless ``caller`` (authenticated for
         ``ensure``) may have this model ensured, with the credentials it names, pinned or
         not."""
         ...

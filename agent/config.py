@@ -37,8 +37,6 @@ import jsonschema
 import yaml
 
 from agent.egress import tls_context
-from agent.errors import InvalidInput
-from agent.reference import parse
 from agent.settings import (
     AgentSettings,
     ApiSettings,
@@ -50,6 +48,8 @@ from agent.settings import (
     StoreSettings,
     WarmModel,
 )
+from common.errors import InvalidInput
+from common.reference import parse
 
 _POSITIVE_INT = {"type": "integer", "minimum": 1}
 _RATIO = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
@@ -175,22 +175,8 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
     warm = tuple(WarmModel(m["uri"], tuple(m.get("include", ())), bool(m.get("pin", False)))
                  for m in cfg.get("models", ()))
     node = args.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
-    # a source setting in the config file wins over the environment variable that tools
-    # of that ecosystem read (HF_ENDPOINT, AWS_ENDPOINT_URL, ...), which wins over the default
-    src = cfg.get("sources", {})
-    sources = SourceSettings(
-        hf_endpoint=src.get("hfEndpoint") or os.environ.get("HF_ENDPOINT")
-        or SourceSettings.hf_endpoint,
-        s3_endpoint=src.get("s3Endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL"),
-        s3_region=src.get("s3Region") or os.environ.get("AWS_REGION")
-        or os.environ.get("AWS_DEFAULT_REGION"),
-        s3_addressing=src.get("s3Addressing", SourceSettings.s3_addressing),
-        model_registry=src.get("modelRegistry") or os.environ.get("MODEL_REGISTRY_ADDRESS"),
-        model_registry_scheme=src.get("modelRegistryScheme",
-                                      SourceSettings.model_registry_scheme),
-        oci_plain_http=tuple(cfg.get("ociPlainHttp", ())),
-    )
+    sources = SourceSettings.from_config(cfg.get("sources", {}), os.environ,
+                                         oci_plain_http=tuple(cfg.get("ociPlainHttp", ())))
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
     kube = KubeSettings(kubeconfig=Path(kubeconfig) if kubeconfig else None)
     cluster = ClusterSettings(

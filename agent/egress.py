@@ -32,7 +32,8 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from agent.errors import (
+from agent.settings import EgressSettings
+from common.errors import (
     ModelcacheError,
     NotAllowed,
     SourceAuthError,
@@ -41,8 +42,7 @@ from agent.errors import (
     TLSUntrusted,
     TransientError,
 )
-from agent.reference import split_host_port
-from agent.settings import EgressSettings
+from common.reference import split_host_port
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 REDIRECTS = (301, 302, 303, 307, 308)

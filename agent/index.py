@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.reference import Reference
 from agent.store.trees import Manifest, iso
+from common.reference import Reference
 
 PULLING, READY, FAILED = "pulling", "ready", "failed"
 

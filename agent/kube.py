@@ -48,7 +48,8 @@ from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import OpenApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
-from agent.errors import (
+from agent.settings import KubeSettings
+from common.errors import (
     Conflict,
     InvalidInput,
     KubeError,
@@ -56,8 +57,7 @@ from agent.errors import (
     NotFound,
     TransientError,
 )
-from agent.reference import LABEL_PREFIX
-from agent.settings import KubeSettings
+from common.reference import LABEL_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -19,54 +18,30 @@ from typing import Any
 from aiohttp import web
 
 from agent import __version__
-from agent.api import DEPS, Deps, make_app
+from agent.api.app import DEPS, Deps, make_app
 from agent.auth import Authenticator, TokenFileAuth
-from agent.cluster import Controller
-from agent.credentials import CredentialsProvider, DirectoryCredentials, SecretCredentials
+from agent.cluster.auth import KubeAuth
+from agent.cluster.controller import Controller
+from agent.cluster.pods import PodDirectory
 from agent.egress import Egress
-from agent.errors import ModelcacheError
-from agent.evict import Evictor
-from agent.fetch import Fetcher
+from agent.eviction.evictor import Evictor
+from agent.eviction.usage import Usage
+from agent.fetch.engine import Fetcher
 from agent.index import Index
 from agent.kube import KubeClient, connect
-from agent.kubeauth import KubeAuth
 from agent.metrics import Metrics
-from agent.pods import PodDirectory
-from agent.puller import Puller
-from agent.reference import parse, split_host_port
+from agent.pull.credentials import CredentialsProvider, DirectoryCredentials, SecretCredentials
+from agent.pull.puller import Puller
+from agent.pull.sharing import SharedAccess
 from agent.settings import AgentSettings
-from agent.sharing import SharedAccess
-from agent.sources.base import Source
-from agent.sources.control import Control
-from agent.sources.file import FileSource
-from agent.sources.hf import HfSource
-from agent.sources.http import HttpSource
-from agent.sources.oci import OciSource
-from agent.sources.registry import ModelRegistrySource
-from agent.sources.s3 import S3Source
+from agent.sources.catalog import build_sources
 from agent.store.local import Store
 from agent.store.recovery import recover
-from agent.usage import Usage
+from common.errors import ModelcacheError
+from common.reference import parse, split_host_port
 
 log = logging.getLogger(__name__)
 REFRESH_CHECK_SECONDS = 60.0
-
-
-def build_sources(egress: Egress, settings: AgentSettings) -> dict[str, Source]:
-    """One source object per scheme the agent can pull."""
-    s = settings.sources
-    control = Control(egress, retries=s.control_retries)
-    http = HttpSource(control)
-    sources: dict[str, Source] = {
-        "http": http,
-        "https": http,
-        "file": FileSource(egress),
-        "hf": HfSource(control, s.hf_endpoint, os.environ.get("HF_TOKEN")),
-        "s3": S3Source(control, s),
-        "oci": OciSource(control, s.oci_plain_http),
-    }
-    sources["model-registry"] = ModelRegistrySource(control, s, sources)
-    return sources
 
 
 async def build(settings: AgentSettings, *, auth: Authenticator | None = None,

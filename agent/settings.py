@@ -6,8 +6,10 @@ flags, environment and the config file; nothing reads the environment after star
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -114,6 +116,10 @@ class SourceSettings:
     hf_endpoint: str = "https://huggingface.co"
     """Hugging Face hub or mirror (``HF_ENDPOINT``)."""
 
+    hf_token: str | None = field(default=None, repr=False)
+    """The agent's own Hugging Face token (``HF_TOKEN``), for pulls that name no credentials
+    Secret; never shown (``repr=False``)."""
+
     s3_endpoint: str | None = None
     """S3-compatible endpoint (``AWS_ENDPOINT_URL``): MinIO, Ceph, SeaweedFS. None: AWS."""
 
@@ -135,6 +141,26 @@ class SourceSettings:
 
     control_retries: int = 6
     """Attempts of a control-plane request (listing, manifest, token) on 429/5xx/resets."""
+
+    @classmethod
+    def from_config(cls, src: Mapping[str, Any], environ: Mapping[str, str], *,
+                    oci_plain_http: tuple[str, ...] = ()) -> SourceSettings:
+        """A setting in the config file (``src``, its ``sources`` section) wins over the
+        environment variable that tools of that ecosystem read (HF_ENDPOINT,
+        AWS_ENDPOINT_URL, ...), which wins over the default. The agent and the init
+        container (environment only) both build their source settings here."""
+        return cls(
+            hf_endpoint=src.get("hfEndpoint") or environ.get("HF_ENDPOINT") or cls.hf_endpoint,
+            hf_token=environ.get("HF_TOKEN") or None,
+            s3_endpoint=src.get("s3Endpoint") or environ.get("AWS_ENDPOINT_URL_S3")
+            or environ.get("AWS_ENDPOINT_URL"),
+            s3_region=src.get("s3Region") or environ.get("AWS_REGION")
+            or environ.get("AWS_DEFAULT_REGION"),
+            s3_addressing=src.get("s3Addressing", cls.s3_addressing),
+            model_registry=src.get("modelRegistry") or environ.get("MODEL_REGISTRY_ADDRESS"),
+            model_registry_scheme=src.get("modelRegistryScheme", cls.model_registry_scheme),
+            oci_plain_http=oci_plain_http,
+        )
 
 
 @dataclass(frozen=True)

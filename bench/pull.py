@@ -60,7 +60,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.client import AgentClient  # noqa: E402
+from agent.cli.client import AgentClient  # noqa: E402
 from tests.servers.net import free_port, wait_until  # noqa: E402
 
 SOURCE_ROWS = ("hf", "hf-cdn", "oci", "s3")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Literal, cast
 
-from agent.reference import InvalidInput, InvalidReference, Reference, parse
+from common.reference import InvalidInput, InvalidReference, Reference, parse
 
 from .hosts import refused_host
 

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from agent.reference import ModelcacheError
+from common.reference import ModelcacheError
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MAX_EVENT_BYTES = 16 * 1024 * 1024

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from agent.reference import Reference, split_host_port
+from common.reference import Reference, split_host_port
 
 #: schemes whose ``host`` is a network host the init container or agent will connect to
 NETWORK_SCHEMES = {"http": 80, "https": 443, "oci": 443, "model-registry": 443}

@@ -1,6 +1,6 @@
 """What every source produces and how the fetch engine reaches its bytes.
 
-A source turns a :class:`~agent.reference.Reference` into a :class:`Resolved` plan: an
+A source turns a :class:`~common.reference.Reference` into a :class:`Resolved` plan: an
 immutable revision and the files of the model, each with its size and the strong digest the
 source states up front (if any). It makes control-plane calls only (listings, manifests,
 tokens). The bytes are moved by the one fetch engine (``agent/fetch.py``), which asks the
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from agent.reference import Reference
+from common.reference import Reference
 
 #: what an archive member list is unpacked from
 ArchiveKind = Literal["tar", "tar.gz", "tar.zst", "zip"]
@@ -29,7 +29,7 @@ class RemoteFile:
     """One file of a model at its source."""
 
     path: str
-    """Where it goes in the model tree (checked by :func:`agent.names.safe_relpath`).
+    """Where it goes in the model tree (checked by :func:`agent.store.names.safe_relpath`).
     For an archive: a name for progress and errors; its members become the files."""
 
     url: str
@@ -96,7 +96,7 @@ class Source(Protocol):
     schemes: tuple[str, ...]
 
     async def resolve(self, ref: Reference, credentials: Credentials | None) -> Resolved:
-        """Resolve the reference; raise :class:`~agent.errors.SourceError` subclasses."""
+        """Resolve the reference; raise :class:`~common.errors.SourceError` subclasses."""
         ...
 
     async def locate(
@@ -107,7 +107,7 @@ class Source(Protocol):
 
     async def check_access(self, ref: Reference, credentials: Credentials | None) -> None:
         """A cheap metadata request proving these credentials can read the reference
-        (cross-namespace rule). Raise :class:`~agent.errors.SourceAuthError` if not."""
+        (cross-namespace rule). Raise :class:`~common.errors.SourceAuthError` if not."""
         ...
 
     async def close(self) -> None:

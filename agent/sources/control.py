@@ -20,7 +20,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from agent.egress import Egress, server_says, shown_url, status_error
-from agent.errors import SourceError, TransientError
+from common.errors import SourceError, TransientError
 
 log = logging.getLogger(__name__)
 MAX_BODY = 32 * 1024 * 1024

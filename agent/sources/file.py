@@ -17,12 +17,12 @@ from pathlib import Path
 
 import blake3
 
-from agent.archive import kind_of
 from agent.egress import Egress
-from agent.errors import NotAllowed, SourceError, SourceNotFound, UnsafeName
-from agent.names import check_unique, safe_relpath
-from agent.reference import Reference
 from agent.sources.base import Credentials, Location, RemoteFile, Resolved
+from agent.store.archive import kind_of
+from agent.store.names import check_unique, safe_relpath
+from common.errors import NotAllowed, SourceError, SourceNotFound, UnsafeName
+from common.reference import Reference
 
 MAX_FILES = 100_000
 

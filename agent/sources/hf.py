@@ -20,11 +20,11 @@ from __future__ import annotations
 import re
 from urllib.parse import quote, urljoin, urlsplit
 
-from agent.errors import SourceError
-from agent.names import check_unique, safe_relpath
-from agent.reference import Reference
 from agent.sources.base import Credentials, Location, RemoteFile, Resolved
 from agent.sources.control import Control
+from agent.store.names import check_unique, safe_relpath
+from common.errors import SourceError
+from common.reference import Reference
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -15,12 +15,12 @@ import base64
 from collections.abc import Mapping
 from urllib.parse import unquote
 
-from agent.archive import kind_of
-from agent.errors import SourceError
-from agent.names import safe_relpath
-from agent.reference import Reference
 from agent.sources.base import Credentials, Location, RemoteFile, Resolved
 from agent.sources.control import Control
+from agent.store.archive import kind_of
+from agent.store.names import safe_relpath
+from common.errors import SourceError
+from common.reference import Reference
 
 
 class HttpSource:

@@ -55,16 +55,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from agent.errors import (
+from agent.sources.base import ArchiveKind, Credentials, Location, RemoteFile, Resolved
+from agent.sources.control import Control, Reply
+from agent.store.names import check_unique, safe_relpath
+from common.errors import (
     IntegrityError,
     NotAllowed,
     SourceAuthError,
     SourceError,
 )
-from agent.names import check_unique, safe_relpath
-from agent.reference import Reference, split_host_port
-from agent.sources.base import ArchiveKind, Credentials, Location, RemoteFile, Resolved
-from agent.sources.control import Control, Reply
+from common.reference import Reference, split_host_port
 
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -27,17 +27,17 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from agent.errors import (
+from agent.settings import SourceSettings
+from agent.sources.base import Credentials, Location, RemoteFile, Resolved, Source
+from agent.sources.control import Control
+from common.errors import (
     InvalidInput,
     NotAllowed,
     SourceAuthError,
     SourceError,
     SourceNotFound,
 )
-from agent.reference import Reference, parse
-from agent.settings import SourceSettings
-from agent.sources.base import Credentials, Location, RemoteFile, Resolved, Source
-from agent.sources.control import Control
+from common.reference import Reference, parse
 
 API = "/api/model_registry/v1alpha3"
 TOKEN_KEYS = ("model_registry_token", "token")

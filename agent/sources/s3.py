@@ -61,17 +61,17 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from agent.egress import shown_url
-from agent.errors import (
+from agent.settings import SourceSettings
+from agent.sources.base import Credentials, Location, RemoteFile, Resolved
+from agent.sources.control import Control
+from agent.store.names import check_unique, safe_relpath
+from common.errors import (
     ModelcacheError,
     SourceAuthError,
     SourceError,
     SourceNotFound,
 )
-from agent.names import check_unique, safe_relpath
-from agent.reference import Reference
-from agent.settings import SourceSettings
-from agent.sources.base import Credentials, Location, RemoteFile, Resolved
-from agent.sources.control import Control
+from common.reference import Reference
 
 T = TypeVar("T")
 MAX_OBJECTS = 100_000

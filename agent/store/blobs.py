@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import StoreError
+from common.errors import StoreError
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 

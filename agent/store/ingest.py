@@ -42,8 +42,8 @@ from typing import Any
 
 import blake3
 
-from agent.errors import IntegrityError, Locked, NoSpace, StoreError
 from agent.store.blobs import BlobStore
+from common.errors import IntegrityError, Locked, NoSpace, StoreError
 
 HASH_CHUNK = 4 * 1024 * 1024
 DIRECT_ALIGN = 4096

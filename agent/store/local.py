@@ -22,10 +22,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from agent.errors import StoreError
 from agent.store.blobs import BlobStore, write_atomic
 from agent.store.ingest import BlobWriter, Ingest, check_ref
 from agent.store.trees import FileEntry, Manifest, Trees, clean_paths, tree_id
+from common.errors import StoreError
 
 
 @dataclass(frozen=True)

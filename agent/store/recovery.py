@@ -17,9 +17,9 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from agent.errors import StoreError
 from agent.store.local import Store
 from agent.store.trees import MANIFEST, Manifest
+from common.errors import StoreError
 
 log = logging.getLogger(__name__)
 

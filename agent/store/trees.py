@@ -25,9 +25,9 @@ from typing import Any
 
 import blake3
 
-from agent.errors import StoreError, UnsafeName
-from agent.names import check_unique, join_inside, safe_relpath
 from agent.store.blobs import BlobStore, fsync_dir, valid_digest, write_atomic
+from agent.store.names import check_unique, join_inside, safe_relpath
+from common.errors import StoreError, UnsafeName
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1

@@ -13,10 +13,10 @@ import random
 import sys
 from pathlib import Path
 
-from agent.errors import Locked
 from agent.store.local import Store
 from agent.store.recovery import recover
 from agent.store.trees import FileEntry, Manifest
+from common.errors import Locked
 
 KEYS = ("a" * 24, "b" * 24, "c" * 24)
 PATHS = ("config.json", "w/a.bin", "w/b.bin", "x/y/z.bin", "tokenizer.json")

@@ -24,13 +24,13 @@ import zstandard
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from agent.archive import kind_of, unpack
-from agent.errors import ArchiveRejected
-from agent.names import safe_relpath
 from agent.settings import ArchiveSettings, GiB, MiB
 from agent.store import ingest as ingest_module
+from agent.store.archive import kind_of, unpack
 from agent.store.local import Store
+from agent.store.names import safe_relpath
 from agent.store.trees import FileEntry
+from common.errors import ArchiveRejected
 
 DEFAULTS = ArchiveSettings()
 rng = random.Random(7)

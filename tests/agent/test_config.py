@@ -13,11 +13,11 @@ import trustme
 
 from agent.config import add_agent_flags, agent_settings
 from agent.egress import Egress
-from agent.errors import InvalidInput
-from agent.main import build_sources
 from agent.settings import AgentSettings
+from agent.sources.catalog import build_sources
 from agent.sources.registry import ModelRegistrySource
 from agent.sources.s3 import S3Source
+from common.errors import InvalidInput
 
 
 def settings_from(tmp_path: Path, config: str) -> AgentSettings:

@@ -19,14 +19,14 @@ from agent.egress import (
     status_error,
     strip_credentials,
 )
-from agent.errors import (
+from agent.settings import EgressSettings
+from common.errors import (
     NotAllowed,
     SourceAuthError,
     SourceError,
     SourceNotFound,
     TransientError,
 )
-from agent.settings import EgressSettings
 
 
 def egress(*allow: str, only: bool = False, paths: tuple[Path, ...] = ()) -> Egress:

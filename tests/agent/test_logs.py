@@ -26,7 +26,7 @@ def test_credential_carrying_libraries_never_log_debug(level: str,
                                                        restore_logging: None) -> None:
     logs.setup(level, json_logs=True)
     threshold = max(logging.getLevelName(level.upper()), logging.INFO)
-    assert logging.getLogger("agent.fetch").isEnabledFor(logging.getLevelName(level.upper()))
+    assert logging.getLogger("agent.fetch.engine").isEnabledFor(logging.getLevelName(level.upper()))
     for name in ("botocore.auth", "botocore.endpoint", "kubernetes_asyncio.client.rest",
                  "urllib3.connectionpool"):
         logger = logging.getLogger(name)

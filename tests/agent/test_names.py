@@ -9,8 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import InvalidInput, UnsafeName
-from agent.names import (
+from agent.store.names import (
     MAX_DEPTH,
     MAX_PATH_BYTES,
     MAX_SEGMENT_BYTES,
@@ -18,6 +17,7 @@ from agent.names import (
     join_inside,
     safe_relpath,
 )
+from common.errors import InvalidInput, UnsafeName
 
 GOOD = [
     ("config.json", "config.json"),

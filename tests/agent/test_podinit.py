@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from agent.reference import parse
+from common.reference import parse
 from tests.servers.agent import REPO, AgentProcess
 from tests.servers.faulty import FaultyServer
 from tests.servers.hfhub import HubServer

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import InvalidInput, InvalidReference
-from agent.reference import (
+from common.errors import InvalidInput, InvalidReference
+from common.reference import (
     KEY_HEX,
     LABEL_PREFIX,
     MAX_GLOBS,

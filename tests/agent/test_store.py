@@ -21,13 +21,13 @@ import blake3
 import pytest
 
 import agent
-from agent.errors import IntegrityError, Locked, StoreError, UnsafeName
 from agent.store import trees as trees_module
 from agent.store.blobs import BlobStore
 from agent.store.ingest import Ingest, Segment
 from agent.store.local import Store
 from agent.store.recovery import recover
 from agent.store.trees import MANIFEST, WHITEOUT, FileEntry, Manifest, apply_whiteout, tree_id
+from common.errors import IntegrityError, Locked, StoreError, UnsafeName
 
 REPO = Path(agent.__file__).resolve().parents[1]
 KEY = "0123456789abcdef01234567"

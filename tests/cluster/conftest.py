@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.api import Deps
-from agent.cluster import Controller
+from agent.api.app import Deps
+from agent.cluster.controller import Controller
 from agent.kube import connect
 from agent.main import build_in_cluster, serve
 from agent.settings import (

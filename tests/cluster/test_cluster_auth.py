@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from agent.reference import parse
+from common.reference import parse
 from tests.cluster.conftest import AUDIENCE, Agent, AgentFactory, entry, eventually
 from tests.cluster.test_cluster_warm import serve_model
 from tests.kubeapi import FakeKubeApi

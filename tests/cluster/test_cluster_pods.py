@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from agent.errors import Conflict
 from agent.index import READY
-from agent.reference import parse
+from common.errors import Conflict
+from common.reference import parse
 from tests.cluster.conftest import Agent, AgentFactory, entry, eventually, node_labels
 from tests.cluster.test_cluster_warm import serve_model
 from tests.kubeapi import FakeKubeApi

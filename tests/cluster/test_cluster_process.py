@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from agent.reference import parse
+from common.reference import parse
 from tests.cluster.conftest import call, entry, node_labels, reasons
 from tests.cluster.test_cluster_auth import init_pod
 from tests.cluster.test_cluster_warm import serve_model

@@ -10,16 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.cluster import startup_delay
-from agent.errors import Forbidden, SourceAuthError
+from agent.cluster.controller import startup_delay
+from agent.cluster.pods import models_of
+from agent.cluster.status import StatusWriter, Written, due
+from agent.cluster.warm import selects
+from agent.eviction.usage import Usage
 from agent.index import FAILED, PULLING, READY, Index, Model
-from agent.pods import models_of
-from agent.reference import parse
-from agent.sharing import SharedAccess
-from agent.status import StatusWriter, Written, due
+from agent.pull.sharing import SharedAccess
 from agent.store.trees import FileEntry, Manifest
-from agent.usage import Usage
-from agent.warm import selects
+from common.errors import Forbidden, SourceAuthError
+from common.reference import parse
 
 URI = "hf://org/model@main"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from agent.index import READY
-from agent.reference import parse
 from agent.settings import WarmModel
+from common.reference import parse
 from tests.cluster.conftest import Agent, entry, eventually, node_labels, reasons
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.objects import cached_model

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from agent.cli import parser as cli_parser
+from agent.cli.main import parser as cli_parser
 from agent.config import load_config
 from tests.deploy import render, schemas
 from tests.deploy.render import DEPLOY, INSTALLABLE, RENDERS, expanded_args, find, pod_specs

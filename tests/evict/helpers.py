@@ -15,10 +15,10 @@ from typing import Any
 import aiohttp
 import blake3
 
-from agent.api import Deps
-from agent.evict import Evictor
-from agent.reference import parse
+from agent.api.app import Deps
+from agent.eviction.evictor import Evictor
 from agent.store.trees import MANIFEST, Manifest
+from common.reference import parse
 from tests.servers.faulty import FaultyServer
 
 TOKEN = "evict-test-token-0123456789"

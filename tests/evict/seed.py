@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.reference import parse
 from agent.store.local import Store
 from agent.store.recovery import recover
 from agent.store.trees import FileEntry, Manifest
+from common.reference import parse
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent.cli import main as cli
+from agent.cli.main import main as cli
 from tests.evict.helpers import (
     TOKEN,
     MiB,

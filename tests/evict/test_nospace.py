@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from agent.evict import Eviction
+from agent.eviction.evictor import Eviction
 from tests.evict.helpers import (
     MiB,
     blob_digests,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from agent.limits import Disk, Limits, Shortfall, plan, shortfall
+from agent.eviction.limits import Disk, Limits, Shortfall, plan, shortfall
 from agent.store.trees import FileEntry
 
 BLOCK = 4096

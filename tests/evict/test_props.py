@@ -31,17 +31,17 @@ from hypothesis.stateful import (
 )
 
 from agent.egress import Egress
-from agent.errors import Conflict, NotFound
-from agent.evict import Evictor
-from agent.fetch import Fetcher
+from agent.eviction.evictor import Evictor
+from agent.eviction.usage import Usage
+from agent.fetch.engine import Fetcher
 from agent.index import READY, Index
-from agent.puller import Puller
-from agent.reference import parse
+from agent.pull.puller import Puller
 from agent.settings import AgentSettings, EgressSettings, FetchSettings, StoreSettings
 from agent.sources.file import FileSource
 from agent.store.local import Store
 from agent.store.recovery import recover
-from agent.usage import Usage
+from common.errors import Conflict, NotFound
+from common.reference import parse
 from tests.evict.helpers import blob_digests, visible_models
 
 pytestmark = pytest.mark.timeout(300)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.evict import Eviction
+from agent.eviction.evictor import Eviction
 from tests.evict.helpers import (
     DiskWatch,
     MiB,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.evict import Eviction
+from agent.eviction.evictor import Eviction
 from tests.evict.helpers import (
     MiB,
     fill,
@@ -51,7 +51,7 @@ async def test_fill_past_high_watermark_evicts_lru_down_to_low(
     status, info = await agent.call("GET", "/api/v1/store")
     assert (info["high_watermark"], info["low_watermark"]) == (0.8, 0.7)
     assert used_ratio(fs) < 0.8
-    caplog.set_level(logging.INFO, logger="agent.evict")
+    caplog.set_level(logging.INFO, logger="agent.eviction.evictor")
     fill(fs / "filler", int(0.3 * 64 * MiB))  # someone else's data: past the high watermark
     assert used_ratio(fs) > 0.8
     await until(lambda: used_ratio(fs) <= 0.7)

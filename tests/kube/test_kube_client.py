@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import InvalidInput, KubeError, NotFound, TransientError
 from agent.kube import KubeClient, connect, summary_counts
 from agent.settings import KubeSettings
+from common.errors import InvalidInput, KubeError, NotFound, TransientError
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.fixtures import AGENT_NAMESPACE, AGENT_SA, AGENT_TOKEN, FAST, Recorder
 from tests.kubeapi.objects import cached_model, node, pod, secret

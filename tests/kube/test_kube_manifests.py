@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from agent.kube import COUNTED_STATES, NODE_ENTRY_FIELDS
-from agent.reference import CACHED_SCHEMES, SCHEMES
+from common.reference import CACHED_SCHEMES, SCHEMES
 from tests.kubeapi.crd import to_json_schema
 from tests.kubeapi.server import REPO
 

@@ -171,7 +171,7 @@ class InProcessAgent:
         return Path(self.settings.api.token_file).read_text().strip()
 
     def client(self) -> Any:
-        from agent.client import AgentClient
+        from agent.cli.client import AgentClient
 
         return AgentClient(self.url, self.token)
 

@@ -17,13 +17,12 @@ from typing import Any
 import pytest
 
 from agent.egress import Egress
-from agent.evict import Evictor
-from agent.fetch import Fetcher
+from agent.eviction.evictor import Evictor
+from agent.eviction.usage import Usage
+from agent.fetch.engine import Fetcher
 from agent.index import READY, Index, Model
-from agent.main import build_sources
 from agent.metrics import Metrics
-from agent.puller import Puller
-from agent.reference import parse
+from agent.pull.puller import Puller
 from agent.settings import (
     AgentSettings,
     EgressSettings,
@@ -32,9 +31,10 @@ from agent.settings import (
     StoreSettings,
 )
 from agent.sources.base import Source
+from agent.sources.catalog import build_sources
 from agent.store.local import Store
 from agent.store.recovery import recover
-from agent.usage import Usage
+from common.reference import parse
 
 LOOPBACK_HOSTS = ("127.0.0.1", "127.0.0.2")
 TEST_FETCH = FetchSettings(

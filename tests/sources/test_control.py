@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.egress import Egress
-from agent.errors import NotAllowed, SourceError, SourceNotFound, TransientError
 from agent.settings import EgressSettings
 from agent.sources.control import SERVER_WAIT_MAX, Control, backoff_delay
+from common.errors import NotAllowed, SourceError, SourceNotFound, TransientError
 from tests.servers.faulty import Fault, FaultyServer
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.client import AgentClient
+from agent.cli.client import AgentClient
 from agent.egress import Egress
-from agent.errors import SourceAuthError, SourceError
 from agent.index import FAILED
-from agent.reference import parse
 from agent.settings import EgressSettings, SourceSettings
 from agent.sources.control import Control
 from agent.sources.hf import HfSource
+from common.errors import SourceAuthError, SourceError
+from common.reference import parse
 from tests.servers.agent import AgentProcess
 from tests.servers.faulty import Fault, FaultyServer
 from tests.servers.hfhub import HubServer

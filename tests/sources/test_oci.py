@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import parser
+from agent.cli.main import parser
 from agent.config import agent_settings
 from agent.egress import Egress
-from agent.errors import NotAllowed, SourceAuthError
 from agent.index import FAILED
-from agent.reference import parse
 from agent.settings import EgressSettings
 from agent.sources import oci as oci_module
 from agent.sources.control import Control
 from agent.sources.oci import OciSource
+from common.errors import NotAllowed, SourceAuthError
+from common.reference import parse
 from tests.servers import oci
 from tests.servers.faulty import Fault, FaultyServer
 from tests.servers.registry import Registry, oras_push, serve_image, skopeo_copy

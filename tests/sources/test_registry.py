@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import SourceAuthError, SourceError, SourceNotFound
 from agent.index import FAILED
-from agent.reference import parse
 from agent.settings import SourceSettings
+from common.errors import SourceAuthError, SourceError, SourceNotFound
+from common.reference import parse
 from tests.servers import oci
 from tests.servers.hfhub import HubServer
 from tests.servers.modelregistry import ModelRegistryServer

@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-from agent.client import AgentClient
+from agent.cli.client import AgentClient
 from agent.egress import Egress
-from agent.errors import SourceAuthError, SourceError, SourceNotFound, TransientError
-from agent.fetch import FetchStats
+from agent.fetch.engine import FetchStats
 from agent.index import FAILED
-from agent.reference import parse
 from agent.settings import EgressSettings, SourceSettings
 from agent.sources.control import Control
 from agent.sources.s3 import S3Source
+from common.errors import SourceAuthError, SourceError, SourceNotFound, TransientError
+from common.reference import parse
 from tests.servers.agent import AgentProcess
 from tests.servers.s3 import S3_DOMAIN, S3Endpoint, upload_model
 from tests.sources.conftest import LOOPBACK_HOSTS, PipelineFactory, files_named, read_tree

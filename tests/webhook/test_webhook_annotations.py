@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.reference import parse
+from common.reference import parse
 from webhook.annotations import (
     AnnotationError,
     parse_quantity,

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.client import DEFAULT_AGENT, AgentClient, AgentError
-from agent.errors import ModelcacheError
-from agent.progress import ProgressBar, human_bytes
+from agent.cli.client import DEFAULT_AGENT, AgentClient, AgentError
+from agent.cli.progress import ProgressBar, human_bytes
+from common.errors import ModelcacheError
 
 DEFAULT_TOKEN_FILE = Path("/var/lib/modelcache/admin-token")
 
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return webhook_main(argv[1:])
     if argv and argv[0] == "init":
-        from agent.podinit import main as init_main
+        from agent.cli.podinit import main as init_main
 
         return init_main(argv[1:])
     args = parser().parse_args(argv)
@@ -218,7 +218,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.cli.demo import run_demo
 
     return asyncio.run(run_demo(keep=args.keep))
 

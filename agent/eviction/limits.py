@@ -2,7 +2,8 @@
 
 Pure functions over one measurement of the store's filesystem (:func:`measure`, the only
 blocking one): what must be freed to meet each limit (:func:`shortfall`), and which models
-to evict, least recently used first, to free it (:func:`plan`). ``agent.evict`` acts on them.
+to evict, least recently used first, to free it (:func:`plan`).
+``agent.eviction.evictor`` acts on them.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.errors import InvalidInput
 from agent.settings import StoreSettings
 from agent.store.local import Store
 from agent.store.trees import FileEntry
+from common.errors import InvalidInput
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import json
 import logging
 from typing import Any
 
-from agent.errors import ModelcacheError
-from agent.reference import parse
+from common.errors import ModelcacheError
+from common.reference import parse
 
 log = logging.getLogger(__name__)
 

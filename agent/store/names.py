@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from agent.errors import UnsafeName
-from agent.reference import text_problem
+from common.errors import UnsafeName
+from common.reference import text_problem
 
 MAX_PATH_BYTES = 4096
 MAX_SEGMENT_BYTES = 255

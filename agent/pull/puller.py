@@ -19,23 +19,23 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from agent.egress import Egress
-from agent.errors import (
+from agent.fetch.engine import Fetcher, FetchStats, ref_id
+from agent.index import FAILED, PULLING, READY, Index, Model
+from agent.metrics import Metrics
+from agent.pull.sharing import SharedAccess
+from agent.settings import AgentSettings
+from agent.sources.base import Credentials, RemoteFile, Resolved, Source
+from agent.store.local import Store
+from agent.store.names import check_unique, safe_relpath
+from agent.store.trees import FileEntry, Manifest, apply_whiteout
+from common.errors import (
     ModelcacheError,
     NoSpace,
     NotAllowed,
     NotFound,
     ShuttingDown,
 )
-from agent.fetch import Fetcher, FetchStats, ref_id
-from agent.index import FAILED, PULLING, READY, Index, Model
-from agent.metrics import Metrics
-from agent.names import check_unique, safe_relpath
-from agent.reference import Reference, parse
-from agent.settings import AgentSettings
-from agent.sharing import SharedAccess
-from agent.sources.base import Credentials, RemoteFile, Resolved, Source
-from agent.store.local import Store
-from agent.store.trees import FileEntry, Manifest, apply_whiteout
+from common.reference import Reference, parse
 
 log = logging.getLogger(__name__)
 INTENT_FLUSH_SECONDS = 1.0
@@ -44,7 +44,7 @@ LAST_USED_FLUSH_SECONDS = 300.0
 
 class Reserver(Protocol):
     """Holds disk space for a pull while it runs, and makes room when a write runs out of
-    it (:class:`agent.evict.Evictor`)."""
+    it (:class:`agent.eviction.evictor.Evictor`)."""
 
     def reserve(self, key: str, nbytes: int) -> contextlib.AbstractAsyncContextManager[None]:
         ...

@@ -16,20 +16,20 @@ from typing import Any
 
 from aiohttp import web
 
-from agent import errors
 from agent.auth import Authenticator
-from agent.credentials import CredentialsProvider
-from agent.evict import Evictor
+from agent.eviction.evictor import Evictor
+from agent.eviction.leases import check_lease
+from agent.eviction.usage import Usage
 from agent.index import Index
-from agent.leases import check_lease
 from agent.metrics import CONTENT_TYPE, Metrics
-from agent.puller import Puller
-from agent.reference import KEY_HEX, parse
+from agent.pull.credentials import CredentialsProvider
+from agent.pull.puller import Puller
 from agent.settings import AgentSettings
 from agent.store.blobs import valid_digest
 from agent.store.local import Store
 from agent.store.trees import iso
-from agent.usage import Usage
+from common import errors
+from common.reference import KEY_HEX, parse
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.errors import InvalidInput, NoSpace, NotFound, StoreError
+from agent.eviction.usage import Usage
 from agent.index import Index
 from agent.store.blobs import write_atomic
-from agent.usage import Usage
+from common.errors import InvalidInput, NoSpace, NotFound, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -44,11 +44,11 @@ from typing import Any, Protocol, TypeVar
 from aiohttp import web
 
 from agent.auth import Caller, bearer
-from agent.errors import Forbidden, Unauthorized
+from agent.cluster.pods import credentials_of, models_of, running
 from agent.kube import GROUP, PLURAL, KubeClient, TokenReview
-from agent.pods import credentials_of, models_of, running
-from agent.reference import Reference
 from agent.settings import ClusterSettings
+from common.errors import Forbidden, Unauthorized
+from common.reference import Reference
 
 log = logging.getLogger(__name__)
 POD_NAME = "authentication.kubernetes.io/pod-name"
@@ -80,7 +80,7 @@ ACCESS = {
 
 
 class PodLookup(Protocol):
-    """What the authenticator needs of the pod directory (``agent.pods.PodDirectory``)."""
+    """What the authenticator needs of the pod directory (``agent.cluster.pods.PodDirectory``)."""
 
     def get(self, key: str) -> Obj | None:
         ...

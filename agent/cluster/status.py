@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from agent.errors import ModelcacheError, NotFound
 from agent.index import FAILED, PULLING, READY, Index, Model
 from agent.kube import KubeClient
+from common.errors import ModelcacheError, NotFound
 
 log = logging.getLogger(__name__)
 EVICTED = "evicted"

@@ -19,10 +19,10 @@ import logging
 import random
 from typing import Any
 
-from agent.errors import ModelcacheError
 from agent.index import READY, Index, Model
 from agent.kube import KubeClient
-from agent.reference import LABEL_PREFIX
+from common.errors import ModelcacheError
+from common.reference import LABEL_PREFIX
 
 log = logging.getLogger(__name__)
 VALUE = "ready"

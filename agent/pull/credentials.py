@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Protocol
 
-from agent.errors import InvalidInput, NotFound
 from agent.sources.base import Credentials
+from common.errors import InvalidInput, NotFound
 
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$")
 

@@ -23,9 +23,9 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from agent.client import AgentClient
+from agent.cli.client import AgentClient
+from agent.cli.progress import ProgressBar, human_bytes
 from agent.main import build, serve
-from agent.progress import ProgressBar, human_bytes
 from agent.settings import AgentSettings, ApiSettings, EgressSettings, SourceSettings, StoreSettings
 from agent.store.ingest import git_blob_hasher
 

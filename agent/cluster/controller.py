@@ -19,17 +19,17 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agent.credentials import CredentialsProvider
+from agent.cluster.nodelabels import NodeLabels
+from agent.cluster.pods import PodDirectory, holder, models_of, pod_key, running
+from agent.cluster.status import StatusWriter
+from agent.cluster.warm import Warm
+from agent.eviction.usage import Usage
 from agent.index import Index
 from agent.kube import KubeClient, WatchEvent, object_key
-from agent.nodelabels import NodeLabels
-from agent.pods import PodDirectory, holder, models_of, pod_key, running
-from agent.puller import Puller
-from agent.reference import parse
+from agent.pull.credentials import CredentialsProvider
+from agent.pull.puller import Puller
 from agent.settings import AgentSettings
-from agent.status import StatusWriter
-from agent.usage import Usage
-from agent.warm import Warm
+from common.reference import parse
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

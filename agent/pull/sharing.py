@@ -15,9 +15,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from agent.errors import Forbidden, SourceAuthError, SourceNotFound
 from agent.index import Model
 from agent.sources.base import Credentials, Source
+from common.errors import Forbidden, SourceAuthError, SourceNotFound
 
 log = logging.getLogger(__name__)
 MAX_REMEMBERED = 4096

@@ -37,7 +37,6 @@ from urllib.parse import urljoin, urlsplit
 
 import blake3
 
-from agent import archive
 from agent.egress import (
     REDIRECTS,
     Egress,
@@ -48,7 +47,14 @@ from agent.egress import (
     strip_credentials,
     untrusted,
 )
-from agent.errors import (
+from agent.settings import ArchiveSettings, FetchSettings
+from agent.sources.base import Credentials, Location, RemoteFile, Source
+from agent.sources.control import backoff_delay, retry_level
+from agent.store import archive
+from agent.store.ingest import Ingest, Segment
+from agent.store.local import Store
+from agent.store.trees import FileEntry
+from common.errors import (
     IntegrityError,
     NotAllowed,
     SourceAuthError,
@@ -56,12 +62,6 @@ from agent.errors import (
     SourceNotFound,
     TransientError,
 )
-from agent.settings import ArchiveSettings, FetchSettings
-from agent.sources.base import Credentials, Location, RemoteFile, Source
-from agent.sources.control import backoff_delay, retry_level
-from agent.store.ingest import Ingest, Segment
-from agent.store.local import Store
-from agent.store.trees import FileEntry
 
 log = logging.getLogger(__name__)
 USER_AGENT = "modelcache/0.1"

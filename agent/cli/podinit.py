@@ -38,19 +38,19 @@ from pathlib import Path
 from typing import Any
 
 from agent import logs
-from agent.client import AgentClient, AgentError
-from agent.credentials import read_secret_dir
+from agent.cli.client import AgentClient, AgentError
 from agent.egress import Egress
-from agent.errors import ModelcacheError, NoSpace
-from agent.fetch import Fetcher
+from agent.fetch.engine import Fetcher
 from agent.index import Index
-from agent.names import join_inside
-from agent.puller import Puller
-from agent.reference import Reference, parse
+from agent.pull.credentials import read_secret_dir
+from agent.pull.puller import Puller
 from agent.settings import AgentSettings, EgressSettings, SourceSettings, StoreSettings
 from agent.store.local import Store
+from agent.store.names import join_inside
 from agent.store.recovery import recover
 from agent.store.trees import MANIFEST, Manifest
+from common.errors import ModelcacheError, NoSpace
+from common.reference import Reference, parse
 
 log = logging.getLogger("modelcache.init")
 #: a PEM bundle of CAs the download trusts, set by the webhook (``--init-ca-file``)
@@ -200,10 +200,10 @@ async def from_source(ref: Reference, args: argparse.Namespace) -> None:
     settings = AgentSettings(
         node_name=os.environ.get("MODELCACHE_NODE_NAME", ""),
         store=StoreSettings(path=work), egress=egress.settings,
-        sources=_source_settings())
+        sources=SourceSettings.from_config({}, os.environ))
     store = Store(work)
     await asyncio.to_thread(recover, store)  # resume what a previous attempt left
-    from agent.main import build_sources
+    from agent.sources.catalog import build_sources
 
     fetcher = Fetcher(store, egress, settings.fetch, settings.archive)
     sources = build_sources(egress, settings)
@@ -320,12 +320,3 @@ def _ca_file() -> Path | None:
     with os.fdopen(fd, "w") as f:
         f.write(pem)
     return Path(name)
-
-
-def _source_settings() -> SourceSettings:
-    return SourceSettings(
-        hf_endpoint=os.environ.get("HF_ENDPOINT", SourceSettings.hf_endpoint),
-        s3_endpoint=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
-        s3_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
-        model_registry=os.environ.get("MODEL_REGISTRY_ADDRESS"),
-    )

@@ -32,7 +32,7 @@ from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 # The grammar's error types, re-exported: the webhook takes them from here, so that it
 # imports nothing of the agent but this module (an import-linter contract).
-from agent.errors import InvalidInput, InvalidReference, ModelcacheError
+from common.errors import InvalidInput, InvalidReference, ModelcacheError
 
 SCHEMES = ("hf", "s3", "oci", "http", "https", "model-registry", "file", "pvc")
 #: schemes whose content the agent caches (``pvc://`` is mounted, not cached)

@@ -24,13 +24,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.credentials import CredentialsProvider
-from agent.errors import ModelcacheError
+from agent.cluster.status import StatusWriter
 from agent.index import FAILED, READY, Index, Model
-from agent.puller import Puller
-from agent.reference import Reference, parse
+from agent.pull.credentials import CredentialsProvider
+from agent.pull.puller import Puller
 from agent.settings import ClusterSettings
-from agent.status import StatusWriter
+from common.errors import ModelcacheError
+from common.reference import Reference, parse
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

@@ -44,15 +44,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from agent.errors import Conflict, NoSpace, NotFound, StoreError
+from agent.eviction.leases import Leases
+from agent.eviction.limits import Disk, Limits, Shortfall, measure, plan, shortfall
+from agent.eviction.usage import Usage
 from agent.index import FAILED, READY, Index, Model
-from agent.leases import Leases
-from agent.limits import Disk, Limits, Shortfall, measure, plan, shortfall
 from agent.metrics import Metrics
 from agent.settings import StoreSettings
 from agent.store.local import Store
 from agent.store.trees import FileEntry
-from agent.usage import Usage
+from common.errors import Conflict, NoSpace, NotFound, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class _Relief:
 
 
 class Evictor:
-    """Keeps the store under its limits; the puller's :class:`~agent.puller.Reserver`."""
+    """Keeps the store under its limits; the puller's :class:`~agent.pull.puller.Reserver`."""
 
     def __init__(self, store: Store, index: Index, settings: StoreSettings, usage: Usage,
                  metrics: Metrics | None = None,
@@ -122,7 +122,7 @@ class Evictor:
         self.reserved: dict[str, int] = {}
         """Bytes reserved by each running pull (its declared size), by model key."""
         self.leases = Leases(store.root, store.tmp, index, usage)
-        """Standalone in-use information (``agent.leases``)."""
+        """Standalone in-use information (``agent.eviction.leases``)."""
         self._hooks: list[Callable[[Eviction], None]] = []
         self._before: list[Callable[[str, str], None]] = []
         self._pressure: list[Callable[[str], Awaitable[None]]] = []

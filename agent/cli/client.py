@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from agent.errors import ModelcacheError
+from common.errors import ModelcacheError
 
 DEFAULT_AGENT = "http://127.0.0.1:9400"
 

@@ -29,12 +29,12 @@ from typing import IO, cast
 
 import zstandard
 
-from agent.errors import ArchiveRejected, UnsafeName
-from agent.names import safe_relpath
 from agent.settings import ArchiveSettings
 from agent.store.ingest import BlobWriter
 from agent.store.local import Store
+from agent.store.names import safe_relpath
 from agent.store.trees import WHITEOUT, WHITEOUT_PREFIX, FileEntry
+from common.errors import ArchiveRejected, UnsafeName
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
