@@ -29,7 +29,9 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from . import certs, logs
+from common import logs
+
+from . import certs
 from .admission import Context
 from .cluster import ClusterConfig, ClusterError, KubeApi, find_config
 from .metrics import WebhookMetrics
@@ -45,6 +47,9 @@ from .settings import (
 )
 from .tls import CertReloader
 
+#: the webhook's own log lines (aiohttp's and the libraries' come out beside them, alike)
+LOGGER = "webhook"
+
 
 def main(argv: list[str]) -> int:
     """Run ``modelcache webhook`` with the arguments after ``webhook``; the exit status."""
@@ -56,7 +61,8 @@ def main(argv: list[str]) -> int:
         server, planning = settings_from(args)
     except SystemExit as e:
         return int(e.code or 0)
-    log = logs.setup(args.log_level)
+    logs.setup(args.log_level)
+    log = logging.getLogger(LOGGER)
     try:
         return asyncio.run(serve(server, planning, env, log))
     except KeyboardInterrupt:
@@ -159,7 +165,7 @@ async def serve(
         reloader = CertReloader(server.tls_cert, server.tls_key, log,
                                 metrics.cert_reloaded, metrics.cert_loaded)
     except (OSError, ValueError) as e:
-        log.error("cannot load the TLS certificate", extra={"fields": {"error": str(e)}})
+        log.error("cannot load the TLS certificate", extra={"error": str(e)})
         return 1
     cache = NamespaceCache()
     background: list[Callable[[], Awaitable[None]]] = [
@@ -169,10 +175,10 @@ async def serve(
     session: aiohttp.ClientSession | None = None
     if config is None:
         log.warning("no cluster access: namespace labels unknown, mode defaults to cache",
-                    extra={"fields": {"why": why}})
+                    extra={"why": why})
     else:
         session = aiohttp.ClientSession()
-        log.info("watching namespaces", extra={"fields": {"config": config.source}})
+        log.info("watching namespaces", extra={"config": config.source})
         background.append(NamespaceWatch(KubeApi(config, session), cache, log).run)
     deps = Deps(
         admission=Context(planning, server.namespace, cache.labels),
@@ -191,8 +197,8 @@ async def serve(
         gc.freeze()  # start-up objects (schemas, modules) never need collecting: fewer pauses
         bound = [f"https://{a[0]}:{a[1]}" if ":" not in a[0] else f"https://[{a[0]}]:{a[1]}"
                  for a in runner.addresses]
-        log.info("serving", extra={"fields": {"listen": bound, "agent": planning.agent_url,
-                                              "image": planning.image}})
+        log.info("serving", extra={"listen": bound, "agent": planning.agent_url,
+                                   "image": planning.image})
         await stop.wait()
         log.info("stopping: not ready, draining")
         deps.health.ready = False

@@ -133,7 +133,7 @@ class NamespaceWatch:
         self.resource_version = str(meta.get("resourceVersion") or "")
         self.lists += 1
         if self._failing or self.lists == 1:
-            self.log.info("namespace labels synced", extra={"fields": {"namespaces": len(items)}})
+            self.log.info("namespace labels synced", extra={"namespaces": len(items)})
         self._failing = False
         self._notify()
 
@@ -173,7 +173,7 @@ class NamespaceWatch:
         if not self._failing:  # say it once per outage, not on every retry
             self.log.warning(
                 "namespace watch failing; labels may be stale or unknown",
-                extra={"fields": {"error": str(error)[:300]}},
+                extra={"error": str(error)[:300]},
             )
         self._failing = True
 

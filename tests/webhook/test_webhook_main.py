@@ -12,7 +12,7 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,20 +35,30 @@ TIMEOUT = 20
 class Process:
     proc: asyncio.subprocess.Process
     logs: list[dict[str, Any]] = field(default_factory=list)
+    #: stderr lines that are not JSON (there should be none)
+    raw: list[str] = field(default_factory=list)
     url: str = ""
     closed: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def wait_log(self, message: str) -> dict[str, Any]:
         """The first log entry with this message, once the process has written it."""
+        return await self._wait(lambda entry: entry.get("msg") == message, repr(message))
+
+    async def wait_log_from(self, logger: str) -> dict[str, Any]:
+        """The first log entry of this logger, once the process has written it."""
+        return await self._wait(lambda entry: entry.get("logger") == logger, f"{logger} entry")
+
+    async def _wait(self, match: Callable[[dict[str, Any]], bool], what: str
+                    ) -> dict[str, Any]:
         async def find() -> dict[str, Any]:
             while True:
                 self.changed.clear()
                 for entry in self.logs:
-                    if entry.get("msg") == message:
+                    if match(entry):
                         return entry
                 if self.closed:
-                    raise AssertionError(f"no {message!r} in the log: {self.logs}")
+                    raise AssertionError(f"no {what} in the log: {self.logs} {self.raw}")
                 await self.changed.wait()
         return await asyncio.wait_for(find(), TIMEOUT)
 
@@ -72,8 +82,10 @@ async def running(args: list[str], env: dict[str, str]) -> AsyncIterator[Process
     async def read() -> None:
         assert proc.stderr is not None
         async for line in proc.stderr:
-            with contextlib.suppress(ValueError):
+            try:
                 process.logs.append(json.loads(line))
+            except ValueError:
+                process.raw.append(line.decode(errors="replace"))
             process.changed.set()
         process.closed = True
         process.changed.set()
@@ -140,11 +152,33 @@ async def test_serves_without_cluster_access_and_stops_on_sigterm(
         process.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.proc.wait(), TIMEOUT) == 0
         await process.wait_log("stopped")
+    assert process.raw == []
     no_access = [e for e in process.logs if e["msg"].startswith("no cluster access")]
     assert len(no_access) == 1 and no_access[0]["level"] == "warning"
     assert all(e["level"] != "error" for e in process.logs)
     mutations = [e for e in process.logs if e["msg"] == "admission mutated"]
     assert mutations and mutations[0]["uid"] and mutations[0]["mode"] == "cache"
+
+
+async def test_aiohttp_errors_are_json_lines_too(
+    no_leaked_tasks: None, cert_files: CertFiles, client_ssl: ssl.SSLContext
+) -> None:
+    """A request aiohttp's parser refuses is logged by aiohttp.server itself: the line comes
+    out in the webhook's JSON format, not as plain text."""
+    async with running(serve_args(cert_files), env_for(None)) as process:
+        host, port = process.url.removeprefix("https://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=client_ssl,
+                                                       server_hostname=host)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: many\r\n\r\n")
+        await writer.drain()
+        assert b" 400 " in await reader.readline()
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+        entry = await process.wait_log_from("aiohttp.server")
+    assert entry["level"] == "error" and entry["msg"].startswith("Error handling request")
+    assert "exception" in entry and entry["ts"].endswith("Z")
+    assert process.raw == []
 
 
 async def test_namespace_labels_choose_the_mode(

@@ -139,7 +139,7 @@ async def test_refused_credentials_warn_once_and_retry(
             assert watch.cache.labels("ml") is None
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "401" in warnings[0].fields["error"]  # type: ignore[attr-defined]
+    assert "401" in warnings[0].error  # type: ignore[attr-defined]
     assert "wrong" not in caplog.text  # the token is never logged
 
 
