@@ -30,6 +30,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -49,6 +50,7 @@ from kubernetes_asyncio.client.exceptions import OpenApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
 from agent.settings import KubeSettings
+from common.backoff import Backoff
 from common.errors import (
     Conflict,
     InvalidInput,
@@ -71,6 +73,8 @@ NODE_ENTRY_FIELDS = ("state", "revision", "bytes", "lastTransitionTime", "messag
 COUNTED_STATES = ("ready", "pulling", "failed")
 _LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _NOTE_BYTES = 1024
+#: first delay before a conflicting status write is read and tried again (doubles each time)
+CONFLICT_BACKOFF = 0.05
 
 Obj = dict[str, Any]
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
@@ -251,7 +255,8 @@ class KubeClient:
         return await self._reconcile_counts(namespace, name, obj)
 
     async def _reconcile_counts(self, namespace: str, name: str, obj: Obj) -> Obj:
-        for attempt in range(self.settings.status_retries):
+        conflicts = Backoff(CONFLICT_BACKOFF, math.inf)
+        for _ in range(self.settings.status_retries):
             counts = summary_counts(obj)
             status = obj.get("status") or {}
             if all(status.get(k) == v for k, v in counts.items()):
@@ -262,7 +267,7 @@ class KubeClient:
                 return await self._patch_status(namespace, name, guarded)
             except Conflict:
                 # another agent wrote since: look again (it may have fixed the counts already)
-                await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))
+                await conflicts.wait()
                 obj = await self.get_cached_model(namespace, name)
         log.warning("summary counts of cachedmodel %s/%s left to the next writer after %d "
                     "conflicts", namespace, name, self.settings.status_retries)
@@ -508,7 +513,7 @@ class Informer:
     async def events(self) -> AsyncGenerator[WatchEvent, None]:
         """Every change, forever (use with ``contextlib.aclosing``)."""
         settings = self._client.settings
-        backoff = _Backoff(settings.backoff_base, settings.backoff_max)
+        backoff = Backoff(settings.backoff_base, settings.backoff_max)
         must_list = True
         loop = asyncio.get_running_loop()
         while True:
@@ -534,7 +539,7 @@ class Informer:
             except ModelcacheError as e:
                 self.last_error = e
                 log.warning("%s: %s; retrying", self.resource, e)
-                await backoff.wait()
+                await backoff.wait(e)
 
     async def _list(self) -> list[WatchEvent]:
         """List all pages at one resourceVersion; the difference from ``store`` as events."""
@@ -624,21 +629,6 @@ def _decode_event(what: str, line: bytes) -> Obj:
     if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
         raise TransientError(f"{what}: a watch event has no object")
     return event
-
-
-class _Backoff:
-    """Exponential delays with jitter (half fixed, half random)."""
-
-    def __init__(self, base: float, cap: float) -> None:
-        self.base, self.cap, self.failures = base, cap, 0
-
-    def reset(self) -> None:
-        self.failures = 0
-
-    async def wait(self) -> None:
-        delay = min(self.cap, self.base * 2 ** self.failures)
-        self.failures += 1
-        await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
 
 
 def _bind(call: Callable[..., Awaitable[Any]], *args: Any) -> Callable[..., Awaitable[Any]]:

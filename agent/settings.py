@@ -213,7 +213,7 @@ class KubeSettings:
 
     backoff_base: float = 0.5
     """First delay in seconds before a failed list or watch is retried; doubles each failure,
-    with jitter."""
+    with full jitter (``common/backoff.py``)."""
 
     backoff_max: float = 30.0
     """Longest delay between list or watch attempts."""
@@ -253,7 +253,8 @@ class ClusterSettings:
     pod informer (its watch event may lag behind its init container)."""
 
     retry_base: float = 30.0
-    """First delay before a failed CachedModel pull is tried again; doubles each failure."""
+    """First delay before a failed CachedModel pull is tried again; doubles each failure, with
+    full jitter (``common/backoff.py``)."""
 
     retry_max: float = 3600.0
     """Longest delay between attempts at a failed CachedModel pull."""

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import aiohttp
+
+from common.backoff import Backoff
 
 from .cluster import ClusterError, Gone, KubeApi
 
@@ -65,21 +66,6 @@ class NamespaceCache:
             await self._changed.wait()
 
 
-class Backoff:
-    """Exponential delays with full jitter, reset after a success."""
-
-    def __init__(self, base: float = 0.5, cap: float = 30.0) -> None:
-        self.base, self.cap, self.attempt = base, cap, 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * 2**self.attempt)
-        self.attempt += 1
-        return random.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 class NamespaceWatch:
     """Keeps a :class:`NamespaceCache` current from the API server."""
 
@@ -90,7 +76,7 @@ class NamespaceWatch:
         self.api = api
         self.cache = cache
         self.log = log
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff or Backoff(0.5, 30.0)
         self.watch_seconds = watch_seconds
         self.page_size = page_size
         self.resource_version: str | None = None

@@ -14,8 +14,9 @@ import aiohttp
 import pytest
 from webhook_testkit import FakeApiServer, RunningApi
 
+from common.backoff import Backoff
 from webhook.cluster import ClusterConfig, KubeApi, find_config
-from webhook.namespaces import Backoff, NamespaceCache, NamespaceWatch
+from webhook.namespaces import NamespaceCache, NamespaceWatch
 
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 TIMEOUT = 10
