@@ -30,6 +30,8 @@ import aiohttp
 from aiohttp import web
 
 from common import logs
+from common.errors import InvalidInput
+from common.hosts import AllowList
 
 from . import certs
 from .admission import Context
@@ -106,6 +108,10 @@ def settings_from(args: argparse.Namespace) -> tuple[ServerSettings, PlanSetting
     store = str(args.store_path)
     if not store.startswith("/") or posixpath.normpath(store) != store or store == "/":
         _fail(f"--store-path {store!r} must be a clean absolute path")
+    try:
+        AllowList(args.allow_host)
+    except InvalidInput as e:
+        _fail(f"--{e}")
     image = str(args.image)
     if "@" not in image and (":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest")):
         _fail(f"--image {image!r} must be pinned to a tag or digest other than latest")

@@ -306,6 +306,8 @@ def test_bad_flags_exit_2(cert_files: CertFiles, capsys: pytest.CaptureFixture[s
     assert main([*base, "--listen", "nowhere"]) == 2
     assert main([]) == 2
     assert "pinned" in capsys.readouterr().err
+    assert main([*base, "--allow-host", "registry.corp:http"]) == 2
+    assert "--allow-host entry 'registry.corp:http' is not HOST[:PORT]" in capsys.readouterr().err
 
 
 def test_init_env_and_ca_reach_the_init_container(
