@@ -43,13 +43,13 @@ from agent.settings import (
     ClusterSettings,
     EgressSettings,
     FetchSettings,
-    KubeSettings,
     SourceSettings,
     StoreSettings,
     WarmModel,
 )
 from common.errors import InvalidInput
 from common.hosts import AllowList
+from common.kube.settings import KubeSettings
 from common.reference import parse
 
 _POSITIVE_INT = {"type": "integer", "minimum": 1}

@@ -19,9 +19,9 @@ import logging
 from typing import Any
 
 from agent.index import READY, Index, Model
-from agent.kube import KubeClient
 from common.backoff import Backoff
 from common.errors import ModelcacheError
+from common.kube.client import KubeClient
 from common.reference import LABEL_PREFIX
 
 log = logging.getLogger(__name__)

@@ -21,14 +21,24 @@ import aiohttp
 import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
-from webhook_testkit import CertFiles, RunningApi, admission_review, apply, decoded_patch
+from webhook_testkit import (
+    WEBHOOK_TOKEN,
+    WEBHOOK_USER,
+    CertFiles,
+    admission_review,
+    apply,
+    decoded_patch,
+)
 
 import webhook
+from tests.kubeapi import FakeKubeApi
+from tests.kubeapi.objects import namespace
 from webhook.tls import not_after
 
 ROOT = Path(webhook.__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
 TIMEOUT = 20
+ENFORCE = "pod-security.kubernetes.io/enforce"
 
 
 @dataclass
@@ -182,21 +192,17 @@ async def test_aiohttp_errors_are_json_lines_too(
 
 
 async def test_namespace_labels_choose_the_mode(
-    fake_api: RunningApi, cert_files: CertFiles, client_ssl: ssl.SSLContext, tmp_path: Path
+    kube_api: FakeKubeApi, cert_files: CertFiles, client_ssl: ssl.SSLContext, tmp_path: Path
 ) -> None:
-    """Through a kubeconfig, the process watches namespaces: a namespace that enforces
-    `restricted` gets download mode; relabelled `privileged`, cache mode."""
-    fake = fake_api.fake
-    await fake.put_namespace("ml", {"pod-security.kubernetes.io/enforce": "restricted"})
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
-        "users": [{"name": "sa", "user": {"token": fake.token}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "sa"}}],
-    }))
+    """Through a kubeconfig (the webhook's service account, under its RBAC from deploy/),
+    the process watches namespaces: a namespace that enforces `restricted` gets download
+    mode; relabelled `privileged`, cache mode."""
+    c = kube_api.cluster
+    c.create("namespaces", namespace("ml", {ENFORCE: "restricted"}))
+    kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig", token=WEBHOOK_TOKEN)
     async with running(serve_args(cert_files), env_for(kubeconfig)) as process:
-        await process.wait_log("namespace labels synced")
+        listed = await process.wait_log("informer listed")
+        assert listed["resource"] == "namespaces" and listed["objects"] >= 2
         pod = golden_pod("cache-defaults")
 
         async def mode() -> str:
@@ -207,8 +213,8 @@ async def test_namespace_labels_choose_the_mode(
             return value
 
         assert await mode() == "download"
-        await fake.wait_watches(1)
-        await fake.put_namespace("ml", {"pod-security.kubernetes.io/enforce": "privileged"})
+        await asyncio.wait_for(kube_api.wait_for_watch("namespaces"), TIMEOUT)
+        c.patch("namespaces", "ml", {"metadata": {"labels": {ENFORCE: "privileged"}}})
         # the watch delivers the change; poll the answer until it follows (bounded)
         for _ in range(200):
             if await mode() == "cache":
@@ -216,27 +222,24 @@ async def test_namespace_labels_choose_the_mode(
             await asyncio.sleep(0.01)
         assert await mode() == "cache"
     assert not any(e["msg"].startswith("no cluster access") for e in process.logs)
-    assert fake.token not in json.dumps(process.logs)
+    assert WEBHOOK_TOKEN not in json.dumps(process.logs)
+    assert process.raw == []
+    mine = [r for r in kube_api.requests if r.user == WEBHOOK_USER]
+    assert mine and all(r.status == 200 for r in mine), "the webhook's RBAC suffices"
 
 
 async def test_certs_mints_a_working_pair_and_patches_the_ca_bundle(
-    fake_api: RunningApi, tmp_path: Path
+    kube_api: FakeKubeApi, tmp_path: Path
 ) -> None:
-    fake = fake_api.fake
-    fake.webhook_configs["modelcache"] = {
+    kube_api.cluster.create("mutatingwebhookconfigurations", {
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": "modelcache", "resourceVersion": "7"},
-        "webhooks": [{"name": "pods.modelcache.io", "clientConfig": {
-            "service": {"name": "modelcache-webhook", "namespace": "modelcache",
-                        "path": "/mutate"}}}],
-    }
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
-        "users": [{"name": "sa", "user": {"token": fake.token}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "sa"}}],
-    }))
+        "metadata": {"name": "modelcache"},
+        "webhooks": [{"name": "pods.modelcache.io", "admissionReviewVersions": ["v1"],
+                      "sideEffects": "None", "clientConfig": {
+                          "service": {"name": "modelcache-webhook", "namespace": "modelcache",
+                                      "path": "/mutate"}}}],
+    })
+    kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig")  # cluster admin
     out = tmp_path / "certs"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "webhook", "certs", "--service", "modelcache-webhook",
@@ -249,7 +252,7 @@ async def test_certs_mints_a_working_pair_and_patches_the_ca_bundle(
     ca_bundle = stdout.decode().strip()
     assert base64.b64decode(ca_bundle) == (out / "ca.crt").read_bytes()
     assert (out / "tls.key").stat().st_mode & 0o777 == 0o600
-    webhook_config = fake.webhook_configs["modelcache"]
+    webhook_config = kube_api.cluster.get("mutatingwebhookconfigurations", "modelcache")
     assert webhook_config["webhooks"][0]["clientConfig"]["caBundle"] == ca_bundle
     assert webhook_config["webhooks"][0]["clientConfig"]["service"]["path"] == "/mutate"
     # a real handshake: the API server trusts the bundle and checks the Service's name
