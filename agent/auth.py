@@ -2,7 +2,7 @@
 
 Reads are open (standalone) and writes need a bearer token. Standalone, the token is the
 content of ``--token-file`` (created with a random token if it does not exist, mode 0600).
-In a cluster, ``agent/kubeauth.py`` provides an authenticator backed by TokenReview and
+In a cluster, ``agent/cluster/auth.py`` provides an authenticator backed by TokenReview and
 SubjectAccessReview that plugs in here.
 
 Actions: ``read`` (the model list, a model, the store), ``ensure`` (ask for a model: the

@@ -43,12 +43,13 @@ from agent.settings import (
     ClusterSettings,
     EgressSettings,
     FetchSettings,
-    KubeSettings,
     SourceSettings,
     StoreSettings,
     WarmModel,
 )
 from common.errors import InvalidInput
+from common.hosts import AllowList
+from common.kube.settings import KubeSettings
 from common.reference import parse
 
 _POSITIVE_INT = {"type": "integer", "minimum": 1}
@@ -163,6 +164,7 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
                                             *(args.allow_path or ()))),
         ca_file=_ca_file(args.ca_file or cfg.get("caFile")),
     )
+    AllowList(egress.allow_hosts)  # a bad entry is refused here, naming it
     fetch_cfg = cfg.get("fetch", {})
     fetch = replace(
         FetchSettings(),

@@ -1,10 +1,11 @@
 """The egress policy: which sources the agent may reach, checked on every hop.
 
 - schemes: only those the admin allows;
-- hosts: any public host, plus the hosts the admin lists (``--allow-host``); loopback,
-  link-local (cloud metadata), private, CGNAT, multicast and reserved addresses are refused
-  unless their host or address is listed; with ``only_allowed_hosts`` every unlisted host is
-  refused;
+- hosts: any public host, plus the hosts the admin lists (``--allow-host``, parsed by
+  ``common/hosts.py`` as the webhook parses it); loopback, link-local (cloud metadata),
+  private, CGNAT, multicast and reserved addresses are refused unless their host or address
+  is listed (the webhook's rule, ``common.hosts.address_kind``); with ``only_allowed_hosts``
+  every unlisted host is refused;
 - every redirect hop is checked again, ``https`` never downgrades to ``http``, and
   credentials are dropped when a redirect leaves the host they were meant for;
 - addresses are checked after DNS resolution and the connection goes to the checked address
@@ -42,9 +43,8 @@ from common.errors import (
     TLSUntrusted,
     TransientError,
 )
-from common.reference import split_host_port
+from common.hosts import AllowList, IPAddress, a, address_kind, unmap
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 REDIRECTS = (301, 302, 303, 307, 308)
 #: headers that carry credentials: dropped when a redirect changes host
 CREDENTIAL_HEADERS = ("authorization", "cookie", "proxy-authorization", "x-amz-security-token")
@@ -71,33 +71,11 @@ class Egress:
 
     def __init__(self, settings: EgressSettings) -> None:
         self.settings = settings
-        self._names: list[tuple[str, int | None]] = []
-        self._nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        for entry in settings.allow_hosts:
-            entry = entry.strip().lower()
-            if not entry:
-                continue
-            try:
-                self._nets.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
-                continue
-            except ValueError:
-                pass
-            name, port = split_host_port(entry, 0)
-            self._nets_or_name(name, port or None)
+        self.allowed = AllowList(settings.allow_hosts)
+        """The admin's ``--allow-host`` entries (``common/hosts.py``, the webhook's syntax)."""
         self._paths = tuple(Path(p).resolve() for p in settings.allow_paths)
         self.tls = tls_context(settings.ca_file)
         """The one TLS context of every connection to a source (control and data)."""
-
-    def _nets_or_name(self, name: str, port: int | None) -> None:
-        try:
-            addr = ipaddress.ip_address(name)
-        except ValueError:
-            self._names.append((name.rstrip("."), port))
-            return
-        if port is None:
-            self._nets.append(ipaddress.ip_network(addr))
-        else:
-            self._names.append((str(addr), port))
 
     # --- checks --------------------------------------------------------------------------
 
@@ -106,30 +84,25 @@ class Egress:
             raise NotAllowed(f"source scheme {scheme}:// is not allowed on this agent")
 
     def host_listed(self, host: str, port: int) -> bool:
-        """Whether the admin listed this host (by name, by name and port, or by pattern)."""
-        host = host.lower().rstrip(".")
-        for name, want_port in self._names:
-            if want_port is not None and want_port != port:
-                continue
-            if name == host or (name.startswith("*.") and host.endswith(name[1:])):
-                return True
-        return False
+        """Whether the admin listed this host as written (by name, by name and port, by
+        pattern, or a literal address by address or network)."""
+        return self.allowed.host_listed(host, port)
 
     def address_listed(self, ip: IPAddress) -> bool:
-        ip = _unmap(ip)
-        return any(ip in net for net in self._nets)
+        """Whether the admin listed an address a host resolved to (an address or network)."""
+        return self.allowed.address_listed(ip)
 
     def check_address(self, host: str, port: int, address: str) -> None:
         """Refuse an address that is not public unless its host or address is listed."""
-        ip = _unmap(ipaddress.ip_address(address.split("%", 1)[0]))
+        ip = unmap(ipaddress.ip_address(address.split("%", 1)[0]))
         if self.host_listed(host, port) or self.address_listed(ip):
             return
         if self.settings.only_allowed_hosts:
             raise NotAllowed(f"host {host}:{port} is not in the agent's allowlist")
-        if not ip.is_global or ip.is_multicast:
-            kind = _kind(ip)
+        kind = address_kind(ip)
+        if kind is not None:
             raise NotAllowed(
-                f"host {host}:{port} resolves to {kind} address {ip}; "
+                f"host {host}:{port} resolves to {a(kind)} address {ip}; "
                 f"allow it with --allow-host {host}:{port} if it is a trusted mirror"
             )
 
@@ -149,12 +122,7 @@ class Egress:
         except ValueError as e:
             raise NotAllowed(f"URL has an invalid port: {e}") from e
         if self.settings.only_allowed_hosts and not self.host_listed(host, port):
-            try:
-                literal = ipaddress.ip_address(host)
-            except ValueError:
-                raise NotAllowed(f"host {host}:{port} is not in the agent's allowlist") from None
-            if not self.address_listed(literal):
-                raise NotAllowed(f"host {host}:{port} is not in the agent's allowlist")
+            raise NotAllowed(f"host {host}:{port} is not in the agent's allowlist")
         return scheme, host, port
 
     async def endpoint(self, url: str) -> Endpoint:
@@ -293,26 +261,6 @@ def untrusted(url: str, error: BaseException) -> TLSUntrusted:
 def strip_credentials(headers: Mapping[str, str]) -> dict[str, str]:
     """Headers without anything that carries credentials."""
     return {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
-
-
-def _unmap(ip: IPAddress) -> IPAddress:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-def _kind(ip: IPAddress) -> str:
-    if ip.is_loopback:
-        return "a loopback"
-    if ip.is_link_local:
-        return "a link-local"
-    if ip.is_multicast:
-        return "a multicast"
-    if ip.is_unspecified:
-        return "an unspecified"
-    if ip.is_private:
-        return "a private"
-    return "a non-public"
 
 
 def shown_url(url: str) -> str:

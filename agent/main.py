@@ -28,7 +28,6 @@ from agent.eviction.evictor import Evictor
 from agent.eviction.usage import Usage
 from agent.fetch.engine import Fetcher
 from agent.index import Index
-from agent.kube import KubeClient, connect
 from agent.metrics import Metrics
 from agent.pull.credentials import CredentialsProvider, DirectoryCredentials, SecretCredentials
 from agent.pull.puller import Puller
@@ -38,6 +37,7 @@ from agent.sources.catalog import build_sources
 from agent.store.local import Store
 from agent.store.recovery import recover
 from common.errors import ModelcacheError
+from common.kube.client import KubeClient, connect
 from common.reference import parse, split_host_port
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.kube.settings import KubeSettings
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -200,36 +202,6 @@ class WarmModel:
 
 
 @dataclass(frozen=True)
-class KubeSettings:
-    kubeconfig: Path | None = None
-    """A kubeconfig file to connect with; ``None``: the pod's in-cluster service account."""
-
-    request_timeout: float = 30.0
-    """Seconds one Kubernetes API request (not a watch) may take."""
-
-    watch_timeout: float = 300.0
-    """Seconds a watch asks the apiserver to keep it open (``timeoutSeconds``), jittered up to
-    twice this so that a thousand agents do not reconnect together (as client-go does)."""
-
-    backoff_base: float = 0.5
-    """First delay in seconds before a failed list or watch is retried; doubles each failure,
-    with jitter."""
-
-    backoff_max: float = 30.0
-    """Longest delay between list or watch attempts."""
-
-    list_page_size: int = 500
-    """Objects per page when an informer lists (``limit``/``continue``)."""
-
-    status_retries: int = 8
-    """Attempts at the resourceVersion-guarded patch that keeps a CachedModel's summary
-    counts equal to its ``status.nodes`` (each conflict means another agent wrote)."""
-
-    event_controller: str = "modelcache.io/agent"
-    """``reportingController`` of the Events the agent emits."""
-
-
-@dataclass(frozen=True)
 class ClusterSettings:
     audiences: tuple[str, ...] = ("modelcache",)
     """Audiences a caller's projected service-account token must carry (TokenReview)."""
@@ -253,7 +225,8 @@ class ClusterSettings:
     pod informer (its watch event may lag behind its init container)."""
 
     retry_base: float = 30.0
-    """First delay before a failed CachedModel pull is tried again; doubles each failure."""
+    """First delay before a failed CachedModel pull is tried again; doubles each failure, with
+    full jitter (``common/backoff.py``)."""
 
     retry_max: float = 3600.0
     """Longest delay between attempts at a failed CachedModel pull."""

@@ -30,9 +30,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .cluster import ClusterError, KubeApi
+from common.errors import Conflict, NotFound
+from common.kube.client import KubeClient
+from common.kube.errors import Invalid
 
-WEBHOOK_CONFIGS = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
 TLS_SECRET_TYPE = "kubernetes.io/tls"  # noqa: S105 - a Secret type, not a secret
 SECRET_KEYS = ("tls.crt", "tls.key", "ca.crt")
 RENEW_BEFORE = datetime.timedelta(days=30)
@@ -134,12 +135,11 @@ def write(minted: Minted, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-async def patch_ca_bundle(api: KubeApi, name: str, ca_bundle: str) -> int:
+async def patch_ca_bundle(kube: KubeClient, name: str, ca_bundle: str) -> int:
     """Set ``clientConfig.caBundle`` of every webhook in the configuration that lacks this
     one; how many were changed (0: all were current, nothing was written)."""
-    path = f"{WEBHOOK_CONFIGS}/{name}"
     for attempt in range(1, ATTEMPTS + 1):
-        config = await api.request("GET", path)
+        config = await kube.get_mutating_webhook_configuration(name)
         webhooks = config.get("webhooks") or []
         stale = [i for i, hook in enumerate(webhooks)
                  if (hook.get("clientConfig") or {}).get("caBundle") != ca_bundle]
@@ -155,11 +155,10 @@ async def patch_ca_bundle(api: KubeApi, name: str, ca_bundle: str) -> int:
             for i in stale
         ]
         try:
-            await api.request("PATCH", path, body=operations,
-                              content_type="application/json-patch+json")
-        except ClusterError as e:
-            if e.status in (409, 422) and attempt < ATTEMPTS:
-                continue  # changed since we read it: read again
+            await kube.patch_mutating_webhook_configuration(name, operations)
+        except (Conflict, Invalid):
+            if attempt < ATTEMPTS:
+                continue  # changed since we read it (the test failed): read again
             raise
         return len(stale)
     raise AssertionError("unreachable")
@@ -178,20 +177,18 @@ class Ensured:
 
 
 async def ensure_secret(
-    api: KubeApi, name: str, service: str, namespace: str, *, days: int = 365,
+    kube: KubeClient, name: str, service: str, namespace: str, *, days: int = 365,
     renew_before: datetime.timedelta = RENEW_BEFORE, now: datetime.datetime | None = None,
 ) -> Ensured:
     """Make the ``kubernetes.io/tls`` Secret ``namespace/name`` hold a good pair for the
-    Service: keep the one there, or mint and write a new one (create, or update at the
+    Service: keep the one there, or mint and write a new one (create, or replace at the
     resourceVersion read, so a concurrent writer is never overwritten: on a conflict the
-    Secret is read and judged again)."""
-    collection = f"/api/v1/namespaces/{namespace}/secrets"
-    path = f"{collection}/{name}"
+    Secret is read and judged again). A Secret of another type is a ``Conflict``."""
     now = now or datetime.datetime.now(datetime.UTC)
     for attempt in range(1, ATTEMPTS + 1):
-        current = await _get(api, path)
+        current = await _get(kube, namespace, name)
         if current is not None and current.get("type") != TLS_SECRET_TYPE:
-            raise ClusterError(
+            raise Conflict(
                 f"Secret {namespace}/{name} has type {current.get('type')!r}, not "
                 f"{TLS_SECRET_TYPE}, and a Secret's type cannot change: delete it and run again")
         pair, why = _judge(current, service, namespace, now, renew_before)
@@ -201,24 +198,23 @@ async def ensure_secret(
         fresh = _keep_old_ca(mint(service, namespace, days, now), old_ca, now)
         try:
             if current is None:
-                await api.request("POST", collection, body=_secret(name, namespace, fresh, None))
+                await kube.create_secret(namespace, _secret(name, namespace, fresh, None))
             else:
-                await api.request("PUT", path, body=_secret(name, namespace, fresh, current))
-        except ClusterError as e:
-            if e.status == 409 and attempt < ATTEMPTS:
+                await kube.replace_secret(namespace, name,
+                                          _secret(name, namespace, fresh, current))
+        except Conflict:
+            if attempt < ATTEMPTS:
                 continue  # another writer got there first: judge what it wrote
             raise
         return Ensured(fresh, "created" if current is None else "renewed", why)
     raise AssertionError("unreachable")
 
 
-async def _get(api: KubeApi, path: str) -> dict[str, Any] | None:
+async def _get(kube: KubeClient, namespace: str, name: str) -> dict[str, Any] | None:
     try:
-        return await api.request("GET", path)
-    except ClusterError as e:
-        if e.status == 404:
-            return None
-        raise
+        return await kube.get_secret(namespace, name)
+    except NotFound:
+        return None
 
 
 def _decoded(secret: Mapping[str, Any], key: str) -> bytes:

@@ -26,12 +26,15 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
-from . import certs, logs
+from common import logs
+from common.errors import InvalidInput, ModelcacheError
+from common.hosts import AllowList
+from common.kube.client import Found, KubeClient, connect, find_config
+
+from . import certs
 from .admission import Context
-from .cluster import ClusterConfig, ClusterError, KubeApi, find_config
 from .metrics import WebhookMetrics
 from .namespaces import NamespaceCache, NamespaceWatch
 from .server import Deps, make_runner
@@ -45,6 +48,9 @@ from .settings import (
 )
 from .tls import CertReloader
 
+#: the webhook's own log lines (aiohttp's and the libraries' come out beside them, alike)
+LOGGER = "webhook"
+
 
 def main(argv: list[str]) -> int:
     """Run ``modelcache webhook`` with the arguments after ``webhook``; the exit status."""
@@ -56,7 +62,8 @@ def main(argv: list[str]) -> int:
         server, planning = settings_from(args)
     except SystemExit as e:
         return int(e.code or 0)
-    log = logs.setup(args.log_level)
+    logs.setup(args.log_level)
+    log = logging.getLogger(LOGGER)
     try:
         return asyncio.run(serve(server, planning, env, log))
     except KeyboardInterrupt:
@@ -100,6 +107,10 @@ def settings_from(args: argparse.Namespace) -> tuple[ServerSettings, PlanSetting
     store = str(args.store_path)
     if not store.startswith("/") or posixpath.normpath(store) != store or store == "/":
         _fail(f"--store-path {store!r} must be a clean absolute path")
+    try:
+        AllowList(args.allow_host)
+    except InvalidInput as e:
+        _fail(f"--{e}")
     image = str(args.image)
     if "@" not in image and (":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest")):
         _fail(f"--image {image!r} must be pinned to a tag or digest other than latest")
@@ -149,6 +160,30 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
+async def _connect(env: Mapping[str, str], log: logging.Logger) -> KubeClient | None:
+    """The API client, or None (said once, with why) when there is no cluster access."""
+    found, why = find_config(env)
+    kube: KubeClient | None = None
+    if found is not None:
+        try:
+            kube = await connect_to(found, env)
+        except InvalidInput as e:
+            why = str(e)
+    if kube is None:
+        log.warning("no cluster access: namespace labels unknown, mode defaults to cache",
+                    extra={"why": why})
+        return None
+    log.info("watching namespaces", extra={"config": found.source if found else ""})
+    return kube
+
+
+async def connect_to(found: Found, env: Mapping[str, str]) -> KubeClient:
+    """A client from the configuration :func:`find_config` found (``InvalidInput`` if it
+    is not usable)."""
+    kubeconfig = str(found.kubeconfig) if found.kubeconfig else None
+    return await connect(kubeconfig, environ=env)
+
+
 async def serve(
     server: ServerSettings, planning: PlanSettings, env: Mapping[str, str],
     log: logging.Logger,
@@ -159,21 +194,17 @@ async def serve(
         reloader = CertReloader(server.tls_cert, server.tls_key, log,
                                 metrics.cert_reloaded, metrics.cert_loaded)
     except (OSError, ValueError) as e:
-        log.error("cannot load the TLS certificate", extra={"fields": {"error": str(e)}})
+        log.error("cannot load the TLS certificate", extra={"error": str(e)})
         return 1
-    cache = NamespaceCache()
     background: list[Callable[[], Awaitable[None]]] = [
         lambda: reloader.run(server.cert_poll_seconds)
     ]
-    config, why = find_config(env)
-    session: aiohttp.ClientSession | None = None
-    if config is None:
-        log.warning("no cluster access: namespace labels unknown, mode defaults to cache",
-                    extra={"fields": {"why": why}})
-    else:
-        session = aiohttp.ClientSession()
-        log.info("watching namespaces", extra={"fields": {"config": config.source}})
-        background.append(NamespaceWatch(KubeApi(config, session), cache, log).run)
+    kube = await _connect(env, log)
+    cache = NamespaceCache()
+    if kube is not None:
+        watch = NamespaceWatch(kube.watch_namespaces())
+        cache = watch.cache
+        background.append(watch.run)
     deps = Deps(
         admission=Context(planning, server.namespace, cache.labels),
         metrics=metrics, log=log, max_body_bytes=server.max_body_bytes,
@@ -191,16 +222,16 @@ async def serve(
         gc.freeze()  # start-up objects (schemas, modules) never need collecting: fewer pauses
         bound = [f"https://{a[0]}:{a[1]}" if ":" not in a[0] else f"https://[{a[0]}]:{a[1]}"
                  for a in runner.addresses]
-        log.info("serving", extra={"fields": {"listen": bound, "agent": planning.agent_url,
-                                              "image": planning.image}})
+        log.info("serving", extra={"listen": bound, "agent": planning.agent_url,
+                                   "image": planning.image})
         await stop.wait()
         log.info("stopping: not ready, draining")
         deps.health.ready = False
         await asyncio.sleep(server.shutdown_delay_seconds)
     finally:
         await runner.cleanup()
-        if session is not None:
-            await session.close()
+        if kube is not None:
+            await kube.close()
         reloader.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -243,13 +274,14 @@ def _certs(argv: list[str], env: Mapping[str, str]) -> int:
             p.error("--days must be more than --renew-before-days (or every run re-mints)")
     except SystemExit as e:
         return int(e.code or 0)
-    config, why = find_config(env)
+    found, why = find_config(env)
     if args.secret:
-        if config is None:
+        if found is None:
             print(f"no cluster access ({why}): cannot write Secret "
                   f"{args.namespace}/{args.secret}", file=sys.stderr)
             return 1
-        return asyncio.run(_certs_in_cluster(config, args))
+        return asyncio.run(_in_cluster(found, env, f"Secret {args.namespace}/{args.secret}",
+                                       lambda kube: _ensure(kube, args)))
     minted = certs.mint(args.service, args.namespace, days=args.days)
     paths = certs.write(minted, args.out_dir)
     print(minted.ca_bundle)
@@ -257,44 +289,51 @@ def _certs(argv: list[str], env: Mapping[str, str]) -> int:
     print(f"wrote {', '.join(str(p) for p in paths.values())} for {names}", file=sys.stderr)
     if not args.webhook_config:
         return 0
-    if config is None:
+    if found is None:
         print(f"no cluster access ({why}): caBundle of {args.webhook_config} not patched",
               file=sys.stderr)
         return 0
-    return asyncio.run(_patch(config, args.webhook_config, minted.ca_bundle))
+    name = args.webhook_config
+    return asyncio.run(_in_cluster(found, env, f"patching {name}",
+                                   lambda kube: _patch_with(kube, name, minted.ca_bundle)))
 
 
-async def _certs_in_cluster(config: ClusterConfig, args: argparse.Namespace) -> int:
-    """The Secret (kept or re-minted), then the files and the caBundle from what it holds."""
-    where = f"Secret {args.namespace}/{args.secret}"
-    async with aiohttp.ClientSession() as session:
-        api = KubeApi(config, session)
-        try:
-            ensured = await certs.ensure_secret(
-                api, args.secret, args.service, args.namespace, days=args.days,
-                renew_before=datetime.timedelta(days=args.renew_before_days))
-        except (ClusterError, aiohttp.ClientError, OSError) as e:
-            print(f"{where} failed: {e}", file=sys.stderr)
-            return 1
-        print(f"{where} {ensured.action}" + (f": {ensured.why}" if ensured.why else ""),
-              file=sys.stderr)
-        if args.out_dir:
-            certs.write(ensured.pair, args.out_dir)
-        print(ensured.pair.ca_bundle)
-        if not args.webhook_config:
-            return 0
-        return await _patch_with(api, args.webhook_config, ensured.pair.ca_bundle)
-
-
-async def _patch(config: ClusterConfig, name: str, ca_bundle: str) -> int:
-    async with aiohttp.ClientSession() as session:
-        return await _patch_with(KubeApi(config, session), name, ca_bundle)
-
-
-async def _patch_with(api: KubeApi, name: str, ca_bundle: str) -> int:
+async def _in_cluster(found: Found, env: Mapping[str, str], what: str,
+                      job: Callable[[KubeClient], Awaitable[int]]) -> int:
+    """``job``'s exit status with a client of the cluster; 1, saying ``what`` failed, when
+    the client cannot be made or an API call of ``job`` fails."""
     try:
-        count = await certs.patch_ca_bundle(api, name, ca_bundle)
-    except (ClusterError, aiohttp.ClientError, OSError) as e:
+        kube = await connect_to(found, env)
+    except InvalidInput as e:
+        print(f"{what} failed: {e}", file=sys.stderr)
+        return 1
+    async with kube:
+        try:
+            return await job(kube)
+        except (ModelcacheError, OSError) as e:
+            print(f"{what} failed: {e}", file=sys.stderr)
+            return 1
+
+
+async def _ensure(kube: KubeClient, args: argparse.Namespace) -> int:
+    """The Secret (kept or re-minted), then the files and the caBundle from what it holds."""
+    ensured = await certs.ensure_secret(
+        kube, args.secret, args.service, args.namespace, days=args.days,
+        renew_before=datetime.timedelta(days=args.renew_before_days))
+    print(f"Secret {args.namespace}/{args.secret} {ensured.action}"
+          + (f": {ensured.why}" if ensured.why else ""), file=sys.stderr)
+    if args.out_dir:
+        certs.write(ensured.pair, args.out_dir)
+    print(ensured.pair.ca_bundle)
+    if not args.webhook_config:
+        return 0
+    return await _patch_with(kube, args.webhook_config, ensured.pair.ca_bundle)
+
+
+async def _patch_with(kube: KubeClient, name: str, ca_bundle: str) -> int:
+    try:
+        count = await certs.patch_ca_bundle(kube, name, ca_bundle)
+    except ModelcacheError as e:
         print(f"patching {name} failed: {e}", file=sys.stderr)
         return 1
     if count:

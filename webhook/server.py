@@ -95,13 +95,13 @@ async def mutate(request: web.Request) -> web.Response:
     deps.metrics.duration.observe(elapsed)
     fields = {**outcome.fields, "outcome": outcome.outcome, "ms": round(elapsed * 1000, 3)}
     if outcome.crash is not None:
-        deps.log.error("admission crashed", extra={"fields": fields}, exc_info=outcome.crash)
+        deps.log.error("admission crashed", extra=fields, exc_info=outcome.crash)
     elif outcome.outcome in ("error", "denied"):
-        deps.log.info(f"admission {outcome.outcome}", extra={"fields": fields})
+        deps.log.info(f"admission {outcome.outcome}", extra=fields)
     elif outcome.outcome == "mutated":
-        deps.log.info("admission mutated", extra={"fields": fields})
+        deps.log.info("admission mutated", extra=fields)
     else:
-        deps.log.debug("admission skipped", extra={"fields": fields})
+        deps.log.debug("admission skipped", extra=fields)
     response = web.json_response(outcome.body, status=outcome.status)
     if outcome.status == 413:
         response.force_close()  # do not drain the rest of an oversized body

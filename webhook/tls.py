@@ -83,7 +83,7 @@ class CertReloader:
             self.context.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError, ValueError) as e:
             self.log.warning("TLS certificate reload failed; keeping the current one",
-                             extra={"fields": {"error": str(e)[:200]}})
+                             extra={"error": str(e)[:200]})
             self.failures += 1
             if self.on_reload:
                 self.on_reload(False)
@@ -92,7 +92,7 @@ class CertReloader:
         self._signature = signature
         self.not_after = expiry
         self.loads += 1
-        self.log.info("TLS certificate reloaded", extra={"fields": {"loads": self.loads}})
+        self.log.info("TLS certificate reloaded", extra={"loads": self.loads})
         if self.on_reload:
             self.on_reload(True)
         if self.on_load:

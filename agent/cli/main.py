@@ -107,9 +107,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from agent import logs
     from agent.config import agent_settings
     from agent.main import run
+    from common import logs
 
     logs.setup(args.log_level)
     settings = agent_settings(args)

@@ -37,7 +37,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from agent import logs
 from agent.cli.client import AgentClient, AgentError
 from agent.egress import Egress
 from agent.fetch.engine import Fetcher
@@ -49,6 +48,7 @@ from agent.store.local import Store
 from agent.store.names import join_inside
 from agent.store.recovery import recover
 from agent.store.trees import MANIFEST, Manifest
+from common import logs
 from common.errors import ModelcacheError, NoSpace
 from common.reference import Reference, parse
 

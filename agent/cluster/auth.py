@@ -45,9 +45,9 @@ from aiohttp import web
 
 from agent.auth import Caller, bearer
 from agent.cluster.pods import credentials_of, models_of, running
-from agent.kube import GROUP, PLURAL, KubeClient, TokenReview
 from agent.settings import ClusterSettings
 from common.errors import Forbidden, Unauthorized
+from common.kube.client import GROUP, PLURAL, KubeClient, TokenReview
 from common.reference import Reference
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 In: the agent's own Node (its labels), the CachedModels (what to keep warm, ``warm.py``) and
 the pods on this node (what is in use, ``pods.py`` -> ``usage.py``), each through an
-``agent.kube`` informer that loses no change. Out: node labels (``nodelabels.py``), the
+``common.kube`` informer that loses no change. Out: node labels (``nodelabels.py``), the
 CachedModels' ``status.nodes.<node>`` and their Events (``status.py``), and Events on the
 Node (disk pressure, from the evictor's hooks).
 
@@ -25,10 +25,11 @@ from agent.cluster.status import StatusWriter
 from agent.cluster.warm import Warm
 from agent.eviction.usage import Usage
 from agent.index import Index
-from agent.kube import KubeClient, WatchEvent, object_key
 from agent.pull.credentials import CredentialsProvider
 from agent.pull.puller import Puller
 from agent.settings import AgentSettings
+from common.kube.client import KubeClient
+from common.kube.informer import WatchEvent, object_key
 from common.reference import parse
 
 log = logging.getLogger(__name__)

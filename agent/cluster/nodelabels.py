@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from typing import Any
 
 from agent.index import READY, Index, Model
-from agent.kube import KubeClient
+from common.backoff import Backoff
 from common.errors import ModelcacheError
+from common.kube.client import KubeClient
 from common.reference import LABEL_PREFIX
 
 log = logging.getLogger(__name__)
@@ -55,19 +55,18 @@ class NodeLabels:
         self._dirty.set()
 
     async def run(self) -> None:
-        failures = 0
+        backoff = Backoff(*self._backoff)
         while True:
             await self._dirty.wait()
             self._dirty.clear()
             try:
                 await self.reconcile()
-                failures = 0
+                backoff.reset()
             except ModelcacheError as e:
-                failures += 1
-                delay = min(self._backoff[1], self._backoff[0] * 2 ** failures)
+                delay = backoff.next(e)
                 log.warning("node labels not updated; retrying", extra={
                     "node": self.node, "error": str(e), "delay": round(delay, 2)})
-                await asyncio.sleep(random.uniform(delay / 2, delay))
+                await asyncio.sleep(delay)
                 self._dirty.set()
 
     async def reconcile(self) -> None:

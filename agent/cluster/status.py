@@ -2,7 +2,7 @@
 
 Each tracked CachedModel gets this node's entry: ``state`` (pulling, ready, failed,
 evicted), ``revision``, ``bytes``, ``lastTransitionTime`` and ``message``, written with
-``agent.kube``'s merge patch of that one key (agents on other nodes never conflict).
+``common.kube``'s merge patch of that one key (agents on other nodes never conflict).
 Writes are throttled: a state change is written at once; while a model is pulling, its
 progress is written at most once per ``interval`` seconds per CachedModel, and less often on
 a CachedModel that many nodes report on. Every status write reaches every agent (each
@@ -31,8 +31,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from agent.index import FAILED, PULLING, READY, Index, Model
-from agent.kube import KubeClient
 from common.errors import ModelcacheError, NotFound
+from common.kube.client import KubeClient
 
 log = logging.getLogger(__name__)
 EVICTED = "evicted"

@@ -6,7 +6,8 @@ says ``spec.pin``. A CachedModel deleted, no longer matching, or no longer pinni
 model unpinned and evictable; nothing is deleted at once. Its status entry is removed when it
 still exists but no longer selects this node.
 
-A failed pull is tried again after a backoff (doubling up to ``retry_max``); an unpinned
+A failed pull is tried again after the shared backoff (full jitter over a window from
+``retry_base`` doubling up to ``retry_max``); an unpinned
 model evicted under pressure is pulled again at the next resync, not at once (which would
 fight the evictor). At the first reconciliation, pins left by an earlier run for models no
 CachedModel pins any more are dropped (in a cluster, CachedModels are the pinning policy,
@@ -29,6 +30,7 @@ from agent.index import FAILED, READY, Index, Model
 from agent.pull.credentials import CredentialsProvider
 from agent.pull.puller import Puller
 from agent.settings import ClusterSettings
+from common import backoff
 from common.errors import ModelcacheError
 from common.reference import Reference, parse
 
@@ -213,5 +215,4 @@ class Warm:
         return math.inf
 
     def _backoff(self, failures: int) -> float:
-        s = self.settings
-        return float(min(s.retry_max, s.retry_base * 2 ** max(0, failures - 1)))
+        return backoff.delay(failures - 1, self.settings.retry_base, self.settings.retry_max)

@@ -49,11 +49,12 @@ from agent.egress import (
 )
 from agent.settings import ArchiveSettings, FetchSettings
 from agent.sources.base import Credentials, Location, RemoteFile, Source
-from agent.sources.control import backoff_delay, retry_level
+from agent.sources.control import retry_level
 from agent.store import archive
 from agent.store.ingest import Ingest, Segment
 from agent.store.local import Store
 from agent.store.trees import FileEntry
+from common.backoff import delay as backoff_delay
 from common.errors import (
     IntegrityError,
     NotAllowed,

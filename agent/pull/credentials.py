@@ -1,6 +1,6 @@
 """Where credentials for a source come from.
 
-In a cluster a pull names a Secret in the caller's namespace (``agent/kube.py`` reads it);
+In a cluster a pull names a Secret in the caller's namespace (``common/kube/client.py`` reads it);
 standalone, a directory laid out like a mounted Secret: ``<dir>/<name>/<key>`` files.
 Credentials are passed down as a mapping and never logged or returned.
 """

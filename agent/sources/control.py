@@ -1,9 +1,9 @@
 """Control-plane HTTP for sources: listings, manifests, tokens, registry lookups.
 
 Small bodies read whole (capped), every hop checked by the egress policy, and 429 / 5xx /
-resets retried with full-jitter exponential backoff that honours ``Retry-After`` and the
-reset of a ``RateLimit`` window (many nodes asking a hub at once must spread out, not
-stampede, and come back when the hub said, not before).
+resets retried with the shared backoff (``common/backoff.py``: full jitter after the wait the
+server asked for in ``Retry-After`` or a ``RateLimit`` window; many nodes asking a hub at once
+must spread out, not stampede, and come back when the hub said, not before).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from agent.egress import Egress, server_says, shown_url, status_error
+from common import backoff
 from common.errors import SourceError, TransientError
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class Control:
             except TransientError as e:
                 if attempt >= self.retries:
                     raise TransientError(f"{e} (after {attempt} attempts)") from e
-                delay = backoff_delay(attempt, self.backoff_base, self.backoff_max,
+                delay = backoff.delay(attempt, self.backoff_base, self.backoff_max,
                                       e.retry_after)
                 log.log(retry_level(e), "retrying control request", extra={
                     "url": shown_url(url), "attempt": attempt, "delay": round(delay, 3),
@@ -119,22 +119,3 @@ def retry_level(e: TransientError) -> int:
     """WARNING when the server asked us to wait (rate limited, or down for a while: an
     operator wants to see that), INFO for an ordinary retry."""
     return logging.WARNING if e.retry_after else logging.INFO
-
-
-#: the longest wait a server may ask for and get (``Retry-After``, a ``RateLimit`` window's
-#: reset: Hugging Face's windows are 5 minutes); a longer ask is cut to this
-SERVER_WAIT_MAX = 600.0
-
-
-def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None,
-                  rng: random.Random | None = None) -> float:
-    """Seconds to wait before attempt ``attempt + 1``: full jitter over an exponential
-    window of at most ``cap``; when the server said how long to wait, that wait (up to
-    :data:`SERVER_WAIT_MAX`) comes first and the jitter after it, so nodes told "55 s"
-    together do not come back together. Retrying sooner than asked would only spend the
-    attempts inside the window and fail the pull (``cap`` is our own patience, not the
-    server's)."""
-    draw = (rng or random).uniform(0, min(cap, base * 2 ** attempt))
-    if retry_after is None:
-        return draw
-    return min(retry_after, SERVER_WAIT_MAX) + draw

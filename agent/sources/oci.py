@@ -371,11 +371,6 @@ class OciSource:
         if registry.lower() in DOCKER_HUB and (scheme, host, port) == (
                 "https", DOCKER_HUB_REALM, 443):
             return
-        try:
-            if egress.address_listed(ipaddress.ip_address(host)):
-                return
-        except ValueError:
-            pass
         raise NotAllowed(
             f"{shown}: the registry sends token requests to {host}:{port}, which is not the "
             f"registry's host; refused (allow it with --allow-host {host}:{port} if it is "

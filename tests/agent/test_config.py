@@ -101,3 +101,11 @@ def test_a_bad_ca_file_is_refused_at_start_up(tmp_path: Path, content: bytes | N
         settings_from(tmp_path, f"caFile: {path}\n")
     with pytest.raises(InvalidInput, match="caFile"):
         settings_from(tmp_path, "caFile: relative/ca.pem\n")
+
+
+def test_a_bad_allow_host_is_refused_at_start_up(tmp_path: Path) -> None:
+    """allowHosts (and --allow-host) in the syntax the webhook reads too (common/hosts.py)."""
+    assert settings_from(tmp_path, "allowHosts: ['*.corp', '[::1]:9000']\n").egress.allow_hosts \
+        == ("*.corp", "[::1]:9000")
+    with pytest.raises(InvalidInput, match=r"allow-host entry 'mirror corp' is not HOST\[:PORT\]"):
+        settings_from(tmp_path, "allowHosts: ['mirror corp']\n")

@@ -45,7 +45,9 @@ REFUSED = [
     ("172.16.0.1", "a private"),
     ("192.168.1.1", "a private"),
     ("fc00::1", "a private"),
-    ("100.64.0.1", "a non-public"),  # carrier-grade NAT
+    ("100.64.0.1", "a shared"),  # carrier-grade NAT
+    ("240.0.0.1", "a private"),  # reserved (Python counts 240/4 as private)
+    ("4000::1", "a reserved"),  # not global unicast: refused as the webhook refuses it
     ("0.0.0.0", "an unspecified"),
     ("224.0.0.1", "a multicast"),
     ("::ffff:127.0.0.1", "a loopback"),  # IPv4-mapped IPv6

@@ -16,7 +16,6 @@ import pytest
 
 from agent.api.app import Deps
 from agent.cluster.controller import Controller
-from agent.kube import connect
 from agent.main import build_in_cluster, serve
 from agent.settings import (
     AgentSettings,
@@ -27,6 +26,7 @@ from agent.settings import (
     StoreSettings,
     WarmModel,
 )
+from common.kube.client import connect
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.fixtures import (  # noqa: F401
     AGENT_TOKEN,

@@ -88,7 +88,7 @@ def test_due_writes_state_changes_at_once_and_progress_at_most_every_interval():
 
 
 class RecordingKube:
-    """What StatusWriter needs of agent.kube, recorded."""
+    """What StatusWriter needs of common.kube, recorded."""
 
     def __init__(self) -> None:
         self.writes: list[tuple[str, str, dict[str, Any] | None]] = []

@@ -97,7 +97,7 @@ async def test_the_webhooks_own_identity_cannot_do_it(
     docs: list[dict[str, Any]], api: FakeKubeApi, tmp_path: Path
 ) -> None:
     code, err = await run_job(docs, api, WEBHOOK_TOKEN, tmp_path)
-    assert code == 1 and "HTTP 403" in err
+    assert code == 1 and "403 Forbidden" in err
     assert not api.cluster.exists("secrets", "modelcache-webhook-tls", NAMESPACE)
     assert "caBundle" not in api.cluster.get("mutatingwebhookconfigurations", "modelcache")[
         "webhooks"][0]["clientConfig"]

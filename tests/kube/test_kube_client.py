@@ -1,19 +1,33 @@
-"""agent/kube.py against the fake apiserver: informers that lose nothing, conflict-free
-writes, events, reviews, secrets, and errors translated at the boundary."""
+"""common/kube (the client and its informers) against the fake apiserver: informers that lose
+nothing, conflict-free writes, events, reviews, secrets, configuration (inline keys, exec
+plugins), and errors translated at the boundary."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import trustme
+import yaml
 
-from agent.kube import KubeClient, connect, summary_counts
-from agent.settings import KubeSettings
 from common.errors import InvalidInput, KubeError, NotFound, TransientError
+from common.kube.client import Found, KubeClient, connect, find_config, summary_counts
+from common.kube.settings import KubeSettings
 from tests.kubeapi import FakeKubeApi
-from tests.kubeapi.fixtures import AGENT_NAMESPACE, AGENT_SA, AGENT_TOKEN, FAST, Recorder
+from tests.kubeapi.fixtures import (
+    AGENT_NAMESPACE,
+    AGENT_SA,
+    AGENT_TOKEN,
+    AGENT_USER,
+    FAST,
+    Recorder,
+)
 from tests.kubeapi.objects import cached_model, node, pod, secret
 
 CM = "cachedmodels"
@@ -44,6 +58,114 @@ async def test_connect_without_configuration_is_invalid_input(tmp_path: Path):
     (tmp_path / "garbage").write_text("clusters: [\n")
     with pytest.raises(InvalidInput):
         await connect(str(tmp_path / "garbage"))
+
+
+def kubeconfig_of(path: Path, server: str, user: dict, cluster: dict | None = None) -> Path:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": server, **(cluster or {})}}],
+        "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+    }))
+    return path
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def test_inline_keys_and_ca_leave_no_file_behind(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    """Inline ``certificate-authority-data``, ``client-certificate-data`` and
+    ``client-key-data`` are written to files for ssl to load (it reads keys from files
+    only), then removed: nothing is left in the temporary directory, and connecting again
+    with the same kubeconfig works."""
+    client = trustme.CA().issue_cert("modelcache-agent")
+    async with FakeKubeApi(tls=True) as api:
+        assert api.ca_path is not None
+        api.auth.add_service_account_token("sa", AGENT_NAMESPACE, AGENT_SA)
+        api.cluster.create("nodes", node("n1"))
+        kubeconfig = kubeconfig_of(tmp_path / "kc", api.url, {
+            "token": "sa",
+            "client-certificate-data": b64(client.cert_chain_pems[0].bytes()),
+            "client-key-data": b64(client.private_key_pem.bytes()),
+        }, {"certificate-authority-data": b64(api.ca_path.read_bytes())})
+        scratch = tmp_path / "tmp"
+        scratch.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where temp files would go
+        for _ in range(2):
+            async with await connect(str(kubeconfig), FAST) as kube:
+                assert list(scratch.iterdir()) == []
+                assert (await kube.get_node("n1"))["kind"] == "Node"  # the inline CA is used
+        assert list(scratch.iterdir()) == []
+        broken = kubeconfig_of(tmp_path / "broken", api.url, {
+            "token": "sa", "client-certificate-data": b64(b"not a certificate"),
+            "client-key-data": b64(b"not a key")})
+        with pytest.raises(InvalidInput, match="cannot configure"):
+            await connect(str(broken), FAST)
+        assert list(scratch.iterdir()) == []
+
+
+async def test_an_exec_plugin_provides_the_token(api: FakeKubeApi, tmp_path: Path):
+    """A kubeconfig user with an ``exec`` credential plugin (as EKS, GKE and AKS write
+    them): the plugin runs and its token is used."""
+    plugin = tmp_path / "credential-plugin"
+    plugin.write_text(
+        f"#!{sys.executable}\nimport json, os\n"
+        "asked = json.loads(os.environ['KUBERNETES_EXEC_INFO'])\n"
+        "print(json.dumps({'apiVersion': asked['apiVersion'], 'kind': 'ExecCredential',\n"
+        f"                  'status': {{'token': {AGENT_TOKEN!r}}}}}))\n")
+    plugin.chmod(0o755)
+    kubeconfig = kubeconfig_of(tmp_path / "kc", api.url, {"exec": {
+        "apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin),
+        "interactiveMode": "Never"}})
+    api.cluster.create("nodes", node("n1"))
+    async with await connect(str(kubeconfig), FAST) as kube:
+        assert (await kube.get_node("n1"))["metadata"]["name"] == "n1"
+    assert api.requests[-1].user == AGENT_USER
+    failing = kubeconfig_of(tmp_path / "failing", api.url, {"exec": {
+        "apiVersion": "client.authentication.k8s.io/v1", "command": "/bin/false"}})
+    with pytest.raises(InvalidInput, match="exec: process returned 1"):
+        await connect(str(failing), FAST)
+
+
+async def test_a_relative_ca_file_is_read_beside_the_kubeconfig(tmp_path: Path):
+    async with FakeKubeApi(tls=True) as api:
+        assert api.ca_path is not None
+        api.auth.add_service_account_token("sa", AGENT_NAMESPACE, AGENT_SA)
+        (tmp_path / "conf").mkdir()
+        shutil.copy(api.ca_path, tmp_path / "conf" / "ca.crt")
+        kubeconfig = kubeconfig_of(tmp_path / "conf" / "config", api.url + "/", {"token": "sa"},
+                                   {"certificate-authority": "ca.crt"})
+        found, why = find_config({"KUBECONFIG": str(kubeconfig)})
+        assert found == Found(kubeconfig) and why == ""
+        assert found.source == f"kubeconfig {kubeconfig}"  # no token in what is logged
+        api.cluster.create("nodes", node("n1"))
+        async with await connect(str(found.kubeconfig), FAST) as kube:
+            assert (await kube.get_node("n1"))["kind"] == "Node"
+
+
+def test_find_config_looks_where_controller_runtime_does(tmp_path: Path):
+    """``$KUBECONFIG`` (its first file), else the in-cluster service account, else
+    ``~/.kube/config``; else none, and why."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_text("{}")
+    assert find_config({"KUBECONFIG": f"{first}{os.pathsep}{second}"}) == (Found(first), "")
+    assert find_config({"KUBECONFIG": str(second)}, home=tmp_path) == (
+        None, f"KUBECONFIG file {second} does not exist")
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    (sa / "token").write_text("t")
+    pod = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    assert find_config(pod, home=tmp_path, service_account_dir=sa) == (Found(None), "")
+    assert Found(None).source == "in-cluster"
+    nowhere = tmp_path / "no-sa"
+    found, why = find_config({}, home=tmp_path, service_account_dir=nowhere)
+    assert found is None and "no in-cluster service account and no kubeconfig" in why
+    (tmp_path / ".kube").mkdir()
+    (tmp_path / ".kube" / "config").write_text("{}")
+    assert find_config(pod, home=tmp_path, service_account_dir=nowhere) == (
+        Found(tmp_path / ".kube" / "config"), "")
 
 
 async def test_errors_are_translated(api: FakeKubeApi, kube: KubeClient, tmp_path: Path):

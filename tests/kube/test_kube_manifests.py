@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from agent.kube import COUNTED_STATES, NODE_ENTRY_FIELDS
+from common.kube.client import COUNTED_STATES, NODE_ENTRY_FIELDS
 from common.reference import CACHED_SCHEMES, SCHEMES
 from tests.kubeapi.crd import to_json_schema
 from tests.kubeapi.server import REPO

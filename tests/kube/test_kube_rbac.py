@@ -1,4 +1,4 @@
-"""deploy/base/rbac-agent.yaml is exactly what agent/kube.py needs: the fake apiserver
+"""deploy/base/rbac-agent.yaml is exactly what common/kube/client.py needs: the fake apiserver
 enforces it, every call the agent makes succeeds, every verb it grants is used, and
 anything beyond it is refused."""
 
@@ -12,7 +12,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from agent.kube import KubeClient
+from common.kube.client import KubeClient
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.fixtures import AGENT_TOKEN, AGENT_USER, Recorder
 from tests.kubeapi.objects import cached_model, node, pod, secret

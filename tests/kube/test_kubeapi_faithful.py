@@ -320,6 +320,30 @@ async def test_expire_next_watch_hook(api: FakeKubeApi, raw: k8s.ApiClient):
                                           timeout_seconds=1)] == []
 
 
+async def test_expire_watches_hook(api: FakeKubeApi, raw: k8s.ApiClient):
+    """An open watch ends with the 410 ERROR event a compaction under it causes; a write
+    after it is not sent on that stream, and a watch from the old version gets 410 too."""
+    v1 = k8s.CoreV1Api(raw)
+    since = str(api.cluster.rv)
+    api.cluster.create("namespaces", {"metadata": {"name": "before"}})
+    async with k8s_watch.Watch() as w:
+        stream = w.stream(v1.list_namespace, resource_version=since, timeout_seconds=30)
+        task = asyncio.ensure_future(collect(stream, 2))  # "before", then the 410
+        await api.cluster.wait_for_watches("namespaces")
+        assert api.cluster.expire_watches("namespaces") == 1
+        api.cluster.create("namespaces", {"metadata": {"name": "after"}})
+        with pytest.raises(ApiException) as e:
+            await task
+    assert e.value.status == 410
+    async with k8s_watch.Watch() as w:
+        with pytest.raises(ApiException) as e:
+            await collect(w.stream(v1.list_namespace, resource_version=since,
+                                   timeout_seconds=5), 1)
+    assert e.value.status == 410
+    names = [n.metadata.name for n in (await v1.list_namespace()).items]
+    assert "after" in names  # only a list brings it
+
+
 async def test_broken_stream_is_an_incomplete_response(api: FakeKubeApi, raw: k8s.ApiClient):
     v1 = k8s.CoreV1Api(raw)
     async with k8s_watch.Watch() as w:

@@ -658,6 +658,17 @@ class Cluster:
         """The next ``count`` watches get ``410 Expired`` whatever resourceVersion they ask."""
         self._expire_next += count
 
+    def expire_watches(self, resource: str | None = None) -> int:
+        """Compact all history and end open watches with ``410 Expired`` (an ERROR event),
+        as an apiserver does when etcd compacts past a watcher: a write after this reaches a
+        watcher only through a new list. Returns how many were ended."""
+        rt = self.resource(resource) if resource else None
+        self.compact()
+        ended = [w for w in self.watches if rt is None or w.rt == rt]
+        for w in ended:
+            self._expire(w, self.rv)
+        return len(ended)
+
     def break_watches(self, resource: str | None = None, clean: bool = False) -> int:
         """End open watches: abruptly (connection reset mid-stream) or cleanly (as a timeout
         does). Returns how many were ended."""

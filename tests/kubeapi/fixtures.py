@@ -3,7 +3,7 @@
     from tests.kubeapi.fixtures import kube, kube_api, raw_kube  # noqa: F401
 
 ``kube_api`` is a started ``FakeKubeApi`` where the agent's service account exists;
-``kube`` is agent.kube's client connected as that service account; ``raw_kube`` is a plain
+``kube`` is common.kube's client connected as that service account; ``raw_kube`` is a plain
 kubernetes_asyncio client as cluster admin.
 """
 
@@ -18,8 +18,9 @@ import pytest
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 
-from agent.kube import Informer, KubeClient, WatchEvent, connect
-from agent.settings import KubeSettings
+from common.kube.client import KubeClient, connect
+from common.kube.informer import Informer, WatchEvent
+from common.kube.settings import KubeSettings
 from tests.kubeapi.server import FakeKubeApi
 
 AGENT_NAMESPACE = "modelcache"
@@ -54,7 +55,7 @@ async def kube_api() -> AsyncIterator[FakeKubeApi]:
 
 @pytest.fixture
 async def kube(kube_api: FakeKubeApi, tmp_path: Path) -> AsyncIterator[KubeClient]:
-    """agent.kube's client as the agent's service account (allowed everything unless the
+    """common.kube's client as the agent's service account (allowed everything unless the
     test sets ``kube_api.enforce_rbac``)."""
     kubeconfig = kube_api.write_kubeconfig(tmp_path / "agent.kubeconfig", token=AGENT_TOKEN)
     client = await connect(str(kubeconfig), FAST, instance="agent-node-1")

@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from agent.egress import Egress
 from agent.settings import EgressSettings
-from agent.sources.control import SERVER_WAIT_MAX, Control, backoff_delay
+from agent.sources.control import Control
 from common.errors import NotAllowed, SourceError, SourceNotFound, TransientError
 from tests.servers.faulty import Fault, FaultyServer
-
-
-@given(attempt=st.integers(1, 12), retry_after=st.none() | st.floats(0, 10_000),
-       seed=st.integers(0, 2**32))
-def test_backoff_never_before_the_servers_wait_and_jitter_never_past_the_cap(
-    attempt: int, retry_after: float | None, seed: int
-) -> None:
-    """A server's wait is honoured (a Hugging Face rate-limit window resets after up to 5
-    minutes: retrying sooner only spends the attempts), up to SERVER_WAIT_MAX; our own
-    jitter on top stays under the cap."""
-    delay = backoff_delay(attempt, 0.5, 30.0, retry_after, random.Random(seed))
-    asked = 0.0 if retry_after is None else min(retry_after, SERVER_WAIT_MAX)
-    assert asked <= delay <= asked + 30.0
-
-
-def test_nodes_told_the_same_retry_after_spread_out() -> None:
-    rng = random.Random(7)
-    delays = [backoff_delay(2, 0.5, 30.0, 1.0, rng) for _ in range(200)]
-    assert min(delays) >= 1.0
-    assert max(delays) - min(delays) > 1.0, "jitter spreads the herd beyond Retry-After"
 
 
 async def test_storm_of_503_is_retried_then_404_is_not(faulty: FaultyServer) -> None:

@@ -1,5 +1,6 @@
 """Fixtures of the webhook tests: TLS material from trustme, the real webhook server on
-127.0.0.1 over TLS, the fake API server, and a check that no test leaks a task."""
+127.0.0.1 over TLS, the shared fake kube-apiserver as the webhook's cluster, and a check that
+no test leaks a task."""
 
 from __future__ import annotations
 
@@ -11,16 +12,9 @@ from pathlib import Path
 
 import pytest
 import trustme
-from aiohttp import web
-from webhook_testkit import (
-    CertFiles,
-    FakeApiServer,
-    RunningApi,
-    RunningWebhook,
-    make_deps,
-    serve,
-)
+from webhook_testkit import CertFiles, RunningWebhook, make_deps, serve, webhook_cluster
 
+from tests.kubeapi import FakeKubeApi
 from webhook.namespaces import NamespaceCache
 from webhook.settings import PlanSettings
 from webhook.tls import CertReloader
@@ -80,16 +74,7 @@ async def webhook(
 
 
 @pytest.fixture
-async def fake_api(no_leaked_tasks: None) -> AsyncIterator[RunningApi]:
-    """The fake API server over plain HTTP on 127.0.0.1."""
-    fake = FakeApiServer()
-    runner = web.AppRunner(fake.app(), access_log=None, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield RunningApi(fake, f"http://127.0.0.1:{port}")
-    finally:
-        await fake.drop_watches()
-        await runner.cleanup()
+async def kube_api(no_leaked_tasks: None) -> AsyncIterator[FakeKubeApi]:
+    """The shared fake kube-apiserver as the webhook's cluster (see ``webhook_cluster``)."""
+    async with webhook_cluster() as api:
+        yield api

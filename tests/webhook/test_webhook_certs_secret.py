@@ -15,16 +15,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 import webhook
+from common.errors import Conflict
+from common.kube.client import KubeClient, connect
 from tests.kubeapi import FakeKubeApi
 from webhook import certs
-from webhook.cluster import ClusterConfig, ClusterError, KubeApi
 
 ROOT = Path(webhook.__file__).resolve().parent.parent
 NS, SERVICE, CONFIG = "modelcache", "modelcache-webhook", "modelcache"
@@ -48,10 +48,9 @@ async def api(no_leaked_tasks: None) -> AsyncIterator[FakeKubeApi]:
 
 
 @pytest.fixture
-async def kube(api: FakeKubeApi) -> AsyncIterator[KubeApi]:
-    async with aiohttp.ClientSession() as session:
-        yield KubeApi(ClusterConfig(server=api.url, source="test", token=api.admin_token),
-                      session)
+async def kube(api: FakeKubeApi, tmp_path: Path) -> AsyncIterator[KubeClient]:
+    async with await connect(str(api.write_kubeconfig(tmp_path / "admin.kubeconfig"))) as client:
+        yield client
 
 
 def secret(api: FakeKubeApi) -> dict[str, Any]:
@@ -66,7 +65,7 @@ def writes(api: FakeKubeApi, resource: str) -> int:
     return sum(api.count(verb, resource) for verb in ("create", "update", "patch"))
 
 
-async def test_created_then_kept(api: FakeKubeApi, kube: KubeApi, now: datetime.datetime
+async def test_created_then_kept(api: FakeKubeApi, kube: KubeClient, now: datetime.datetime
                                  ) -> None:
     first = await certs.ensure_secret(kube, SECRET, SERVICE, NS)
     assert (first.action, first.why) == ("created", "the Secret does not exist")
@@ -86,7 +85,7 @@ async def test_created_then_kept(api: FakeKubeApi, kube: KubeApi, now: datetime.
 
 
 async def test_renewed_near_expiry_keeping_the_old_ca_trusted(
-    api: FakeKubeApi, kube: KubeApi, now: datetime.datetime
+    api: FakeKubeApi, kube: KubeClient, now: datetime.datetime
 ) -> None:
     first = await certs.ensure_secret(kube, SECRET, SERVICE, NS, days=60)
     old_ca = pems(secret(api), "ca.crt")
@@ -135,7 +134,7 @@ def _broken(how: str, stored: dict[str, Any], other: certs.Minted) -> None:
     ("garbage", "cannot be read"),
 ])
 async def test_a_broken_pair_is_replaced(
-    api: FakeKubeApi, kube: KubeApi, how: str, why: str, now: datetime.datetime
+    api: FakeKubeApi, kube: KubeClient, how: str, why: str, now: datetime.datetime
 ) -> None:
     await certs.ensure_secret(kube, SECRET, SERVICE, NS)
     stored = secret(api)
@@ -147,11 +146,11 @@ async def test_a_broken_pair_is_replaced(
 
 
 async def test_a_secret_of_another_type_is_not_taken_over(
-    api: FakeKubeApi, kube: KubeApi
+    api: FakeKubeApi, kube: KubeClient
 ) -> None:
     api.cluster.create("secrets", {"metadata": {"name": SECRET}, "type": "Opaque",
                                    "stringData": {"password": "x"}}, NS)
-    with pytest.raises(ClusterError, match=r"type 'Opaque'.*delete it"):
+    with pytest.raises(Conflict, match=r"type 'Opaque'.*delete it"):
         await certs.ensure_secret(kube, SECRET, SERVICE, NS)
     assert secret(api)["type"] == "Opaque"
     # and the fake refuses what the API server refuses
@@ -162,24 +161,23 @@ async def test_a_secret_of_another_type_is_not_taken_over(
 
 
 async def test_a_concurrent_writer_is_never_overwritten(
-    api: FakeKubeApi, kube: KubeApi, now: datetime.datetime
+    api: FakeKubeApi, kube: KubeClient, now: datetime.datetime, tmp_path: Path
 ) -> None:
     """Another run renews the Secret between our read and our write: our update carries the
     resourceVersion we read, gets 409, and we judge the Secret again (now good: kept)."""
     await certs.ensure_secret(kube, SECRET, SERVICE, NS, days=40)
     later = now + DAY * 20
     theirs: list[certs.Ensured] = []
-    real_request = kube.request
+    real_replace = kube.replace_secret
 
-    async def racing(method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        if method == "PUT" and not theirs:
-            async with aiohttp.ClientSession() as session:
-                other = KubeApi(kube.config, session)
+    async def racing(namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        if not theirs:  # the other run, with its own client, between our read and our write
+            async with await connect(str(api.write_kubeconfig(tmp_path / "other"))) as other:
                 theirs.append(await certs.ensure_secret(other, SECRET, SERVICE, NS,
                                                         now=later))
-        return await real_request(method, path, **kwargs)
+        return await real_replace(namespace, name, body)
 
-    kube.request = racing  # type: ignore[method-assign]
+    kube.replace_secret = racing  # type: ignore[method-assign]
     ours = await certs.ensure_secret(kube, SECRET, SERVICE, NS, now=later)
     assert theirs[0].action == "renewed"
     assert ours.action == "kept" and ours.pair == theirs[0].pair
@@ -187,7 +185,7 @@ async def test_a_concurrent_writer_is_never_overwritten(
     assert base64.b64decode(secret(api)["data"]["tls.crt"]) == theirs[0].pair.cert_pem
 
 
-async def test_ca_bundle_is_patched_once(api: FakeKubeApi, kube: KubeApi) -> None:
+async def test_ca_bundle_is_patched_once(api: FakeKubeApi, kube: KubeClient) -> None:
     pair = certs.mint(SERVICE, NS)
     assert await certs.patch_ca_bundle(kube, CONFIG, pair.ca_bundle) == 1
     hooks = api.cluster.get("mutatingwebhookconfigurations", CONFIG)["webhooks"]
@@ -198,21 +196,21 @@ async def test_ca_bundle_is_patched_once(api: FakeKubeApi, kube: KubeApi) -> Non
 
 
 async def test_ca_bundle_patch_rereads_after_a_concurrent_change(
-    api: FakeKubeApi, kube: KubeApi
+    api: FakeKubeApi, kube: KubeClient
 ) -> None:
     pair = certs.mint(SERVICE, NS)
-    real_request = kube.request
+    real_patch = kube.patch_mutating_webhook_configuration
     changed: list[bool] = []
 
-    async def racing(method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        if method == "PATCH" and not changed:  # someone edits the configuration meanwhile
+    async def racing(name: str, operations: list[dict[str, Any]]) -> dict[str, Any]:
+        if not changed:  # someone edits the configuration between our read and our patch
             current = api.cluster.get("mutatingwebhookconfigurations", CONFIG)
             current["webhooks"][0]["timeoutSeconds"] = 3
             api.cluster.update("mutatingwebhookconfigurations", CONFIG, current)
             changed.append(True)
-        return await real_request(method, path, **kwargs)
+        return await real_patch(name, operations)
 
-    kube.request = racing  # type: ignore[method-assign]
+    kube.patch_mutating_webhook_configuration = racing  # type: ignore[method-assign]
     assert await certs.patch_ca_bundle(kube, CONFIG, pair.ca_bundle) == 1
     (hook,) = api.cluster.get("mutatingwebhookconfigurations", CONFIG)["webhooks"]
     assert hook["timeoutSeconds"] == 3 and hook["clientConfig"]["caBundle"] == pair.ca_bundle

@@ -12,7 +12,7 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,34 +21,54 @@ import aiohttp
 import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
-from webhook_testkit import CertFiles, RunningApi, admission_review, apply, decoded_patch
+from webhook_testkit import (
+    WEBHOOK_TOKEN,
+    WEBHOOK_USER,
+    CertFiles,
+    admission_review,
+    apply,
+    decoded_patch,
+)
 
 import webhook
+from tests.kubeapi import FakeKubeApi
+from tests.kubeapi.objects import namespace
 from webhook.tls import not_after
 
 ROOT = Path(webhook.__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
 TIMEOUT = 20
+ENFORCE = "pod-security.kubernetes.io/enforce"
 
 
 @dataclass
 class Process:
     proc: asyncio.subprocess.Process
     logs: list[dict[str, Any]] = field(default_factory=list)
+    #: stderr lines that are not JSON (there should be none)
+    raw: list[str] = field(default_factory=list)
     url: str = ""
     closed: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def wait_log(self, message: str) -> dict[str, Any]:
         """The first log entry with this message, once the process has written it."""
+        return await self._wait(lambda entry: entry.get("msg") == message, repr(message))
+
+    async def wait_log_from(self, logger: str) -> dict[str, Any]:
+        """The first log entry of this logger, once the process has written it."""
+        return await self._wait(lambda entry: entry.get("logger") == logger, f"{logger} entry")
+
+    async def _wait(self, match: Callable[[dict[str, Any]], bool], what: str
+                    ) -> dict[str, Any]:
         async def find() -> dict[str, Any]:
             while True:
                 self.changed.clear()
                 for entry in self.logs:
-                    if entry.get("msg") == message:
+                    if match(entry):
                         return entry
                 if self.closed:
-                    raise AssertionError(f"no {message!r} in the log: {self.logs}")
+                    raise AssertionError(f"no {what} in the log: {self.logs} {self.raw}")
                 await self.changed.wait()
         return await asyncio.wait_for(find(), TIMEOUT)
 
@@ -72,8 +92,10 @@ async def running(args: list[str], env: dict[str, str]) -> AsyncIterator[Process
     async def read() -> None:
         assert proc.stderr is not None
         async for line in proc.stderr:
-            with contextlib.suppress(ValueError):
+            try:
                 process.logs.append(json.loads(line))
+            except ValueError:
+                process.raw.append(line.decode(errors="replace"))
             process.changed.set()
         process.closed = True
         process.changed.set()
@@ -140,6 +162,7 @@ async def test_serves_without_cluster_access_and_stops_on_sigterm(
         process.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.proc.wait(), TIMEOUT) == 0
         await process.wait_log("stopped")
+    assert process.raw == []
     no_access = [e for e in process.logs if e["msg"].startswith("no cluster access")]
     assert len(no_access) == 1 and no_access[0]["level"] == "warning"
     assert all(e["level"] != "error" for e in process.logs)
@@ -147,22 +170,39 @@ async def test_serves_without_cluster_access_and_stops_on_sigterm(
     assert mutations and mutations[0]["uid"] and mutations[0]["mode"] == "cache"
 
 
-async def test_namespace_labels_choose_the_mode(
-    fake_api: RunningApi, cert_files: CertFiles, client_ssl: ssl.SSLContext, tmp_path: Path
+async def test_aiohttp_errors_are_json_lines_too(
+    no_leaked_tasks: None, cert_files: CertFiles, client_ssl: ssl.SSLContext
 ) -> None:
-    """Through a kubeconfig, the process watches namespaces: a namespace that enforces
-    `restricted` gets download mode; relabelled `privileged`, cache mode."""
-    fake = fake_api.fake
-    await fake.put_namespace("ml", {"pod-security.kubernetes.io/enforce": "restricted"})
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
-        "users": [{"name": "sa", "user": {"token": fake.token}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "sa"}}],
-    }))
+    """A request aiohttp's parser refuses is logged by aiohttp.server itself: the line comes
+    out in the webhook's JSON format, not as plain text."""
+    async with running(serve_args(cert_files), env_for(None)) as process:
+        host, port = process.url.removeprefix("https://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=client_ssl,
+                                                       server_hostname=host)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: many\r\n\r\n")
+        await writer.drain()
+        assert b" 400 " in await reader.readline()
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+        entry = await process.wait_log_from("aiohttp.server")
+    assert entry["level"] == "error" and entry["msg"].startswith("Error handling request")
+    assert "exception" in entry and entry["ts"].endswith("Z")
+    assert process.raw == []
+
+
+async def test_namespace_labels_choose_the_mode(
+    kube_api: FakeKubeApi, cert_files: CertFiles, client_ssl: ssl.SSLContext, tmp_path: Path
+) -> None:
+    """Through a kubeconfig (the webhook's service account, under its RBAC from deploy/),
+    the process watches namespaces: a namespace that enforces `restricted` gets download
+    mode; relabelled `privileged`, cache mode."""
+    c = kube_api.cluster
+    c.create("namespaces", namespace("ml", {ENFORCE: "restricted"}))
+    kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig", token=WEBHOOK_TOKEN)
     async with running(serve_args(cert_files), env_for(kubeconfig)) as process:
-        await process.wait_log("namespace labels synced")
+        listed = await process.wait_log("informer listed")
+        assert listed["resource"] == "namespaces" and listed["objects"] >= 2
         pod = golden_pod("cache-defaults")
 
         async def mode() -> str:
@@ -173,8 +213,8 @@ async def test_namespace_labels_choose_the_mode(
             return value
 
         assert await mode() == "download"
-        await fake.wait_watches(1)
-        await fake.put_namespace("ml", {"pod-security.kubernetes.io/enforce": "privileged"})
+        await asyncio.wait_for(kube_api.wait_for_watch("namespaces"), TIMEOUT)
+        c.patch("namespaces", "ml", {"metadata": {"labels": {ENFORCE: "privileged"}}})
         # the watch delivers the change; poll the answer until it follows (bounded)
         for _ in range(200):
             if await mode() == "cache":
@@ -182,27 +222,24 @@ async def test_namespace_labels_choose_the_mode(
             await asyncio.sleep(0.01)
         assert await mode() == "cache"
     assert not any(e["msg"].startswith("no cluster access") for e in process.logs)
-    assert fake.token not in json.dumps(process.logs)
+    assert WEBHOOK_TOKEN not in json.dumps(process.logs)
+    assert process.raw == []
+    mine = [r for r in kube_api.requests if r.user == WEBHOOK_USER]
+    assert mine and all(r.status == 200 for r in mine), "the webhook's RBAC suffices"
 
 
 async def test_certs_mints_a_working_pair_and_patches_the_ca_bundle(
-    fake_api: RunningApi, tmp_path: Path
+    kube_api: FakeKubeApi, tmp_path: Path
 ) -> None:
-    fake = fake_api.fake
-    fake.webhook_configs["modelcache"] = {
+    kube_api.cluster.create("mutatingwebhookconfigurations", {
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": "modelcache", "resourceVersion": "7"},
-        "webhooks": [{"name": "pods.modelcache.io", "clientConfig": {
-            "service": {"name": "modelcache-webhook", "namespace": "modelcache",
-                        "path": "/mutate"}}}],
-    }
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
-        "users": [{"name": "sa", "user": {"token": fake.token}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "sa"}}],
-    }))
+        "metadata": {"name": "modelcache"},
+        "webhooks": [{"name": "pods.modelcache.io", "admissionReviewVersions": ["v1"],
+                      "sideEffects": "None", "clientConfig": {
+                          "service": {"name": "modelcache-webhook", "namespace": "modelcache",
+                                      "path": "/mutate"}}}],
+    })
+    kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig")  # cluster admin
     out = tmp_path / "certs"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "webhook", "certs", "--service", "modelcache-webhook",
@@ -215,7 +252,7 @@ async def test_certs_mints_a_working_pair_and_patches_the_ca_bundle(
     ca_bundle = stdout.decode().strip()
     assert base64.b64decode(ca_bundle) == (out / "ca.crt").read_bytes()
     assert (out / "tls.key").stat().st_mode & 0o777 == 0o600
-    webhook_config = fake.webhook_configs["modelcache"]
+    webhook_config = kube_api.cluster.get("mutatingwebhookconfigurations", "modelcache")
     assert webhook_config["webhooks"][0]["clientConfig"]["caBundle"] == ca_bundle
     assert webhook_config["webhooks"][0]["clientConfig"]["service"]["path"] == "/mutate"
     # a real handshake: the API server trusts the bundle and checks the Service's name
@@ -272,6 +309,8 @@ def test_bad_flags_exit_2(cert_files: CertFiles, capsys: pytest.CaptureFixture[s
     assert main([*base, "--listen", "nowhere"]) == 2
     assert main([]) == 2
     assert "pinned" in capsys.readouterr().err
+    assert main([*base, "--allow-host", "registry.corp:http"]) == 2
+    assert "--allow-host entry 'registry.corp:http' is not HOST[:PORT]" in capsys.readouterr().err
 
 
 def test_init_env_and_ca_reach_the_init_container(

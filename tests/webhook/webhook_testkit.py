@@ -1,14 +1,13 @@
 """Helpers shared by the webhook tests: reviews as kube-apiserver sends them, schema and Pod
-Security checks of mutated pods, the real webhook app served in process over TLS, and a
-small fake of the API server's namespace and webhook-configuration endpoints (list, watch
-with bookmarks and 410 Gone, get, JSON patch).
+Security checks of mutated pods, the real webhook app served in process over TLS, and the
+shared fake kube-apiserver (``tests/kubeapi``) set up as the webhook's cluster: its
+namespace, its service account and its RBAC from ``deploy/``.
 
 (A module of its own name, not ``conftest``: test modules import it directly.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import copy
@@ -24,10 +23,13 @@ import jsonpatch
 import jsonschema
 import kubernetes_validate
 import trustme
+import yaml
 from aiohttp import web
 from kubernetes_validate import utils
 from referencing import Registry, Resource
 
+from tests.kubeapi import FakeKubeApi
+from tests.kubeapi.server import REPO
 from webhook.admission import Context, Planner
 from webhook.metrics import WebhookMetrics
 from webhook.namespaces import NamespaceCache
@@ -236,206 +238,20 @@ async def serve(deps: Deps, reloader: CertReloader) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-@dataclass
-class RunningApi:
-    fake: FakeApiServer
-    url: str
+# --- the webhook's cluster (the shared fake apiserver) ----------------------------------------
+
+WEBHOOK_NAMESPACE, WEBHOOK_SA = "modelcache", "modelcache-webhook"
+WEBHOOK_TOKEN = "webhook-sa-token"
+WEBHOOK_USER = f"system:serviceaccount:{WEBHOOK_NAMESPACE}:{WEBHOOK_SA}"
+WEBHOOK_RBAC = REPO / "deploy" / "base" / "rbac-webhook.yaml"
 
 
-# --- a fake API server ----------------------------------------------------------------------
-
-
-class FakeApiServer:
-    """Namespaces (list with pagination, watch with bookmarks, 410 for compacted versions)
-    and MutatingWebhookConfigurations (get, JSON patch with ``test``), behind a bearer token.
-
-    Faithful where the webhook relies on it: every write bumps a global resourceVersion;
-    a watch from a version older than the compaction point gets 410 (as an HTTP status on
-    ``gone_as_status``, else as an ERROR event in a 200 stream, as kube-apiserver does);
-    bookmarks carry only ``metadata.resourceVersion``.
-    """
-
-    def __init__(self, token: str = "test-token") -> None:  # noqa: S107 - a test token
-        self.token = token
-        self.rv = 100
-        self.namespaces: dict[str, dict[str, Any]] = {}
-        self.events: list[tuple[int, str, dict[str, Any]]] = []
-        self.compacted = 0
-        self.gone_as_status = False
-        self.webhook_configs: dict[str, dict[str, Any]] = {}
-        self.requests: list[str] = []
-        self.watches = 0
-        self._cond = asyncio.Condition()
-        self._kick: list[asyncio.Queue[str]] = []
-
-    # state changes (tests call these)
-
-    async def put_namespace(self, name: str, labels: dict[str, str]) -> None:
-        kind = "MODIFIED" if name in self.namespaces else "ADDED"
-        self.rv += 1
-        obj = {"apiVersion": "v1", "kind": "Namespace",
-               "metadata": {"name": name, "labels": dict(labels),
-                            "resourceVersion": str(self.rv)}}
-        self.namespaces[name] = obj
-        await self._record(kind, obj)
-
-    async def delete_namespace(self, name: str) -> None:
-        obj = self.namespaces.pop(name)
-        self.rv += 1
-        obj = copy.deepcopy(obj)
-        obj["metadata"]["resourceVersion"] = str(self.rv)
-        await self._record("DELETED", obj)
-
-    async def _record(self, kind: str, obj: dict[str, Any]) -> None:
-        async with self._cond:
-            self.events.append((self.rv, kind, copy.deepcopy(obj)))
-            self._cond.notify_all()
-
-    def compact(self) -> None:
-        """Forget history up to the current version: a watch from an older one gets 410."""
-        self.compacted = self.rv
-        self.events.clear()
-
-    async def expire_watches(self) -> None:
-        """Send a 410 ERROR event on every open watch (etcd compaction under a watcher)."""
-        for queue in self._kick:
-            queue.put_nowait("gone")
-
-    async def drop_watches(self) -> None:
-        """Cut every open watch without a word (a load balancer resetting idle streams)."""
-        for queue in self._kick:
-            queue.put_nowait("drop")
-
-    async def bookmark(self) -> None:
-        for queue in self._kick:
-            queue.put_nowait("bookmark")
-
-    # HTTP
-
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth])
-        app.router.add_get("/api/v1/namespaces", self._namespaces)
-        path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}"
-        app.router.add_get(path, self._get_config)
-        app.router.add_patch(path, self._patch_config)
-        return app
-
-    @web.middleware
-    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        self.requests.append(f"{request.method} {request.path_qs}")
-        if request.headers.get("Authorization") != f"Bearer {self.token}":
-            return _status(401, "Unauthorized", "Unauthorized")
-        response: web.StreamResponse = await handler(request)
-        return response
-
-    async def _namespaces(self, request: web.Request) -> web.StreamResponse:
-        if request.query.get("watch") in ("1", "true"):
-            return await self._watch(request)
-        names = sorted(self.namespaces)
-        limit = int(request.query.get("limit") or 0) or len(names) or 1
-        start = int(request.query.get("continue") or 0)
-        page = names[start:start + limit]
-        meta: dict[str, Any] = {"resourceVersion": str(self.rv)}
-        if start + limit < len(names):
-            meta["continue"] = str(start + limit)
-        return web.json_response({
-            "kind": "NamespaceList", "apiVersion": "v1", "metadata": meta,
-            "items": [self.namespaces[n] for n in page],
-        })
-
-    async def _watch(self, request: web.Request) -> web.StreamResponse:
-        since = int(request.query.get("resourceVersion") or 0)
-        bookmarks = request.query.get("allowWatchBookmarks") == "true"
-        timeout = float(request.query.get("timeoutSeconds") or 300)
-        if since < self.compacted and self.gone_as_status:
-            return _status(410, "Expired", f"too old resource version: {since}")
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await response.prepare(request)
-        async with self._cond:
-            self.watches += 1
-            self._cond.notify_all()
-        if since < self.compacted:
-            await _send(response, _gone(since))
-            return response
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        self._kick.append(queue)
-        sent = since
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    for rv, kind, obj in list(self.events):
-                        if rv > sent:
-                            await _send(response, {"type": kind, "object": obj})
-                            sent = rv
-                    wait_events = asyncio.ensure_future(self._wait_after(sent))
-                    wait_kick = asyncio.ensure_future(queue.get())
-                    done, pending = await asyncio.wait(
-                        {wait_events, wait_kick}, return_when=asyncio.FIRST_COMPLETED)
-                    for task in pending:
-                        task.cancel()
-                    await asyncio.gather(*pending, return_exceptions=True)
-                    if wait_kick in done:
-                        kick = wait_kick.result()
-                        if kick == "gone":
-                            await _send(response, _gone(sent))
-                            return response
-                        if kick == "drop":
-                            if request.transport is not None:
-                                request.transport.close()
-                            return response
-                        if kick == "bookmark" and bookmarks:
-                            await _send(response, {"type": "BOOKMARK", "object": {
-                                "kind": "Namespace", "apiVersion": "v1",
-                                "metadata": {"resourceVersion": str(self.rv)}}})
-                            sent = max(sent, self.rv)
-        except TimeoutError:
-            pass
-        finally:
-            self._kick.remove(queue)
-        return response
-
-    async def wait_watches(self, count: int) -> None:
-        """Return once ``count`` watch streams have been opened in all."""
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.watches >= count)
-
-    async def _wait_after(self, rv: int) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: any(e[0] > rv for e in self.events))
-
-    async def _get_config(self, request: web.Request) -> web.Response:
-        config = self.webhook_configs.get(request.match_info["name"])
-        if config is None:
-            return _status(404, "NotFound", "not found")
-        return web.json_response(config)
-
-    async def _patch_config(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        if request.content_type != "application/json-patch+json":
-            return _status(415, "UnsupportedMediaType", request.content_type)
-        if name not in self.webhook_configs:
-            return _status(404, "NotFound", "not found")
-        try:
-            patched = jsonpatch.apply_patch(self.webhook_configs[name], await request.json())
-        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
-            return _status(422, "Invalid", str(e))
-        self.rv += 1
-        patched["metadata"]["resourceVersion"] = str(self.rv)
-        self.webhook_configs[name] = patched
-        return web.json_response(patched)
-
-
-def _gone(rv: int) -> dict[str, Any]:
-    return {"type": "ERROR", "object": {
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": f"too old resource version: {rv}", "reason": "Expired", "code": 410}}
-
-
-async def _send(response: web.StreamResponse, event: dict[str, Any]) -> None:
-    await response.write(json.dumps(event).encode() + b"\n")
-
-
-def _status(code: int, reason: str, message: str) -> web.Response:
-    return web.json_response({"kind": "Status", "apiVersion": "v1", "metadata": {},
-                              "status": "Failure", "message": message, "reason": reason,
-                              "code": code}, status=code)
+@contextlib.asynccontextmanager
+async def webhook_cluster() -> AsyncIterator[FakeKubeApi]:
+    """The shared fake apiserver on 127.0.0.1, enforcing RBAC: the webhook's service account
+    (token :data:`WEBHOOK_TOKEN`) has exactly what deploy/base/rbac-webhook.yaml grants."""
+    async with FakeKubeApi(enforce_rbac=True) as api:
+        api.cluster.create("namespaces", {"metadata": {"name": WEBHOOK_NAMESPACE}})
+        api.auth.add_service_account_token(WEBHOOK_TOKEN, WEBHOOK_NAMESPACE, WEBHOOK_SA)
+        api.auth.load_rbac(yaml.safe_load_all(WEBHOOK_RBAC.read_text()))
+        yield api

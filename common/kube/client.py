@@ -1,41 +1,46 @@
-"""The agent's one client of the Kubernetes API (the only module importing kubernetes_asyncio).
+"""The one client of the Kubernetes API, for both programs (the only module importing
+kubernetes_asyncio): configuration, the API calls, and the translation of every refusal into
+the project's errors (``common.kube.errors``). The list/watch loop is ``informer.py``.
 
-What the agent needs from a cluster, as plain JSON objects (``dict``s shaped as the apiserver
-sends them, never client model classes):
+Configuration (:func:`connect`): a kubeconfig file, or the pod's service account (its token
+re-read as kubelet rotates it). A kubeconfig may carry tokens, client certificates (files or
+inline data) and exec plugins, as kubectl's does. Inline keys and certificates are written
+by the library to files (Python's ``ssl`` loads keys only from files): here into a private
+directory that is removed as soon as the client has loaded them, never left behind.
+:func:`find_config` looks for one the way controller-runtime does (the webhook, which may run
+without one).
 
-- informers (``watch_cached_models``, ``watch_pods_on_node``, ``watch_node``): list, then
-  watch from the list's resourceVersion with bookmarks; reconnect from the last
-  resourceVersion seen after a dropped or timed-out stream (jittered backoff); on
-  ``410 Expired`` list again and report the difference, including deletions that happened
-  while disconnected, so no change is ever lost. Each keeps a local ``store``.
+What the programs need from a cluster, as plain JSON objects (``dict``s shaped as the
+apiserver sends them, never client model classes):
+
+- informers (``watch_cached_models``, ``watch_pods_on_node``, ``watch_node``,
+  ``watch_namespaces``): see ``informer.py``;
 - writes that never conflict with other writers: node labels by merge patch on the agent's
   own ``modelcache.io/m-*`` keys; a CachedModel's ``status.nodes.<node>`` by merge patch on
   the status subresource. The summary counts (``status.ready/pulling/failed``) are derived
   from ``status.nodes``: after writing its entry an agent recomputes them from the object it
   got back and patches them guarded by that object's resourceVersion, re-reading on 409. A
   guarded patch only succeeds on the current object, so the last write always leaves counts
-  that match the entries.
+  that match the entries;
 - Events (events.k8s.io/v1, best effort), TokenReview, SubjectAccessReview, Secrets (decoded,
-  never logged).
-
-Errors are translated here: 404 -> ``NotFound``, 409 -> ``Conflict``, 429/5xx/unreachable ->
-``TransientError``, any other refusal (RBAC, validation) -> ``KubeError``.
+  never logged);
+- for ``modelcache webhook certs``: its Secret as stored (get, create, replace at the
+  resourceVersion read) and a JSON patch of its MutatingWebhookConfiguration.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
+import math
 import os
-import random
 import re
 import socket
+import tempfile
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,17 +51,20 @@ import yaml
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import OpenApiException
+from kubernetes_asyncio.config import kube_config
 from kubernetes_asyncio.config.config_exception import ConfigException
 
-from agent.settings import KubeSettings
+from common.backoff import Backoff
 from common.errors import (
     Conflict,
     InvalidInput,
     KubeError,
     ModelcacheError,
-    NotFound,
     TransientError,
 )
+from common.kube.errors import api_error, describe
+from common.kube.informer import Informer, Obj
+from common.kube.settings import KubeSettings
 from common.reference import LABEL_PREFIX
 
 log = logging.getLogger(__name__)
@@ -66,28 +74,14 @@ VERSION = "v1alpha1"
 PLURAL = "cachedmodels"
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 #: the fields of a ``status.nodes.<node>`` entry (see the CRD)
 NODE_ENTRY_FIELDS = ("state", "revision", "bytes", "lastTransitionTime", "message")
 COUNTED_STATES = ("ready", "pulling", "failed")
 _LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _NOTE_BYTES = 1024
-
-Obj = dict[str, Any]
-EventType = Literal["ADDED", "MODIFIED", "DELETED"]
-
-
-class Expired(TransientError):
-    """``410 Gone``: the resourceVersion asked for is older than the server keeps."""
-
-    reason = "expired"
-
-
-@dataclass(frozen=True)
-class WatchEvent:
-    type: EventType
-    object: Obj
-    #: derived from a list (first sync or relist after 410) rather than a watch event
-    synthetic: bool = False
+#: first delay before a conflicting status write is read and tried again (doubles each time)
+CONFLICT_BACKOFF = 0.05
 
 
 @dataclass(frozen=True)
@@ -118,26 +112,78 @@ async def connect(
     if not kubeconfig and settings.kubeconfig is not None:
         kubeconfig = str(settings.kubeconfig)
     cfg = k8s.Configuration()
-    try:
-        if kubeconfig:
-            await k8s_config.load_kube_config(
-                config_file=kubeconfig, client_configuration=cfg, persist_config=False
-            )
-        else:
-            k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
-                client_configuration=cfg,
-                token_filename=str(service_account_dir / "token"),
-                cert_filename=str(service_account_dir / "ca.crt"),
-                environ=dict(environ if environ is not None else os.environ),
-            )
-    except (ConfigException, OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
-        where = kubeconfig or "in-cluster service account"
-        raise InvalidInput(f"cannot configure the Kubernetes client from {where}: {e}") from e
-    return KubeClient(k8s.ApiClient(cfg), settings, instance or socket.gethostname())
+    with tempfile.TemporaryDirectory(prefix="modelcache-kube-") as private:
+        try:
+            if kubeconfig:
+                await k8s_config.load_kube_config(
+                    config_file=kubeconfig, client_configuration=cfg, persist_config=False,
+                    temp_file_path=private,
+                )
+            else:
+                k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                    client_configuration=cfg,
+                    token_filename=str(service_account_dir / "token"),
+                    cert_filename=str(service_account_dir / "ca.crt"),
+                    environ=dict(environ if environ is not None else os.environ),
+                )
+            api = k8s.ApiClient(cfg)  # its SSL context has read the key and CA files now
+        except (ConfigException, OSError, ValueError, KeyError, TypeError,
+                yaml.YAMLError) as e:
+            where = kubeconfig or "in-cluster service account"
+            raise InvalidInput(
+                f"cannot configure the Kubernetes client from {where}: {e}") from e
+        finally:
+            _forget_files_in(private)
+    return KubeClient(api, settings, instance or socket.gethostname())
+
+
+def _forget_files_in(directory: str) -> None:
+    """kubernetes_asyncio remembers each file it wrote for inline data, by content, to hand
+    the same path out again on the next load; those in our directory (removed now) must be
+    forgotten, or connecting again with the same kubeconfig would name a missing file."""
+    written = getattr(kube_config, "_temp_files", None)
+    if isinstance(written, dict):
+        for content, path in list(written.items()):
+            if os.path.dirname(str(path)) == directory:
+                del written[content]
+
+
+@dataclass(frozen=True)
+class Found:
+    """Where a cluster's configuration was found."""
+
+    kubeconfig: Path | None
+    """A kubeconfig file; ``None``: the in-cluster service account."""
+
+    @property
+    def source(self) -> str:
+        """For the log (never a secret)."""
+        return f"kubeconfig {self.kubeconfig}" if self.kubeconfig else "in-cluster"
+
+
+def find_config(
+    env: Mapping[str, str], home: Path | None = None,
+    service_account_dir: Path = SERVICE_ACCOUNT_DIR,
+) -> tuple[Found | None, str]:
+    """The cluster configuration as controller-runtime's ``GetConfig`` finds it:
+    ``$KUBECONFIG`` (its first file only), else the in-cluster service account, else
+    ``~/.kube/config``; or None and why there is none."""
+    if env.get("KUBECONFIG"):
+        path = Path(env["KUBECONFIG"].split(os.pathsep)[0])
+        if not path.is_file():
+            return None, f"KUBECONFIG file {path} does not exist"
+        return Found(path), ""
+    if (env.get("KUBERNETES_SERVICE_HOST") and env.get("KUBERNETES_SERVICE_PORT")
+            and (service_account_dir / "token").is_file()):
+        return Found(None), ""
+    default = (home or Path.home()) / ".kube" / "config"
+    if default.is_file():
+        return Found(default), ""
+    return None, "no in-cluster service account and no kubeconfig"
 
 
 class KubeClient:
-    """A typed facade over the few API calls the agent makes."""
+    """A typed facade over the few API calls the two programs make."""
 
     def __init__(self, api: k8s.ApiClient, settings: KubeSettings, instance: str) -> None:
         self._api = api
@@ -148,6 +194,7 @@ class KubeClient:
         self._events = k8s.EventsV1Api(api)
         self._authn = k8s.AuthenticationV1Api(api)
         self._authz = k8s.AuthorizationV1Api(api)
+        self._admission = k8s.AdmissionregistrationV1Api(api)
 
     async def close(self) -> None:
         await self._api.close()
@@ -181,13 +228,17 @@ class KubeClient:
         return Informer(self, "nodes", self._core.list_node,
                         field_selector=f"metadata.name={node}")
 
+    def watch_namespaces(self) -> Informer:
+        """Every Namespace (the webhook reads their Pod Security labels)."""
+        return Informer(self, "namespaces", self._core.list_namespace)
+
     # --- reads ---------------------------------------------------------------------------
 
     async def get_node(self, name: str) -> Obj:
-        return await self._json(f"get node {name}", self._core.read_node, name)
+        return await self.call_json(f"get node {name}", self._core.read_node, name)
 
     async def get_cached_model(self, namespace: str, name: str) -> Obj:
-        return await self._json(
+        return await self.call_json(
             f"get cachedmodel {namespace}/{name}", self._custom.get_namespaced_custom_object,
             GROUP, VERSION, namespace, PLURAL, name,
         )
@@ -195,7 +246,7 @@ class KubeClient:
     async def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         """A Secret's data, decoded to text. The values are never logged nor put in errors."""
         what = f"read secret {namespace}/{name}"
-        obj = await self._json(what, self._core.read_namespaced_secret, name, namespace)
+        obj = await self.get_secret(namespace, name)
         out: dict[str, str] = {}
         for key, value in (obj.get("data") or {}).items():
             try:
@@ -205,7 +256,38 @@ class KubeClient:
                 raise InvalidInput(f"{what}: key {key!r} is not base64 UTF-8 text") from None
         return out
 
+    async def get_secret(self, namespace: str, name: str) -> Obj:
+        """A Secret as stored (``type``, ``metadata``, ``data`` in base64), to be written back
+        whole. Never logged."""
+        return await self.call_json(f"read secret {namespace}/{name}",
+                                    self._core.read_namespaced_secret, name, namespace)
+
+    async def get_mutating_webhook_configuration(self, name: str) -> Obj:
+        return await self.call_json(
+            f"get mutatingwebhookconfiguration {name}",
+            self._admission.read_mutating_webhook_configuration, name)
+
     # --- writes --------------------------------------------------------------------------
+
+    async def create_secret(self, namespace: str, body: Obj) -> Obj:
+        return await self.call_json(
+            f"create secret {namespace}/{(body.get('metadata') or {}).get('name', '')}",
+            self._core.create_namespaced_secret, namespace, body)
+
+    async def replace_secret(self, namespace: str, name: str, body: Obj) -> Obj:
+        """PUT the whole Secret; with the resourceVersion it was read at in ``body``, a
+        Secret changed since is not overwritten (``Conflict``)."""
+        return await self.call_json(f"replace secret {namespace}/{name}",
+                                    self._core.replace_namespaced_secret, name, namespace, body)
+
+    async def patch_mutating_webhook_configuration(
+        self, name: str, operations: list[Obj]
+    ) -> Obj:
+        """A JSON patch (RFC 6902); a failed ``test`` operation is ``Invalid``."""
+        return await self.call_json(
+            f"patch mutatingwebhookconfiguration {name}",
+            self._admission.patch_mutating_webhook_configuration, name, operations,
+            _content_type=JSON_PATCH)
 
     async def patch_node_labels(
         self, node: str, add: Mapping[str, str], remove: Iterable[str] = ()
@@ -225,7 +307,7 @@ class KubeClient:
         labels: dict[str, str | None] = {**add, **dict.fromkeys(remove)}
         if not labels:
             return
-        await self._json(
+        await self.call_json(
             f"patch labels of node {node}", self._core.patch_node, node,
             {"metadata": {"labels": labels}}, _content_type=MERGE_PATCH,
         )
@@ -251,7 +333,8 @@ class KubeClient:
         return await self._reconcile_counts(namespace, name, obj)
 
     async def _reconcile_counts(self, namespace: str, name: str, obj: Obj) -> Obj:
-        for attempt in range(self.settings.status_retries):
+        conflicts = Backoff(CONFLICT_BACKOFF, math.inf)
+        for _ in range(self.settings.status_retries):
             counts = summary_counts(obj)
             status = obj.get("status") or {}
             if all(status.get(k) == v for k, v in counts.items()):
@@ -262,14 +345,14 @@ class KubeClient:
                 return await self._patch_status(namespace, name, guarded)
             except Conflict:
                 # another agent wrote since: look again (it may have fixed the counts already)
-                await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))
+                await conflicts.wait()
                 obj = await self.get_cached_model(namespace, name)
         log.warning("summary counts of cachedmodel %s/%s left to the next writer after %d "
                     "conflicts", namespace, name, self.settings.status_retries)
         return obj
 
     async def _patch_status(self, namespace: str, name: str, body: Obj) -> Obj:
-        return await self._json(
+        return await self.call_json(
             f"patch status of cachedmodel {namespace}/{name}",
             self._custom.patch_namespaced_custom_object_status,
             GROUP, VERSION, namespace, PLURAL, name, body, _content_type=MERGE_PATCH,
@@ -309,8 +392,8 @@ class KubeClient:
             "regarding": {k: v for k, v in regarding.items() if v},
         }
         try:
-            await self._json(f"create event {reason} about {regarding['name']}",
-                             self._events.create_namespaced_event, namespace, body)
+            await self.call_json(f"create event {reason} about {regarding['name']}",
+                                 self._events.create_namespaced_event, namespace, body)
         except ModelcacheError as e:
             log.warning("event not recorded: %s", e)
             return False
@@ -327,7 +410,7 @@ class KubeClient:
         if audiences:
             spec["audiences"] = audiences
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
-        out = await self._json("create tokenreview", self._authn.create_token_review, body)
+        out = await self.call_json("create tokenreview", self._authn.create_token_review, body)
         status = out.get("status") or {}
         user = status.get("user") or {}
         granted = tuple(status.get("audiences") or ())
@@ -372,20 +455,22 @@ class KubeClient:
             spec["extra"] = {k: list(v) for k, v in extra.items()}
         body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
                 "spec": spec}
-        out = await self._json("create subjectaccessreview",
-                               self._authz.create_subject_access_review, body)
+        out = await self.call_json("create subjectaccessreview",
+                                   self._authz.create_subject_access_review, body)
         status = out.get("status") or {}
         return bool(status.get("allowed")) and not status.get("denied")
 
     # --- transport -----------------------------------------------------------------------
 
-    async def _json(self, what: str, call: Callable[..., Awaitable[Any]], *args: Any,
-                    **kwargs: Any) -> Obj:
-        resp = await self._open(what, call, *args, **kwargs)
+    async def call_json(self, what: str, call: Callable[..., Awaitable[Any]], *args: Any,
+                        **kwargs: Any) -> Obj:
+        """Send a request; the reply's JSON object (any other reply becomes one of our
+        errors)."""
+        resp = await self.open(what, call, *args, **kwargs)
         try:
             raw = await resp.read()
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise TransientError(f"{what}: reading the reply failed: {_name(e)}") from e
+            raise TransientError(f"{what}: reading the reply failed: {describe(e)}") from e
         finally:
             resp.release()
         try:
@@ -396,8 +481,8 @@ class KubeClient:
             raise TransientError(f"{what}: the reply is not a JSON object")
         return out
 
-    async def _open(self, what: str, call: Callable[..., Awaitable[Any]], *args: Any,
-                    **kwargs: Any) -> aiohttp.ClientResponse:
+    async def open(self, what: str, call: Callable[..., Awaitable[Any]], *args: Any,
+                   **kwargs: Any) -> aiohttp.ClientResponse:
         """Send a request; a reply other than 2xx becomes one of our errors."""
         kwargs.setdefault("_request_timeout", self.settings.request_timeout)
         try:
@@ -405,7 +490,7 @@ class KubeClient:
         except OpenApiException as e:
             raise KubeError(f"{what}: {e}") from e
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise TransientError(f"{what}: Kubernetes API unreachable: {_name(e)}") from e
+            raise TransientError(f"{what}: Kubernetes API unreachable: {describe(e)}") from e
         assert isinstance(resp, aiohttp.ClientResponse)
         if resp.status < 300:
             return resp
@@ -418,31 +503,6 @@ class KubeClient:
         raise api_error(what, resp.status, raw, resp.headers.get("Retry-After"))
 
 
-def api_error(what: str, status: int, body: bytes, retry_after: str | None = None
-              ) -> ModelcacheError:
-    """The error for an apiserver reply with this status and ``Status`` body."""
-    reason, message = "", ""
-    try:
-        doc = json.loads(body)
-        if isinstance(doc, dict):
-            reason, message = str(doc.get("reason", "")), str(doc.get("message", ""))
-    except ValueError:
-        message = body[:200].decode("utf-8", "replace")
-    text = f"{what}: {status} {reason}: {message}".rstrip(": ")
-    if status == 404:
-        return NotFound(text)
-    if status == 409:
-        return Conflict(text)
-    if status == 410:
-        return Expired(text)
-    if status == 429 or status >= 500:
-        delay: float | None = None
-        with contextlib.suppress(TypeError, ValueError):
-            delay = float(retry_after) if retry_after else None
-        return TransientError(text, retry_after=delay)
-    return KubeError(text)
-
-
 def summary_counts(obj: Obj) -> dict[str, int]:
     """``status.ready/pulling/failed`` as ``status.nodes`` implies them."""
     nodes = ((obj.get("status") or {}).get("nodes") or {}).values()
@@ -450,211 +510,11 @@ def summary_counts(obj: Obj) -> dict[str, int]:
     return {s: states.count(s) for s in COUNTED_STATES}
 
 
-def object_key(obj: Obj) -> str:
-    """``namespace/name`` (or ``name`` for a cluster-scoped object): the key of a store."""
-    meta = obj.get("metadata") or {}
-    ns = meta.get("namespace")
-    return f"{ns}/{meta.get('name', '')}" if ns else str(meta.get("name", ""))
-
-
-# --- informers -------------------------------------------------------------------------------
-
-
-class Informer:
-    """A list-then-watch view of one kind of object that loses no change.
-
-    Iterate ``events()`` (or ``run(handler)``) to drive it: it lists, reports every object as
-    ADDED, then watches from the list's resourceVersion. A stream that ends or breaks is
-    resumed from the last resourceVersion seen (events and bookmarks move it); one refused
-    with ``410 Expired`` is replaced by a new list whose difference from ``store`` is
-    reported (ADDED, MODIFIED, and DELETED for objects that vanished meanwhile, with their
-    last known state). ``store`` always holds the objects as of the last event yielded.
-    Failures are retried forever with jittered exponential backoff.
-    """
-
-    def __init__(
-        self,
-        client: KubeClient,
-        resource: str,
-        lister: Callable[..., Awaitable[Any]],
-        *,
-        field_selector: str | None = None,
-        label_selector: str | None = None,
-    ) -> None:
-        self._client = client
-        self.resource = resource
-        self._lister = lister
-        self._selectors = {k: v for k, v in (("field_selector", field_selector),
-                                             ("label_selector", label_selector)) if v}
-        self.store: dict[str, Obj] = {}
-        self.resource_version = ""
-        #: set once the first list has been reported
-        self.synced = asyncio.Event()
-        #: lists done (the first one, then one per 410 or failed list)
-        self.lists = 0
-        #: watch requests made
-        self.watches = 0
-        self.last_error: ModelcacheError | None = None
-
-    def get(self, name: str, namespace: str = "") -> Obj | None:
-        return self.store.get(f"{namespace}/{name}" if namespace else name)
-
-    async def run(self, handler: Callable[[WatchEvent], Awaitable[None]]) -> None:
-        """Call ``handler`` for each event, until cancelled."""
-        async with contextlib.aclosing(self.events()) as events:
-            async for event in events:
-                await handler(event)
-
-    async def events(self) -> AsyncGenerator[WatchEvent, None]:
-        """Every change, forever (use with ``contextlib.aclosing``)."""
-        settings = self._client.settings
-        backoff = _Backoff(settings.backoff_base, settings.backoff_max)
-        must_list = True
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                if must_list:
-                    for event in await self._list():
-                        self._apply(event)
-                        yield event
-                    must_list = False
-                    self.synced.set()
-                started, seen = loop.time(), 0
-                async with contextlib.aclosing(self._watch()) as stream:
-                    async for event in stream:
-                        seen += 1
-                        backoff.reset()
-                        self._apply(event)
-                        yield event
-                if not seen and loop.time() - started < 1.0:
-                    await backoff.wait()  # a watch that ends at once: do not spin
-            except Expired as e:
-                log.info("%s: %s; listing again", self.resource, e)
-                must_list = True
-            except ModelcacheError as e:
-                self.last_error = e
-                log.warning("%s: %s; retrying", self.resource, e)
-                await backoff.wait()
-
-    async def _list(self) -> list[WatchEvent]:
-        """List all pages at one resourceVersion; the difference from ``store`` as events."""
-        settings = self._client.settings
-        self.lists += 1
-        items: dict[str, Obj] = {}
-        token: str | None = None
-        while True:
-            page_args: Obj = {"limit": settings.list_page_size, **self._selectors}
-            if token:
-                page_args["_continue"] = token
-            page = await self._client._json(f"list {self.resource}", self._lister, **page_args)
-            kind = str(page.get("kind", "")).removesuffix("List")
-            for item in page.get("items") or []:
-                item.setdefault("kind", kind)
-                item.setdefault("apiVersion", page.get("apiVersion", ""))
-                items[object_key(item)] = item
-            meta = page.get("metadata") or {}
-            token = meta.get("continue")
-            if not token:
-                break
-        events = []
-        for key, obj in items.items():
-            old = self.store.get(key)
-            if old is None:
-                events.append(WatchEvent("ADDED", obj, synthetic=True))
-            elif _rv(old) != _rv(obj):
-                events.append(WatchEvent("MODIFIED", obj, synthetic=True))
-        for key in self.store.keys() - items.keys():
-            events.append(WatchEvent("DELETED", self.store[key], synthetic=True))
-        self.resource_version = str(meta.get("resourceVersion", ""))
-        return events
-
-    async def _watch(self) -> AsyncGenerator[WatchEvent, None]:
-        settings = self._client.settings
-        seconds = int(settings.watch_timeout * random.uniform(1.0, 2.0)) or 1
-        self.watches += 1
-        what = f"watch {self.resource}"
-        resp = await self._client._open(
-            what, self._lister, watch=True, allow_watch_bookmarks=True,
-            resource_version=self.resource_version, timeout_seconds=seconds,
-            _request_timeout=aiohttp.ClientTimeout(
-                sock_connect=settings.request_timeout, sock_read=seconds + 30
-            ),
-            **self._selectors,
-        )
-        finished = False
-        try:
-            while True:
-                try:
-                    line = await resp.content.readline()
-                except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-                    raise TransientError(f"{what}: stream broken: {_name(e)}") from e
-                if not line:
-                    finished = True
-                    return
-                event = _decode_event(what, line)
-                kind, obj = event["type"], event["object"]
-                if kind == "ERROR":
-                    raise api_error(what, int(obj.get("code") or 500), line)
-                if kind == "BOOKMARK":
-                    self.resource_version = _rv(obj) or self.resource_version
-                    continue
-                if kind not in ("ADDED", "MODIFIED", "DELETED"):
-                    raise TransientError(f"{what}: unknown event type {kind!r}")
-                self.resource_version = _rv(obj) or self.resource_version
-                yield WatchEvent(kind, obj)
-        finally:
-            if finished:
-                resp.release()
-            else:
-                resp.close()
-
-    def _apply(self, event: WatchEvent) -> None:
-        key = object_key(event.object)
-        if event.type == "DELETED":
-            self.store.pop(key, None)
-        else:
-            self.store[key] = event.object
-
-
-def _decode_event(what: str, line: bytes) -> Obj:
-    try:
-        event = json.loads(line)
-    except ValueError as e:
-        raise TransientError(f"{what}: a watch event is not JSON") from e
-    if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
-        raise TransientError(f"{what}: a watch event has no object")
-    return event
-
-
-class _Backoff:
-    """Exponential delays with jitter (half fixed, half random)."""
-
-    def __init__(self, base: float, cap: float) -> None:
-        self.base, self.cap, self.failures = base, cap, 0
-
-    def reset(self) -> None:
-        self.failures = 0
-
-    async def wait(self) -> None:
-        delay = min(self.cap, self.base * 2 ** self.failures)
-        self.failures += 1
-        await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
-
-
 def _bind(call: Callable[..., Awaitable[Any]], *args: Any) -> Callable[..., Awaitable[Any]]:
     async def bound(**kwargs: Any) -> Any:
         return await call(*args, **kwargs)
 
     return bound
-
-
-def _rv(obj: Obj) -> str:
-    return str((obj.get("metadata") or {}).get("resourceVersion", ""))
-
-
-def _name(e: BaseException) -> str:
-    text = str(e)
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _truncate(text: str, limit: int) -> str:
