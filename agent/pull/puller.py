@@ -19,7 +19,8 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from agent.egress import Egress
-from agent.fetch.engine import Fetcher, FetchStats, ref_id
+from agent.fetch.engine import Fetcher, ref_id
+from agent.fetch.stats import FetchStats
 from agent.index import FAILED, PULLING, READY, Index, Model
 from agent.metrics import Metrics
 from agent.pull.sharing import SharedAccess

@@ -251,7 +251,7 @@ def assert_pieces_in_order(gets: list[Served], streams: int) -> None:
 def split_steps(caplog: pytest.LogCaptureFixture) -> list[int]:
     """How many connections each of the splitter's looks added."""
     return [r.added for r in caplog.records  # type: ignore[attr-defined]
-            if r.name == "agent.fetch.engine" and r.getMessage() == "splitting a slow download"]
+            if r.name == "agent.fetch.splitter" and r.getMessage() == "splitting a slow download"]
 
 
 async def pull_split(tmp_path: Path, faulty: FaultyServer, data: bytes, fault: Fault,
@@ -263,7 +263,7 @@ async def pull_split(tmp_path: Path, faulty: FaultyServer, data: bytes, fault: F
     settings = fast_settings(tmp_path, segment_min_bytes=MiB, connections_per_file=8,
                              split_interval=0.1, split_below_rate=8 * MiB,
                              buffer_bytes=256 * 1024)
-    caplog.set_level(logging.DEBUG, logger="agent.fetch.engine")
+    caplog.set_level(logging.DEBUG, logger="agent.fetch.splitter")
     async with InProcessAgent(settings) as agent, agent.client() as client:
         model = await client.ensure(faulty.url("/m.bin"))
         model = await client.model(model["key"], wait=60)
