@@ -46,8 +46,9 @@ from agent.settings import ArchiveSettings, FetchSettings
 from agent.sources.base import Credentials, Location, RemoteFile, Source
 from agent.sources.control import backoff_delay, retry_level
 from agent.store import archive
-from agent.store.ingest import Ingest, Segment
+from agent.store.ingest import Ingest
 from agent.store.local import Store
+from agent.store.segments import Segment
 from agent.store.trees import FileEntry
 from common.errors import (
     IntegrityError,

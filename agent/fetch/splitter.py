@@ -15,7 +15,8 @@ import logging
 from collections.abc import Callable
 
 from agent.settings import FetchSettings
-from agent.store.ingest import Ingest, Segment
+from agent.store.ingest import Ingest
+from agent.store.segments import Segment
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from agent.fetch.pool import Attempt, ConnectionPool, buffers, drain
 from agent.fetch.stats import FetchStats, ProgressFn
 from agent.settings import FetchSettings
 from agent.sources.base import Location, RemoteFile
-from agent.store.ingest import Ingest, Segment
+from agent.store.ingest import Ingest
+from agent.store.segments import Segment
 from common.errors import SourceError, TransientError
 
 USER_AGENT = "modelcache/0.1"

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.store.blobs import BlobStore, write_atomic
-from agent.store.ingest import BlobWriter, Ingest, check_ref
+from agent.store.ingest import Ingest, check_ref
 from agent.store.trees import FileEntry, Manifest, Trees, clean_paths, tree_id
+from agent.store.writer import BlobWriter
 from common.errors import StoreError
 
 
