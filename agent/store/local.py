@@ -246,6 +246,18 @@ class Store:
                     Path(entry.path).unlink(missing_ok=True)
         return found
 
+    def partial_refs(self) -> list[str]:
+        """The refs of the partial downloads on disk (whoever holds them)."""
+        return [e.name for e in os.scandir(self.partial)]
+
+    def partial_allocated(self, ref: str) -> int:
+        """Bytes the data of a partial download takes on disk (its allocated blocks, which
+        preallocation makes its whole size); 0 if there is none."""
+        try:
+            return (self.partial / check_ref(ref) / "data").stat().st_blocks * 512
+        except (OSError, StoreError):
+            return 0
+
     def remove_partial(self, ref: str) -> None:
         shutil.rmtree(self.partial / check_ref(ref), ignore_errors=True)
 
