@@ -66,7 +66,7 @@ async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
     # standalone, nothing but the API holds models: in-use is known once the leases are
     # loaded; in a cluster, once the pods on the node are listed (agent/cluster.py)
     usage = Usage(index, known=False)
-    leases = Leases(store.root, store.tmp, index, usage)
+    leases = Leases(store.leases_file, store.tmp, index, usage)
     ledger = Ledger(store, index)
     evictor = Evictor(store, index, settings.store, usage, ledger, leases, metrics)
     reservations = Reservations(evictor, ledger)

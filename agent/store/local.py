@@ -56,6 +56,8 @@ class Store:
         self.partial = root / "partial"
         self.tmp = root / "tmp"
         self.pulls = root / "pulls"
+        self.leases_file = root / "leases.json"
+        """Standalone leases: which models are in use (:mod:`agent.eviction.leases`)."""
         self.trees = Trees(self.models, self.tmp, self.blobs)
         self._lock = threading.Lock()
         self._removing = threading.Lock()

@@ -79,7 +79,7 @@ class Core:
         egress = Egress(self.settings.egress)
         self.fetcher = Fetcher(self.store, egress, self.settings.fetch)
         usage, ledger = Usage(self.index), Ledger(self.store, self.index)
-        self.leases = Leases(self.store.root, self.store.tmp, self.index, usage)
+        self.leases = Leases(self.store.leases_file, self.store.tmp, self.index, usage)
         self.evictor = Evictor(self.store, self.index, self.settings.store, usage, ledger,
                                self.leases, orphan_grace=0.0)
         self.puller = Puller(store=self.store, fetcher=self.fetcher,

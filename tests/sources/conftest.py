@@ -136,7 +136,7 @@ async def pipeline(tmp_path: Path) -> AsyncIterator[PipelineFactory]:
         metrics = Metrics(node="test-node")
         usage, ledger = Usage(index), Ledger(st, index)
         evictor = Evictor(st, index, settings.store, usage, ledger,
-                          Leases(st.root, st.tmp, index, usage), metrics)
+                          Leases(st.leases_file, st.tmp, index, usage), metrics)
         puller = Puller(store=st, fetcher=fetcher, sources=srcs, index=index, egress=eg,
                         settings=settings, metrics=metrics,
                         reserver=Reservations(evictor, ledger))
