@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import blake3
 
-from agent.egress import Egress, shown_url, strip_credentials
+from agent.egress import Egress, Hop, shown_url
 from agent.fetch.pool import Attempt, ConnectionPool
 from agent.fetch.splitter import split_slow_streams
 from agent.fetch.stats import FetchStats, ProgressFn
@@ -52,9 +52,7 @@ from agent.store.segments import Segment
 from agent.store.trees import FileEntry
 from common.errors import (
     IntegrityError,
-    NotAllowed,
     SourceAuthError,
-    SourceError,
     SourceNotFound,
     TransientError,
 )
@@ -202,7 +200,7 @@ class Fetcher:
                      extra={"ref": ingest.ref, "path": file.path, "bytes_on_disk": resumed})
             progress(resumed)
         ingest.start_hasher()
-        location = _SharedLocation(source, file, credentials)
+        location = _SharedLocation(source, file, credentials, self.egress)
         cancel = threading.Event()
         tasks: set[asyncio.Task[None]] = set()
 
@@ -355,38 +353,33 @@ class Fetcher:
 
 class _SharedLocation:
     """A file's current location, shared by its segments: renewed once for all after a
-    401/403, and moved once for all after a redirect."""
+    401/403, and moved once for all after a redirect (under the egress policy's one
+    redirect rule, :meth:`~agent.egress.Egress.redirect`)."""
 
-    def __init__(self, source: Source, file: RemoteFile, credentials: Credentials | None) -> None:
+    def __init__(self, source: Source, file: RemoteFile, credentials: Credentials | None,
+                 egress: Egress) -> None:
         self._source = source
         self._file = file
         self._credentials = credentials
+        self._egress = egress
         self._loc: Location | None = None
+        self._hop: Hop | None = None
         self._lock = asyncio.Lock()
-        self._hops = 0
 
     async def get(self, refresh: bool = False) -> Location:
         async with self._lock:
             if self._loc is None or refresh:
                 self._loc = await self._source.locate(self._file, self._credentials,
                                                       refresh=refresh)
-                self._hops = 0
+                self._hop = Hop(self._loc.url, self._loc.headers)
             return self._loc
 
-    async def redirect(self, old: Location, target: str) -> None:
+    async def redirect(self, old: Location, location: str | None) -> None:
         async with self._lock:
-            if self._loc is not old:
+            if self._loc is not old or self._hop is None:
                 return  # another segment already followed it
-            self._hops += 1
-            if self._hops > 5:
-                raise SourceError(f"too many redirects from {shown_url(old.url)}")
-            old_parts, new_parts = urlsplit(old.url), urlsplit(target)
-            if old_parts.scheme == "https" and new_parts.scheme != "https":
-                raise NotAllowed(f"redirect from {shown_url(old.url)} downgrades https")
-            headers = dict(old.headers)
-            if old_parts.netloc.lower() != new_parts.netloc.lower():
-                headers = strip_credentials(headers)
-            self._loc = Location(target, headers)
+            self._hop = self._egress.redirect(self._hop, location)
+            self._loc = Location(self._hop.url, dict(self._hop.headers))
 
 
 def _git_identity(file: RemoteFile) -> dict[str, str]:

@@ -17,7 +17,7 @@ import asyncio
 import http.client
 import ssl
 import threading
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 from agent.egress import (
     REDIRECTS,
@@ -43,9 +43,10 @@ class RangeIgnored(SourceError):
 
 
 class Redirected(Exception):
-    """The server answered a redirect to ``location``."""
+    """The server answered a redirect (``location``: its ``Location`` header, as sent; the
+    engine follows it under the egress policy)."""
 
-    def __init__(self, location: str) -> None:
+    def __init__(self, location: str | None) -> None:
         self.location = location
 
 
@@ -88,10 +89,10 @@ class Transfer:
                 raise TransientError(f"{shown_url(loc.url)}: {describe_error(e)}") from e
             status = resp.status
             if status in REDIRECTS:
-                location = resp.getheader("Location") or ""
+                location = resp.getheader("Location")
                 drain(resp)
                 reusable = resp.isclosed() and not resp.will_close
-                raise Redirected(urljoin(loc.url, location))
+                raise Redirected(location)
             if status not in (200, 206):
                 body = drain(resp)
                 reusable = resp.isclosed() and not resp.will_close
