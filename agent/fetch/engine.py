@@ -32,14 +32,14 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 import blake3
 
 from agent.egress import Egress, Hop, shown_url
 from agent.fetch.pool import Attempt, ConnectionPool
-from agent.fetch.splitter import split_slow_streams
+from agent.fetch.splitter import StreamMeter, Streams, split_slow_streams
 from agent.fetch.stats import FetchStats, ProgressFn
 from agent.fetch.transfer import RangeIgnored, Redirected, Transfer
 from agent.settings import ArchiveSettings, FetchSettings
@@ -200,20 +200,23 @@ class Fetcher:
                      extra={"ref": ingest.ref, "path": file.path, "bytes_on_disk": resumed})
             progress(resumed)
         ingest.start_hasher()
-        location = _SharedLocation(source, file, credentials, self.egress)
-        cancel = threading.Event()
+        job = _Job(ingest, file, _SharedLocation(source, file, credentials, self.egress),
+                   threading.Event(), progress, stats, Streams())
         tasks: set[asyncio.Task[None]] = set()
 
         def launch(seg: Segment) -> None:
-            tasks.add(asyncio.create_task(self._segment(ingest, seg, file, location, cancel,
-                                                        progress, stats)))
+            tasks.add(asyncio.create_task(self._segment(job, seg)))
 
         for seg in segments:
             if not seg.complete:
                 launch(seg)
-        splitter = asyncio.create_task(
-            split_slow_streams(ingest, self.settings, launch, lambda: self._wanted)) \
-            if split and file.size is not None else None
+        splitter = None
+        if tasks:
+            stats.streams[file.path] = steps = [len(tasks)]
+            if split and file.size is not None:
+                splitter = asyncio.create_task(split_slow_streams(
+                    ingest, self.settings, job.streams, launch, lambda: self._wanted,
+                    steps.append))
         running = set(tasks)
         try:
             while running:
@@ -223,7 +226,7 @@ class Fetcher:
                         raise t.exception()  # type: ignore[misc]
                 running = {t for t in tasks if not t.done()}
         except BaseException:
-            cancel.set()
+            job.cancel.set()
             raise
         finally:
             if splitter is not None:
@@ -245,24 +248,23 @@ class Fetcher:
                                 sealed.git_oid)
         return [FileEntry(file.path, sealed.size, sealed.blake3, sealed.sha256, sealed.git_oid)]
 
-    async def _segment(self, ingest: Ingest, seg: Segment, file: RemoteFile,
-                       location: _SharedLocation, cancel: threading.Event,
-                       progress: ProgressFn, stats: FetchStats) -> None:
+    async def _segment(self, job: _Job, seg: Segment) -> None:
+        """One stream of a file: its segment, then pieces of the pool while there are."""
+        meter = job.streams.add()
         self._wanted += 1
         try:
             piece: Segment | None = seg
             while piece is not None:
-                await self._segment_attempts(ingest, piece, file, location, cancel, progress,
-                                             stats)
+                await self._segment_attempts(job, piece, meter)
                 # a file fetched in pieces: go on with the next one, on the same connection
-                piece = ingest.take_piece(self.settings.segment_min_bytes)
+                piece = job.ingest.take_piece(self.settings.segment_min_bytes)
         finally:
             self._wanted -= 1
+            job.streams.remove(meter)
 
-    async def _segment_attempts(self, ingest: Ingest, seg: Segment, file: RemoteFile,
-                                location: _SharedLocation, cancel: threading.Event,
-                                progress: ProgressFn, stats: FetchStats) -> None:
+    async def _segment_attempts(self, job: _Job, seg: Segment, meter: StreamMeter) -> None:
         s = self.settings
+        file, location = job.file, job.location
         attempt = 0
         # seg.done when the location was last renewed after a 401/403: refused again with
         # no byte since, renewing does not help (a signed URL that expires mid-pull, as a
@@ -274,8 +276,7 @@ class Fetcher:
             try:
                 endpoint = await self.egress.endpoint(loc.url)
                 async with self._slots:
-                    await self._in_thread(ingest, seg, loc, file, endpoint.addresses, cancel,
-                                          progress, stats)
+                    await self._in_thread(job, seg, loc, endpoint.addresses, meter)
                 if seg.end is None:
                     return  # a stream of unknown length ends when the server closes it
             except Redirected as r:
@@ -300,19 +301,18 @@ class Fetcher:
                     "delay": round(delay, 3), "error": str(e)})
                 await asyncio.sleep(delay)
 
-    async def _in_thread(self, ingest: Ingest, seg: Segment, loc: Location, file: RemoteFile,
-                         addresses: tuple[str, ...], cancel: threading.Event,
-                         progress: ProgressFn, stats: FetchStats) -> None:
+    async def _in_thread(self, job: _Job, seg: Segment, loc: Location,
+                         addresses: tuple[str, ...], meter: StreamMeter) -> None:
         """Run one attempt in a worker thread. If the task is cancelled, the thread is told
         to stop (and its socket shut down) and awaited: no thread outlives its ingest."""
         attempt = Attempt()
         future = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._transfer.run, ingest, seg, loc, file, addresses, cancel,
-            attempt, progress, stats)
+            self._executor, self._transfer.run, job.ingest, seg, loc, job.file, addresses,
+            job.cancel, attempt, job.progress, job.stats, meter.landed)
         try:
             await asyncio.shield(future)
         except asyncio.CancelledError:
-            cancel.set()
+            job.cancel.set()
             attempt.abort()
             with contextlib.suppress(BaseException):
                 await future
@@ -349,6 +349,20 @@ class Fetcher:
         entries = await asyncio.to_thread(copy)
         stats.files_downloaded += 1
         return entries
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One file's download in progress: what each of its streams works with."""
+
+    ingest: Ingest
+    file: RemoteFile
+    location: _SharedLocation
+    cancel: threading.Event
+    """Set to stop every stream's worker thread at its next chunk."""
+    progress: ProgressFn
+    stats: FetchStats
+    streams: Streams
 
 
 class _SharedLocation:

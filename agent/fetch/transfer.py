@@ -59,9 +59,10 @@ class Transfer:
 
     def run(self, ingest: Ingest, seg: Segment, loc: Location, file: RemoteFile,
             addresses: tuple[str, ...], cancel: threading.Event, attempt: Attempt,
-            progress: ProgressFn, stats: FetchStats) -> None:
+            progress: ProgressFn, stats: FetchStats, landed: ProgressFn) -> None:
         """GET the rest of ``seg`` from ``loc`` (connecting to ``addresses``) into
-        ``ingest``; raises what the engine retries, follows or fails on."""
+        ``ingest``; raises what the engine retries, follows or fails on. ``progress``,
+        ``stats`` and ``landed`` (the stream's meter) count each buffer that lands."""
         parts = urlsplit(loc.url)
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **loc.headers}
         ranged = seg.end is not None or seg.done > 0
@@ -113,7 +114,7 @@ class Transfer:
                 raise SourceError(
                     f"{file.path} changed at the source while being pulled (ETag {etag} != "
                     f"{file.etag}); pull again to resolve the new revision")
-            self._receive(resp, ingest, seg, cancel, progress, stats, loc.url)
+            self._receive(resp, ingest, seg, cancel, progress, stats, landed, loc.url)
             # a stream cut short by a split still has body bytes in flight: not reusable
             reusable = resp.isclosed() and not resp.will_close
         finally:
@@ -125,7 +126,7 @@ class Transfer:
 
     def _receive(self, resp: http.client.HTTPResponse, ingest: Ingest, seg: Segment,
                  cancel: threading.Event, progress: ProgressFn, stats: FetchStats,
-                 url: str) -> None:
+                 landed: ProgressFn, url: str) -> None:
         # two buffers in turn: one is received into while the sha256 thread (if the source
         # stated a sha256) still reads the other
         bufs = buffers.get(self.settings.buffer_bytes)
@@ -151,6 +152,7 @@ class Transfer:
                 if not n:
                     break
                 pending[turn] = ingest.write(seg, buf[:n])
+                landed(n)
                 stats.add(n)
                 progress(n)
                 ingest.maybe_checkpoint(every, self.settings.checkpoint_seconds)

@@ -141,11 +141,6 @@ class Ingest:
             self.segments = []
             os.ftruncate(self.fd, 0)
 
-    @property
-    def received_bytes(self) -> int:
-        """Bytes written so far (all segments)."""
-        return sum(s.done for s in self.segments)
-
     def pool_rest(self, seg: Segment, keep: int, min_part: int) -> bool:
         """Pool the rest of ``seg`` past ``keep`` bytes, for streams to take in pieces
         (:func:`agent.store.segments.pool_rest`)."""
