@@ -45,7 +45,7 @@ LAST_USED_FLUSH_SECONDS = 300.0
 
 class Reserver(Protocol):
     """Holds disk space for a pull while it runs, and makes room when a write runs out of
-    it (:class:`agent.eviction.evictor.Evictor`)."""
+    it (:class:`agent.eviction.reservations.Reservations`)."""
 
     def reserve(self, key: str, nbytes: int) -> contextlib.AbstractAsyncContextManager[None]:
         ...
