@@ -13,8 +13,10 @@ One engine serves the agent and the init container's fallback. For each file:
    the disk or the hash;
 5. resets, timeouts, 5xx, 429 and short bodies are retried with jittered exponential
    backoff (``Retry-After`` honoured), resuming where the segment stopped;
-6. redirects are followed hop by hop under the egress policy, credentials dropped when
-   the host changes; a 401/403 renews the source's location (tokens, presigned URLs) once;
+6. redirects are followed hop by hop under the egress policy's one redirect rule
+   (:meth:`~agent.egress.Egress.redirect`: every hop checked, no downgrade from https,
+   credentials dropped once the host changes); a 401/403 renews the source's location
+   (tokens, presigned URLs) once;
 7. the ingest hashes in order as bytes land and commits only after size and digest checks;
    archives are unpacked safely from the verified download.
 
