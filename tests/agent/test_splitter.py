@@ -11,6 +11,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from agent.egress import Egress
 from agent.fetch.engine import Fetcher
 from agent.fetch.stats import FetchStats
@@ -59,6 +61,7 @@ def assert_pieces_in_order(gets: list[Served], streams: int) -> None:
         assert start >= max(starts[: i + 1]) - streams * MiB, starts
 
 
+@pytest.mark.slow
 async def test_a_slow_stream_is_split_across_connections(tmp_path: Path,
                                                          faulty: FaultyServer) -> None:
     data = os.urandom(8 * MiB)
@@ -79,6 +82,7 @@ SPLITTING = {"segment_min_bytes": MiB, "connections_per_file": 8, "split_interva
 """Up to 8 connections, looks every 0.1 s, streams under 8 MiB/s are slow."""
 
 
+@pytest.mark.slow
 async def test_slow_streams_double_up_to_the_cap(tmp_path: Path,
                                                  faulty: FaultyServer) -> None:
     # a CDN that caps each connection (Hugging Face's gives one stream ~40 MB/s): the file
@@ -94,6 +98,7 @@ async def test_slow_streams_double_up_to_the_cap(tmp_path: Path,
     assert faulty.bytes_sent("/m.bin") < 2 * len(data)
 
 
+@pytest.mark.slow
 async def test_streams_stop_growing_when_more_connections_do_not_help(
         tmp_path: Path, faulty: FaultyServer) -> None:
     # the link (or an overloaded server) is the limit, not each connection: after one split
