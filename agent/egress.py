@@ -6,8 +6,10 @@
   private, CGNAT, multicast and reserved addresses are refused unless their host or address
   is listed (the webhook's rule, ``common.hosts.address_kind``); with ``only_allowed_hosts``
   every unlisted host is refused;
-- every redirect hop is checked again, ``https`` never downgrades to ``http``, and
-  credentials are dropped when a redirect leaves the host they were meant for;
+- redirects follow one rule on every HTTP path (:meth:`Egress.redirect`: the control plane's
+  :meth:`Egress.request` and the fetch engine's data plane): every hop is checked again,
+  ``https`` never downgrades, and credentials are dropped when a hop changes host and stay
+  dropped for the rest of the chain;
 - addresses are checked after DNS resolution and the connection goes to the checked address
   (no second lookup that a rebinding DNS server could answer differently);
 - ``file://`` reads only under the admin's ``--allow-path`` directories, after resolving
@@ -46,6 +48,7 @@ from common.errors import (
 from common.hosts import AllowList, IPAddress, a, address_kind, unmap
 
 REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
 #: headers that carry credentials: dropped when a redirect changes host
 CREDENTIAL_HEADERS = ("authorization", "cookie", "proxy-authorization", "x-amz-security-token")
 
@@ -64,6 +67,16 @@ class Endpoint:
         name = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.scheme == "https" else 80
         return name if self.port == default else f"{name}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One request of a redirect chain: where it goes, with which headers, after how many
+    redirects. The first is ``Hop(url, headers)``; :meth:`Egress.redirect` makes the next."""
+
+    url: str
+    headers: Mapping[str, str]
+    redirects: int = 0
 
 
 class Egress:
@@ -183,43 +196,68 @@ class Egress:
         url: str,
         *,
         headers: Mapping[str, str] | None = None,
-        max_redirects: int = 5,
+        max_redirects: int = MAX_REDIRECTS,
         **kwargs: Any,
     ) -> aiohttp.ClientResponse:
-        """Send a request, following redirects by hand and checking each hop.
+        """Send a request, following redirects by hand under :meth:`redirect`, each hop's
+        addresses checked before it connects.
 
         The caller owns the returned response (``async with`` or ``release()``).
         """
-        hdrs = dict(headers or {})
-        first_host = urlsplit(url).netloc.lower()
-        for _ in range(max_redirects + 1):
-            scheme, host, port = self.check_url(url)
+        hop = Hop(url, dict(headers or {}))
+        while True:
+            _, host, port = self.check_url(hop.url)
             await self.resolve(host, port)
             try:
-                resp = await session.request(method, url, headers=hdrs, allow_redirects=False,
-                                             **kwargs)
+                resp = await session.request(method, hop.url, headers=dict(hop.headers),
+                                             allow_redirects=False, **kwargs)
             except NotAllowed:
                 raise
             except aiohttp.ClientConnectorCertificateError as e:
-                raise untrusted(url, e.certificate_error) from e
+                raise untrusted(hop.url, e.certificate_error) from e
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
-                raise TransientError(f"{method} {shown_url(url)}: {describe_error(e)}") from e
+                raise TransientError(
+                    f"{method} {shown_url(hop.url)}: {describe_error(e)}") from e
             if resp.status not in REDIRECTS:
                 return resp
             location = resp.headers.get("Location")
             resp.release()
-            if not location:
-                raise SourceError(f"redirect from {shown_url(url)} has no Location")
-            target = urljoin(url, location)
-            new_scheme = urlsplit(target).scheme.lower()
-            if scheme == "https" and new_scheme == "http":
-                raise NotAllowed(f"redirect from {shown_url(url)} downgrades https to http")
-            if urlsplit(target).netloc.lower() != first_host:
-                hdrs = strip_credentials(hdrs)
+            hop = self.redirect(hop, location, max_redirects)
             if resp.status == 303:
                 method = "GET"
-            url = target
-        raise SourceError(f"too many redirects (more than {max_redirects}) from {shown_url(url)}")
+
+    # --- redirects (every HTTP path) -----------------------------------------------------
+
+    def redirect(self, hop: Hop, location: str | None,
+                 max_redirects: int = MAX_REDIRECTS) -> Hop:
+        """The next hop after ``hop`` was answered with a redirect to ``location``: the one
+        redirect rule of the agent, for the control plane (:meth:`request`) and the data
+        plane (the fetch engine) alike.
+
+        - a redirect without a ``Location``, or past ``max_redirects``, is an error;
+        - ``https`` never downgrades: a hop after an https one is https too;
+        - the target is checked like a first URL (:meth:`check_url`: scheme, syntax, the
+          allowlist); its addresses are checked when it connects (:meth:`resolve`), so
+          every hop passes the whole policy;
+        - credentials (:data:`CREDENTIAL_HEADERS`) are dropped when the target's host
+          (and port) differs from the previous hop's, and stay dropped for the rest of
+          the chain: a chain that comes back to an earlier host does not get them back.
+        """
+        if not location:
+            raise SourceError(f"redirect from {shown_url(hop.url)} has no Location")
+        if hop.redirects >= max_redirects:
+            raise SourceError(
+                f"too many redirects (more than {max_redirects}) from {shown_url(hop.url)}")
+        target = urljoin(hop.url, location)
+        old, new = urlsplit(hop.url), urlsplit(target)
+        if old.scheme.lower() == "https" and new.scheme.lower() != "https":
+            raise NotAllowed(f"redirect from {shown_url(hop.url)} downgrades https to "
+                             f"{new.scheme.lower() or 'no scheme'}")
+        self.check_url(target)
+        headers = hop.headers
+        if new.netloc.lower() != old.netloc.lower():
+            headers = strip_credentials(headers)
+        return Hop(target, headers, hop.redirects + 1)
 
 
 class PolicyResolver(AbstractResolver):

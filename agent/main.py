@@ -25,6 +25,9 @@ from agent.cluster.controller import Controller
 from agent.cluster.pods import PodDirectory
 from agent.egress import Egress
 from agent.eviction.evictor import Evictor
+from agent.eviction.leases import Leases
+from agent.eviction.ledger import Ledger
+from agent.eviction.reservations import Reservations
 from agent.eviction.usage import Usage
 from agent.fetch.engine import Fetcher
 from agent.index import Index
@@ -63,12 +66,15 @@ async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
     # standalone, nothing but the API holds models: in-use is known once the leases are
     # loaded; in a cluster, once the pods on the node are listed (agent/cluster.py)
     usage = Usage(index, known=False)
-    evictor = Evictor(store, index, settings.store, usage, metrics)
+    leases = Leases(store.leases_file, store.tmp, index, usage)
+    ledger = Ledger(store, index)
+    evictor = Evictor(store, index, settings.store, usage, ledger, leases, metrics)
+    reservations = Reservations(evictor, ledger)
     sharing = None if settings.standalone else SharedAccess(settings.cluster.access_ttl)
     puller = Puller(store=store, fetcher=fetcher, sources=build_sources(egress, settings),
                     index=index, egress=egress, settings=settings, metrics=metrics,
-                    reserver=evictor, sharing=sharing)
-    await evictor.leases.load()  # before the models load, so each gets its leases
+                    reserver=reservations, sharing=sharing)
+    await leases.load()  # before the models load, so each gets its leases
     puller.load()
     if settings.standalone:
         usage.known.set()
@@ -79,7 +85,8 @@ async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
         assert settings.api.token_file is not None
         auth = await asyncio.to_thread(TokenFileAuth.from_file, settings.api.token_file)
     return Deps(settings=settings, store=store, index=index, puller=puller,
-                evictor=evictor, metrics=metrics, auth=auth,
+                evictor=evictor, leases=leases, reservations=reservations,
+                metrics=metrics, auth=auth,
                 credentials=credentials or DirectoryCredentials(credentials_dir),
                 usage=usage)
 

@@ -18,7 +18,8 @@ from aiohttp import web
 
 from agent.auth import Authenticator
 from agent.eviction.evictor import Evictor
-from agent.eviction.leases import check_lease
+from agent.eviction.leases import Leases, check_lease
+from agent.eviction.reservations import Reservations
 from agent.eviction.usage import Usage
 from agent.index import Index
 from agent.metrics import CONTENT_TYPE, Metrics
@@ -52,6 +53,10 @@ class Deps:
     index: Index
     puller: Puller
     evictor: Evictor
+    leases: Leases
+    """Standalone in-use information: the API's leases."""
+    reservations: Reservations
+    """The space running pulls hold."""
     metrics: Metrics
     auth: Authenticator
     credentials: CredentialsProvider
@@ -154,7 +159,7 @@ async def update_gauges(deps: Deps) -> None:
     m.store_bytes.labels(kind="capacity").set(usage.capacity_bytes)
     m.store_bytes.labels(kind="cached").set(usage.cache_bytes)
     m.store_bytes.labels(kind="dedup_saved").set(usage.dedup_saved_bytes)
-    m.store_bytes.labels(kind="reserved").set(deps.evictor.reserved_bytes())
+    m.store_bytes.labels(kind="reserved").set(deps.reservations.reserved_bytes())
     m.store_blobs.set(usage.blobs)
     for state, n in deps.index.counts().items():
         m.models.labels(state=state).set(n)
@@ -255,7 +260,7 @@ async def take_lease(request: web.Request) -> web.Response:
     if unknown:
         raise errors.InvalidInput(f"unknown field(s) in body: {', '.join(sorted(unknown))}")
     owner, ttl = check_lease(body.get("owner"), body.get("ttl_seconds"))
-    expires = await deps.evictor.leases.take(key, owner, ttl)
+    expires = await deps.leases.take(key, owner, ttl)
     return web.json_response({"owner": owner, "expires": iso(expires)}, status=201)
 
 
@@ -264,7 +269,7 @@ async def release_lease(request: web.Request) -> web.Response:
     await deps.auth.authenticate(request, "write")
     key = _key(request)
     owner = request.match_info["owner"]
-    await deps.evictor.leases.release(key, owner)
+    await deps.leases.release(key, owner)
     return web.json_response({"owner": owner, "released": True})
 
 

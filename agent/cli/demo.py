@@ -27,7 +27,7 @@ from agent.cli.client import AgentClient
 from agent.cli.progress import ProgressBar, human_bytes
 from agent.main import build, serve
 from agent.settings import AgentSettings, ApiSettings, EgressSettings, SourceSettings, StoreSettings
-from agent.store.ingest import git_blob_hasher
+from agent.store.hashing import git_blob_hasher
 
 REPO = "demo/tiny-llm"
 SHARD_BYTES = 24 * 1024 * 1024

@@ -1,4 +1,4 @@
-"""Eviction under disk pressure (DESIGN.md, "Eviction"), and the space a pull reserves.
+"""Eviction under disk pressure (DESIGN.md, "Eviction").
 
 Limits, on the store's filesystem and on the cache:
 
@@ -7,12 +7,9 @@ Limits, on the store's filesystem and on the cache:
 - an optional quota on the cache's own bytes (distinct blobs, plus what pulls still need);
 - an inode floor: the fraction of the filesystem's inodes that stays free.
 
-They are checked periodically (:meth:`Evictor.run`) and before every pull: a pull reserves
-its declared size (:meth:`Evictor.reserve`) so that concurrent pulls cannot together overrun
-the disk, and a pull that would not fit under the high watermark and the quota even after
-evicting everything that may go fails at once with the sizes in its error. Out of space in
-the middle of a write, :meth:`Evictor.relieve` evicts and the puller tries once more; if the
-pull still fails its partial downloads are removed.
+They are checked periodically (:meth:`Evictor.run`) and before every pull: the space pulls
+reserve (:mod:`agent.eviction.reservations`, recorded in :mod:`agent.eviction.ledger`)
+counts as used, and admitting a pull asks the evictor to make room (:meth:`Evictor.free`).
 
 Victims: least recently used first among ready models that are not in use, not pinned and
 not being pulled or refreshed. Older trees of models not in use go before any model does.
@@ -22,14 +19,15 @@ bytes reported freed are those of blobs whose last link went away: content anoth
 still uses stays, and frees nothing.
 
 In use: ``Model.holders`` is the one source of truth. Standalone, leases taken through the
-API (holder ``lease:<owner>``) are kept in ``<store>/leases.json``; in a cluster the pod
-informer adds ``pod:<namespace>/<name>``. After a restart nothing is evicted until
-``Evictor.in_use_known`` is set: standalone once the leases are loaded, in a cluster once
-the pod informer has synced (see ``docs/eviction.md``).
+API (holder ``lease:<owner>``, :mod:`agent.eviction.leases`) are kept in
+``<store>/leases.json``; in a cluster the pod informer adds ``pod:<namespace>/<name>``.
+After a restart nothing is evicted until ``Evictor.in_use_known`` is set: standalone once
+the leases are loaded, in a cluster once the pod informer has synced (see
+``docs/eviction.md``).
 
 Every eviction is a metric, a log line and a call of the ``on_evict`` hooks (the cluster
 side turns them into Kubernetes Events). Decisions are taken on the event loop under one
-lock; disk work and the victim plan run in threads.
+lock (:attr:`Evictor.lock`); disk work and the victim plan run in threads.
 """
 
 from __future__ import annotations
@@ -37,14 +35,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.eviction.leases import Leases
+from agent.eviction.ledger import Ledger
 from agent.eviction.limits import Disk, Limits, Shortfall, measure, plan, shortfall
 from agent.eviction.usage import Usage
 from agent.index import FAILED, READY, Index, Model
@@ -52,12 +50,10 @@ from agent.metrics import Metrics
 from agent.settings import StoreSettings
 from agent.store.local import Store
 from agent.store.trees import FileEntry
-from common.errors import Conflict, NoSpace, NotFound, StoreError
+from common.errors import Conflict, NotFound, StoreError
 
 log = logging.getLogger(__name__)
 
-IN_USE_WAIT_SECONDS = 120.0
-"""How long a pull that needs eviction waits for in-use information after a restart."""
 ORPHAN_GRACE_SECONDS = 60.0
 """An unreferenced blob written this recently may belong to a pull that has not recorded
 it yet: it is left for a later pass."""
@@ -93,7 +89,9 @@ class _Step:
 
 
 @dataclass(frozen=True)
-class _Relief:
+class Relief:
+    """What :meth:`Evictor.free` did."""
+
     freed: int
     short: Shortfall
     evictable: int
@@ -104,10 +102,11 @@ class _Relief:
 
 
 class Evictor:
-    """Keeps the store under its limits; the puller's :class:`~agent.pull.puller.Reserver`."""
+    """Keeps the store under its limits, leaving room for what ``ledger`` says running
+    pulls still need; ``leases`` end with a model removed by force."""
 
     def __init__(self, store: Store, index: Index, settings: StoreSettings, usage: Usage,
-                 metrics: Metrics | None = None,
+                 ledger: Ledger, leases: Leases, metrics: Metrics | None = None,
                  orphan_grace: float = ORPHAN_GRACE_SECONDS) -> None:
         self.store = store
         self.index = index
@@ -119,16 +118,15 @@ class Evictor:
         self.in_use_known = usage.known
         """Set once who uses which model is known (standalone: leases loaded; in a cluster:
         the pod informer synced). Until then nothing is evicted."""
-        self.reserved: dict[str, int] = {}
-        """Bytes reserved by each running pull (its declared size), by model key."""
-        self.leases = Leases(store.root, store.tmp, index, usage)
-        """Standalone in-use information (``agent.eviction.leases``)."""
+        self._ledger = ledger
+        self._leases = leases
         self._hooks: list[Callable[[Eviction], None]] = []
         self._before: list[Callable[[str, str], None]] = []
         self._pressure: list[Callable[[str], Awaitable[None]]] = []
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
+        """Held while a decision about space is taken: a sweep here, admitting a pull or
+        relieving one (:mod:`agent.eviction.reservations`)."""
         self._evicting: dict[str, asyncio.Event] = {}
-        self._relieved: dict[str, int] = {}
         self._stuck_logged: float | None = None
         self._show_limits()
 
@@ -156,131 +154,17 @@ class Evictor:
         """Call ``hook`` (on the event loop) after every eviction, e.g. to emit an Event."""
         self._hooks.append(hook)
 
-    def reserved_bytes(self) -> int:
-        return sum(self.reserved.values())
-
     def _show_limits(self) -> None:
         if self.metrics is not None:
             self.metrics.store_watermark.labels(level="high").set(self.limits.high)
             self.metrics.store_watermark.labels(level="low").set(self.limits.low)
 
-    # --- the reserver ----------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def reserve(self, key: str, nbytes: int) -> AsyncIterator[None]:
-        """Hold ``nbytes`` for the pull of ``key`` while it runs, evicting to make room.
-
-        Raises :class:`NoSpace` naming the sizes if the pull cannot fit even after eviction.
-        If the pull fails out of space, its partial downloads are removed.
-        """
+    async def settled(self, key: str) -> None:
+        """Wait until an eviction of ``key`` that is under way is done (its old trees must
+        be gone before a new pull of it publishes)."""
         evicting = self._evicting.get(key)
         if evicting is not None:
-            await evicting.wait()  # its old trees must be gone before it publishes again
-        await self._admit(key, nbytes)
-        try:
-            yield
-        except NoSpace as e:
-            await self._discard_partials(key)
-            freed = self._relieved.get(key)
-            if freed is None:
-                raise
-            disk, pending, _ = await self._look()
-            raise NoSpace(
-                f"model {key} ran out of space again after eviction freed {freed} bytes "
-                f"({disk.free} bytes free now, {pending} still needed by running pulls): "
-                f"{e}") from e
-        finally:
-            self.reserved.pop(key, None)
-            self._relieved.pop(key, None)
-
-    async def _admit(self, key: str, nbytes: int) -> None:
-        while True:
-            async with self._lock:
-                disk, pending, _ = await self._look()
-                short = shortfall(self.limits, disk, pending + nbytes, self.limits.high)
-                if short and self.in_use_known.is_set():
-                    relief = await self._free(pending + nbytes, self.limits.high, strict=True)
-                    if relief.short:
-                        disk, pending, _ = await self._look()
-                        raise NoSpace(self._explain(key, nbytes, disk, relief, pending))
-                    short = relief.short
-                if not short:
-                    self.reserved[key] = nbytes
-                    return
-            try:
-                await asyncio.wait_for(self.in_use_known.wait(), IN_USE_WAIT_SECONDS)
-            except TimeoutError:
-                raise NoSpace(
-                    f"model {key} needs {nbytes} bytes that do not fit without eviction, and "
-                    "nothing is evicted until the models in use are known again after the "
-                    "restart") from None
-
-    async def relieve(self, key: str, error: NoSpace) -> None:
-        """Out of space mid-write: evict what may be evicted so that the pull of ``key`` can
-        try once more. Raises :class:`NoSpace` if no room can be made."""
-        if not self.in_use_known.is_set():
-            raise NoSpace(f"{error} (nothing is evicted until the models in use are known "
-                          "again after the restart)")
-        async with self._lock:
-            await self._discard_partials(None, quiet=True)
-            _, pending, own = await self._look(key)
-            # Room on the disk itself (not under the watermark: what filled it may not be
-            # ours) for what running pulls still need; then, if models may go, as much
-            # again for this pull, whose declared size can be short of what it writes (an
-            # archive is unpacked next to itself).
-            relief = await self._free(pending, 1.0, space=pending, reason="no_space",
-                                      strict=True)
-            if relief.short:
-                disk, pending, _ = await self._look(key)
-                raise NoSpace(
-                    f"model {key} ran out of space while writing ({error}); {disk.free} bytes "
-                    f"are free, running pulls still need {pending}, and evicting every model "
-                    "that is not in use, pinned or being pulled would free only "
-                    f"{relief.evictable}")
-            need = pending + own
-            more = await self._free(need, 1.0, space=need, reason="no_space", strict=False)
-            freed = relief.freed + more.freed
-            if not freed and more.short:
-                disk, _, _ = await self._look(key)
-                raise NoSpace(
-                    f"model {key} ran out of space while writing ({error}); {disk.free} bytes "
-                    f"are free, about {need} are needed to try again, and nothing may be "
-                    "evicted (every model is in use, pinned or being pulled)")
-            self._relieved[key] = freed
-
-    def _pulls(self) -> dict[str, tuple[int, list[str], list[str]]]:
-        """Each running pull's reservation, committed blobs and partial downloads."""
-        pulls = {}
-        for key, nbytes in self.reserved.items():
-            model = self.index.get(key)
-            intent = model.intent if model is not None else None
-            pulls[key] = (nbytes, list(intent.get("blobs", ())) if intent else [],
-                          list(intent.get("refs", ())) if intent else [])
-        return pulls
-
-    def _pending(self, pulls: Iterable[tuple[int, list[str], list[str]]]) -> int:
-        """Bytes running pulls reserved and do not hold on disk yet (blocking: a few stats).
-        What a pull committed, found already stored, or allocated for its partial downloads
-        is counted in the filesystem's used bytes already."""
-        total = 0
-        for nbytes, blobs, refs in pulls:
-            held = 0
-            for digest in set(blobs):
-                info = self.store.blobs.info(digest)
-                held += info.size if info is not None else 0
-            for ref in refs:
-                with contextlib.suppress(OSError):
-                    held += (self.store.partial / ref / "data").stat().st_blocks * 512
-            total += max(0, nbytes - held)
-        return total
-
-    async def _look(self, key: str = "") -> tuple[Disk, int, int]:
-        """The filesystem and the cache, what running pulls still need, and what the pull
-        of ``key`` still needs."""
-        pulls = self._pulls()
-        own = [pulls[key]] if key in pulls else []
-        return await asyncio.to_thread(
-            lambda: (measure(self.store), self._pending(pulls.values()), self._pending(own)))
+            await evicting.wait()
 
     # --- periodic checks, gc, removal -------------------------------------------------------
 
@@ -290,7 +174,7 @@ class Evictor:
         while True:
             try:
                 self._touch_in_use()
-                await self.leases.expire()
+                await self._leases.expire()
                 await self.check()
             except Exception:
                 log.exception("eviction check failed")
@@ -301,11 +185,11 @@ class Evictor:
         low watermark (and under the quota, above the floor). Returns the bytes freed."""
         if not self.in_use_known.is_set():
             return 0
-        async with self._lock:
-            disk, pending, _ = await self._look()
+        async with self.lock:
+            disk, pending, _ = await self._ledger.look()
             if not shortfall(self.limits, disk, pending, self.limits.high):
                 return 0
-            relief = await self._free(pending, self.limits.low, strict=False)
+            relief = await self.free(pending, self.limits.low, strict=False)
             await self._report_pressure(disk, relief)
             now = time.monotonic()
             if not relief.short:
@@ -316,7 +200,7 @@ class Evictor:
                             "pinned or being pulled", extra=_short_fields(relief.short))
             return relief.freed
 
-    async def _report_pressure(self, disk: Disk, relief: _Relief) -> None:
+    async def _report_pressure(self, disk: Disk, relief: Relief) -> None:
         message = (f"store {self.store.root} over its limits ({disk.used} of {disk.capacity}"
                    f" bytes used, high watermark {self.limits.high:.0%}): freed "
                    f"{relief.freed} bytes" + (
@@ -332,12 +216,12 @@ class Evictor:
         """``POST /api/v1/gc``: drop older trees nobody uses, every unreferenced blob and
         abandoned partial downloads, then evict down to the low watermark. Returns the bytes
         freed."""
-        async with self._lock:
+        async with self.lock:
             freed = await self._collect_garbage()
-            freed += await self._discard_partials(None, quiet=True)
+            freed += await self.discard_partials(None, quiet=True)
             if self.in_use_known.is_set():
-                _, pending, _ = await self._look()
-                freed += (await self._free(pending, self.limits.low, strict=False,
+                _, pending, _ = await self._ledger.look()
+                freed += (await self.free(pending, self.limits.low, strict=False,
                                            cleanup=False)).freed
             return freed
 
@@ -358,13 +242,13 @@ class Evictor:
             model.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await model.task
-        async with self._lock:
+        async with self.lock:
             if self.index.get(key) is not model or key in self._evicting:
                 raise NotFound(f"model {key} was removed meanwhile")
             freed = await self._evict([(model, "api")], force=True)
             if intent is not None:
                 await asyncio.to_thread(self.store.discard_partials, intent.get("refs", ()))
-        await self.leases.drop(key)
+        await self._leases.drop(key)
         return model, freed
 
     def _touch_in_use(self) -> None:
@@ -376,8 +260,8 @@ class Evictor:
 
     # --- freeing space ---------------------------------------------------------------------
 
-    async def _free(self, extra: int, level: float, *, space: int = 0,
-                    reason: str | None = None, strict: bool, cleanup: bool = True) -> _Relief:
+    async def free(self, extra: int, level: float, *, space: int = 0,
+                    reason: str | None = None, strict: bool, cleanup: bool = True) -> Relief:
         """Evict until ``extra`` more bytes fit under ``level`` and the other limits; first
         (``cleanup``) drop older trees nobody uses and unreferenced blobs. ``strict``: if
         even every candidate would not do, evict nothing and report it."""
@@ -390,13 +274,13 @@ class Evictor:
                                            round_ == 0, order, extra, level, space)
             freed += self._cleaned(trees, step.garbage)
             if not step.short or not order:
-                return _Relief(freed, step.short, 0)
+                return Relief(freed, step.short, 0)
             if step.left and strict and round_ == 0:
-                return _Relief(freed, step.left, step.would_free)
+                return Relief(freed, step.left, step.would_free)
             by_key = {m.key: m for m in candidates}
             freed += await self._evict([(by_key[k], reason or why) for k, why in step.victims])
         disk = await asyncio.to_thread(self._disk)
-        return _Relief(freed, shortfall(self.limits, disk, extra, level, space), 0)
+        return Relief(freed, shortfall(self.limits, disk, extra, level, space), 0)
 
     def _step(self, trees: list[tuple[str, tuple[str, ...]]], keep: frozenset[str],
               cleanup: bool, order: list[tuple[str, tuple[FileEntry, ...]]], extra: int,
@@ -562,14 +446,12 @@ class Evictor:
         return self.store.remove_unreferenced(d for d in candidates if self._older(d, old))
 
     def _older(self, digest: str, than: float) -> bool:
-        try:
-            return self.store.blobs.path(digest).stat().st_mtime < than
-        except FileNotFoundError:
-            return True
+        modified = self.store.blobs.modified(digest)
+        return modified is None or modified < than
 
     # --- partial downloads -----------------------------------------------------------------
 
-    async def _discard_partials(self, key: str | None, quiet: bool = False) -> int:
+    async def discard_partials(self, key: str | None, quiet: bool = False) -> int:
         """Remove the partial downloads of the pull of ``key`` (``None``: every partial no
         running pull names) that no writer holds."""
         if key is None:
@@ -579,7 +461,7 @@ class Evictor:
             def abandoned() -> list[str]:  # not named by a pull running or to be resumed
                 named = live | {r for i in self.store.intents().values()
                                 for r in i.get("refs", ())}
-                return [e.name for e in os.scandir(self.store.partial) if e.name not in named]
+                return [ref for ref in self.store.partial_refs() if ref not in named]
 
             names = await asyncio.to_thread(abandoned)
         else:
@@ -594,23 +476,6 @@ class Evictor:
 
     def _disk(self) -> Disk:
         return measure(self.store)
-
-    def _explain(self, key: str, nbytes: int, disk: Disk, relief: _Relief, pending: int) -> str:
-        lim = self.limits
-        why = relief.short.reason()
-        if why == "quota" and lim.quota_bytes is not None:
-            room = (f"the cache quota of {lim.quota_bytes} bytes has "
-                    f"{max(0, lim.quota_bytes - disk.cache)} left")
-        elif why == "inodes":
-            room = (f"the store's filesystem has {disk.inodes_free} of {disk.inodes} inodes "
-                    f"free, under its floor of {lim.min_free_inodes:.0%}")
-        else:
-            below = max(0, int(lim.high * disk.capacity) - disk.used)
-            room = (f"the store's filesystem has {below} bytes free below its high watermark "
-                    f"({lim.high:.0%} of {disk.capacity}; {disk.free} free in all)")
-        return (f"no room for model {key}: it needs {nbytes} bytes, {room}, running pulls have "
-                f"reserved {pending} more, and evicting every model that is not in use, "
-                f"pinned or being pulled would free {relief.evictable}")
 
 
 def _short_fields(short: Shortfall) -> dict[str, int]:

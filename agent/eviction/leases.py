@@ -29,7 +29,6 @@ from common.errors import InvalidInput, NoSpace, NotFound, StoreError
 
 log = logging.getLogger(__name__)
 
-LEASES_FILE = "leases.json"
 HOLDER = "lease:"
 MAX_TTL_SECONDS = 10 * 365 * 86400.0
 _OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}$")
@@ -53,8 +52,10 @@ def check_lease(owner: Any, ttl: Any) -> tuple[str, float]:
 class Leases:
     """The leases of one store, applied to the models of one index."""
 
-    def __init__(self, store_root: Path, tmp: Path, index: Index, usage: Usage) -> None:
-        self.path = store_root / LEASES_FILE
+    def __init__(self, path: Path, tmp: Path, index: Index, usage: Usage) -> None:
+        """``path``: the store's leases file (``Store.leases_file``); ``tmp``: where its
+        next version is written before the rename."""
+        self.path = path
         self.tmp = tmp
         self.index = index
         self.usage = usage  # applies each lease to its model, also one that appears later

@@ -6,15 +6,22 @@ One engine serves the agent and the init container's fallback. For each file:
 2. concurrent requests for the same content share one download (single flight);
 3. a file starts as one stream; if its stream is slow (a CDN capping each connection), the
    rest of it is fetched in pieces, in file order, over more connections at once (bounded
-   across the whole process), each a ranged GET into the partial file at its offset;
-4. the bytes land through reused buffers (``readinto``: no new bytes object per chunk) in
-   worker threads, so the event loop never waits on the network, the disk or the hash;
+   across the whole process), each a ranged GET into the partial file at its offset
+   (:mod:`agent.fetch.splitter`);
+4. each attempt runs in a worker thread (:mod:`agent.fetch.transfer`, over the
+   connections of :mod:`agent.fetch.pool`), so the event loop never waits on the network,
+   the disk or the hash;
 5. resets, timeouts, 5xx, 429 and short bodies are retried with jittered exponential
    backoff (``Retry-After`` honoured), resuming where the segment stopped;
-6. redirects are followed hop by hop under the egress policy, credentials dropped when
-   the host changes; a 401/403 renews the source's location (tokens, presigned URLs) once;
+6. redirects are followed hop by hop under the egress policy's one redirect rule
+   (:meth:`~agent.egress.Egress.redirect`: every hop checked, no downgrade from https,
+   credentials dropped once the host changes); a 401/403 renews the source's location
+   (tokens, presigned URLs) once;
 7. the ingest hashes in order as bytes land and commits only after size and digest checks;
    archives are unpacked safely from the verified download.
+
+This module owns the per-file work (dedup, single flight, the segments' attempts and
+retries, the shared location, local copies); the rooms named above own the rest.
 """
 
 from __future__ import annotations
@@ -22,84 +29,38 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import errno
 import functools
-import http.client
 import logging
-import mmap
 import os
-import socket
-import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from urllib.parse import urljoin, urlsplit
+from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
 
 import blake3
 
-from agent.egress import (
-    REDIRECTS,
-    Egress,
-    describe_error,
-    server_says,
-    shown_url,
-    status_error,
-    strip_credentials,
-    untrusted,
-)
+from agent.egress import Egress, Hop, shown_url
+from agent.fetch.pool import Attempt, ConnectionPool
+from agent.fetch.splitter import StreamMeter, Streams, split_slow_streams
+from agent.fetch.stats import FetchStats, ProgressFn
+from agent.fetch.transfer import RangeIgnored, Redirected, Transfer
 from agent.settings import ArchiveSettings, FetchSettings
 from agent.sources.base import Credentials, Location, RemoteFile, Source
 from agent.sources.control import retry_level
 from agent.store import archive
-from agent.store.ingest import Ingest, Segment
+from agent.store.ingest import Ingest
 from agent.store.local import Store
+from agent.store.segments import Segment
 from agent.store.trees import FileEntry
 from common.backoff import delay as backoff_delay
 from common.errors import (
     IntegrityError,
-    NotAllowed,
     SourceAuthError,
-    SourceError,
     SourceNotFound,
     TransientError,
 )
 
 log = logging.getLogger(__name__)
-USER_AGENT = "modelcache/0.1"
-SPLIT_WINDOW_BUFFERS = 4
-"""The splitter measures a file's rate over at least this many buffers per stream..."""
-SPLIT_WINDOW_LOOKS = 8
-"""...or over this many looks, whichever comes first."""
-
-ProgressFn = Callable[[int], None]
-
-
-class _RangeIgnored(SourceError):
-    """The server answered a ranged request with the whole body (or other content)."""
-
-
-class _Redirected(Exception):
-    def __init__(self, location: str) -> None:
-        self.location = location
-
-
-@dataclass
-class FetchStats:
-    """What one pull cost at the source."""
-
-    on_download: Callable[[int], None] | None = None
-    """Called (from worker threads) with every chunk of bytes received from a source."""
-    bytes_downloaded: int = 0
-    files_downloaded: int = 0
-    files_deduplicated: int = 0
-    bytes_deduplicated: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.bytes_downloaded += n
-        if self.on_download is not None:
-            self.on_download(n)
 
 
 class Fetcher:
@@ -114,7 +75,8 @@ class Fetcher:
         self._slots = asyncio.Semaphore(settings.max_connections)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.max_connections + 2, thread_name_prefix="fetch")
-        self._pool = _ConnectionPool(settings, egress.tls)
+        self._pool = ConnectionPool(settings, egress.tls)
+        self._transfer = Transfer(settings, self._pool)
         self._inflight: dict[str, asyncio.Future[list[FileEntry]]] = {}
         self._wanted = 0
         """Segments running or waiting for a connection (the splitter adds no more than
@@ -207,7 +169,7 @@ class Fetcher:
             try:
                 entries = await self._download_into(ingest, source, file, credentials, split,
                                                     progress, stats)
-            except _RangeIgnored:
+            except RangeIgnored:
                 # the server sent the whole body: start over on one connection, from byte 0
                 await asyncio.to_thread(ingest.discard)
                 if restarted:
@@ -241,19 +203,23 @@ class Fetcher:
                      extra={"ref": ingest.ref, "path": file.path, "bytes_on_disk": resumed})
             progress(resumed)
         ingest.start_hasher()
-        location = _SharedLocation(source, file, credentials)
-        cancel = threading.Event()
+        job = _Job(ingest, file, _SharedLocation(source, file, credentials, self.egress),
+                   threading.Event(), progress, stats, Streams())
         tasks: set[asyncio.Task[None]] = set()
 
         def launch(seg: Segment) -> None:
-            tasks.add(asyncio.create_task(self._segment(ingest, seg, file, location, cancel,
-                                                        progress, stats)))
+            tasks.add(asyncio.create_task(self._segment(job, seg)))
 
         for seg in segments:
             if not seg.complete:
                 launch(seg)
-        splitter = asyncio.create_task(self._splitter(ingest, launch)) \
-            if split and file.size is not None else None
+        splitter = None
+        if tasks:
+            stats.streams[file.path] = steps = [len(tasks)]
+            if split and file.size is not None:
+                splitter = asyncio.create_task(split_slow_streams(
+                    ingest, self.settings, job.streams, launch, lambda: self._wanted,
+                    steps.append))
         running = set(tasks)
         try:
             while running:
@@ -263,7 +229,7 @@ class Fetcher:
                         raise t.exception()  # type: ignore[misc]
                 running = {t for t in tasks if not t.done()}
         except BaseException:
-            cancel.set()
+            job.cancel.set()
             raise
         finally:
             if splitter is not None:
@@ -285,87 +251,23 @@ class Fetcher:
                                 sealed.git_oid)
         return [FileEntry(file.path, sealed.size, sealed.blake3, sealed.sha256, sealed.git_oid)]
 
-    async def _splitter(self, ingest: Ingest, launch: Callable[[Segment], None]) -> None:
-        """Give a file more connections while its streams are slow (a remote CDN or object
-        store caps each connection: Hugging Face's CDN gives one stream ~40 MB/s); leave
-        fast ones alone (on a fast link the extra streams would only cost a second read of
-        their bytes for the ordered hash).
-
-        The streams of a slow file double (up to ``connections_per_file`` and the
-        connections free under ``max_connections``) every other look (the look after a
-        split lets the new connections ramp up), so a file reaches its full width in a
-        second or so. They grow again only while growing pays: if the last split did not
-        raise the file's rate by at least half of what the new streams would add at the
-        old per-stream rate, the link or the server is the limit, not each connection, and
-        more connections would only load an overloaded server further."""
-        s = self.settings
-        clock = asyncio.get_running_loop().time
-        mark_bytes, mark_time = ingest.received_bytes, clock()
-        last_split: tuple[float, int, int] | None = None  # rate before it, streams, added
-        settling = False
-        while True:
-            await asyncio.sleep(s.split_interval)
-            active = [seg for seg in ingest.segments if not seg.complete and not seg.pooled]
-            if not active:
-                continue
-            if settling:  # new connections ramp up (TCP slow start): judge them a look later
-                mark_bytes, mark_time, settling = ingest.received_bytes, clock(), False
-                continue
-            # bytes become visible a whole buffer at a time: measure over a window long
-            # enough to hold several buffers per stream (or, for a crawl, a few seconds)
-            got, elapsed = ingest.received_bytes - mark_bytes, clock() - mark_time
-            if got < SPLIT_WINDOW_BUFFERS * s.buffer_bytes * len(active) and \
-                    elapsed < SPLIT_WINDOW_LOOKS * s.split_interval:
-                continue
-            mark_bytes, mark_time = mark_bytes + got, mark_time + elapsed
-            rate = got / elapsed
-            if rate / len(active) >= s.split_below_rate:
-                continue
-            if last_split is not None:
-                before, streams, added = last_split
-                if rate <= before * (1 + added / streams / 2):
-                    continue  # the last split did not pay: hold
-            room = min(len(active), s.connections_per_file - len(active),
-                       s.max_connections - self._wanted)
-            streams, added = len(active), 0
-            for _ in range(max(room, 0)):
-                # the new streams take pieces of the rest of the file in order; the first
-                # time, the rest is pooled past one piece of the stream that has most left
-                new = ingest.take_piece(s.segment_min_bytes)
-                if new is None:
-                    seg = max(active, key=lambda x: x.remaining or 0)
-                    if ingest.pool_rest(seg, 2 * s.buffer_bytes + s.segment_min_bytes,
-                                        s.segment_min_bytes):
-                        new = ingest.take_piece(s.segment_min_bytes)
-                if new is None:
-                    break
-                launch(new)
-                active.append(new)
-                added += 1
-            if added:
-                last_split, settling = (rate, streams, added), True
-                log.debug("splitting a slow download", extra={
-                    "ref": ingest.ref, "streams": len(active), "added": added,
-                    "bytes_per_second": int(rate)})
-
-    async def _segment(self, ingest: Ingest, seg: Segment, file: RemoteFile,
-                       location: _SharedLocation, cancel: threading.Event,
-                       progress: ProgressFn, stats: FetchStats) -> None:
+    async def _segment(self, job: _Job, seg: Segment) -> None:
+        """One stream of a file: its segment, then pieces of the pool while there are."""
+        meter = job.streams.add()
         self._wanted += 1
         try:
             piece: Segment | None = seg
             while piece is not None:
-                await self._segment_attempts(ingest, piece, file, location, cancel, progress,
-                                             stats)
+                await self._segment_attempts(job, piece, meter)
                 # a file fetched in pieces: go on with the next one, on the same connection
-                piece = ingest.take_piece(self.settings.segment_min_bytes)
+                piece = job.ingest.take_piece(self.settings.segment_min_bytes)
         finally:
             self._wanted -= 1
+            job.streams.remove(meter)
 
-    async def _segment_attempts(self, ingest: Ingest, seg: Segment, file: RemoteFile,
-                                location: _SharedLocation, cancel: threading.Event,
-                                progress: ProgressFn, stats: FetchStats) -> None:
+    async def _segment_attempts(self, job: _Job, seg: Segment, meter: StreamMeter) -> None:
         s = self.settings
+        file, location = job.file, job.location
         attempt = 0
         # seg.done when the location was last renewed after a 401/403: refused again with
         # no byte since, renewing does not help (a signed URL that expires mid-pull, as a
@@ -377,11 +279,10 @@ class Fetcher:
             try:
                 endpoint = await self.egress.endpoint(loc.url)
                 async with self._slots:
-                    await self._in_thread(ingest, seg, loc, file, endpoint.addresses, cancel,
-                                          progress, stats)
+                    await self._in_thread(job, seg, loc, endpoint.addresses, meter)
                 if seg.end is None:
                     return  # a stream of unknown length ends when the server closes it
-            except _Redirected as r:
+            except Redirected as r:
                 await location.redirect(loc, r.location)
                 continue
             except SourceAuthError:
@@ -403,129 +304,22 @@ class Fetcher:
                     "delay": round(delay, 3), "error": str(e)})
                 await asyncio.sleep(delay)
 
-    async def _in_thread(self, ingest: Ingest, seg: Segment, loc: Location, file: RemoteFile,
-                         addresses: tuple[str, ...], cancel: threading.Event,
-                         progress: ProgressFn, stats: FetchStats) -> None:
+    async def _in_thread(self, job: _Job, seg: Segment, loc: Location,
+                         addresses: tuple[str, ...], meter: StreamMeter) -> None:
         """Run one attempt in a worker thread. If the task is cancelled, the thread is told
         to stop (and its socket shut down) and awaited: no thread outlives its ingest."""
-        attempt = _Attempt()
+        attempt = Attempt()
         future = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._run_segment, ingest, seg, loc, file, addresses, cancel,
-            attempt, progress, stats)
+            self._executor, self._transfer.run, job.ingest, seg, loc, job.file, addresses,
+            job.cancel, attempt, job.progress, job.stats, meter.landed)
         try:
             await asyncio.shield(future)
         except asyncio.CancelledError:
-            cancel.set()
+            job.cancel.set()
             attempt.abort()
             with contextlib.suppress(BaseException):
                 await future
             raise
-
-    # --- the blocking data path (worker threads) ------------------------------------------
-
-    def _run_segment(self, ingest: Ingest, seg: Segment, loc: Location, file: RemoteFile,
-                     addresses: tuple[str, ...], cancel: threading.Event, attempt: _Attempt,
-                     progress: ProgressFn, stats: FetchStats) -> None:
-        parts = urlsplit(loc.url)
-        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **loc.headers}
-        ranged = seg.end is not None or seg.done > 0
-        if seg.end is not None:
-            if seg.end == seg.start:
-                return  # an empty file: nothing to fetch
-            headers["Range"] = f"bytes={seg.offset}-{seg.end - 1}"
-        elif seg.done > 0:
-            headers["Range"] = f"bytes={seg.offset}-"
-        if ranged and file.etag and not file.etag.startswith("W/"):
-            headers["If-Range"] = file.etag
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        conn = self._pool.get(parts.scheme, parts.hostname or "", parts.port, addresses)
-        attempt.conn = conn
-        reusable = False
-        try:
-            try:
-                conn.request("GET", target, headers=headers)
-                resp = conn.getresponse()
-            except ssl.SSLCertVerificationError as e:
-                raise untrusted(loc.url, e) from e
-            except (OSError, http.client.HTTPException) as e:
-                raise TransientError(f"{shown_url(loc.url)}: {describe_error(e)}") from e
-            status = resp.status
-            if status in REDIRECTS:
-                location = resp.getheader("Location") or ""
-                _drain(resp)
-                reusable = resp.isclosed() and not resp.will_close
-                raise _Redirected(urljoin(loc.url, location))
-            if status not in (200, 206):
-                body = _drain(resp)
-                reusable = resp.isclosed() and not resp.will_close
-                raise status_error(status, shown_url(loc.url), resp.getheader("Retry-After"),
-                                   resp.getheader("RateLimit"),
-                                   server_says(resp.getheader("X-Error-Message"), body, headers))
-            # a 200 is the body from byte 0: usable only by a segment that starts there
-            # (it reads no further than its end)
-            if status == 200 and ranged and seg.offset != 0:
-                raise _RangeIgnored(
-                    f"{shown_url(loc.url)} ignored the byte range (or changed since it was "
-                    "listed); starting the file over")
-            if status == 206:
-                _check_content_range(resp.getheader("Content-Range"), seg, loc.url)
-            etag = resp.getheader("ETag")
-            if file.etag and etag and etag.strip() != file.etag.strip() and \
-                    not file.etag.startswith("W/"):
-                raise SourceError(
-                    f"{file.path} changed at the source while being pulled (ETag {etag} != "
-                    f"{file.etag}); pull again to resolve the new revision")
-            self._receive(resp, ingest, seg, cancel, progress, stats, loc.url)
-            # a stream cut short by a split still has body bytes in flight: not reusable
-            reusable = resp.isclosed() and not resp.will_close
-        finally:
-            attempt.conn = None
-            if reusable and not cancel.is_set():
-                self._pool.put(conn)
-            else:
-                conn.close()
-
-    def _receive(self, resp: http.client.HTTPResponse, ingest: Ingest, seg: Segment,
-                 cancel: threading.Event, progress: ProgressFn, stats: FetchStats,
-                 url: str) -> None:
-        # two buffers in turn: one is received into while the sha256 thread (if the source
-        # stated a sha256) still reads the other
-        bufs = _buffers.get(self.settings.buffer_bytes)
-        pending: list[threading.Event | None] = [None, None]
-        turn = 0
-        every = self.settings.checkpoint_bytes
-        try:
-            while True:
-                if cancel.is_set():
-                    raise asyncio.CancelledError()
-                turn ^= 1
-                buf = bufs[turn]
-                waiting = pending[turn]
-                if waiting is not None:
-                    waiting.wait()
-                want = len(buf) if seg.end is None else min(len(buf), seg.end - seg.offset)
-                if want == 0:
-                    break
-                try:
-                    n = resp.readinto(buf[:want])
-                except (OSError, http.client.HTTPException) as e:
-                    raise TransientError(f"{shown_url(url)}: {describe_error(e)}") from e
-                if not n:
-                    break
-                pending[turn] = ingest.write(seg, buf[:n])
-                stats.add(n)
-                progress(n)
-                ingest.maybe_checkpoint(every, self.settings.checkpoint_seconds)
-        finally:
-            for waiting in pending:  # the buffers are this thread's: free them first
-                if waiting is not None:
-                    waiting.wait()
-        if seg.end is not None and not seg.complete:
-            raise TransientError(
-                f"{shown_url(url)}: short body, the connection ended at byte {seg.offset} of "
-                f"{seg.end}")
 
     # --- local files (file://, seeds) ----------------------------------------------------
 
@@ -560,185 +354,49 @@ class Fetcher:
         return entries
 
 
-class _Attempt:
-    """The connection of one attempt, so that another thread can abort it."""
+@dataclass(frozen=True)
+class _Job:
+    """One file's download in progress: what each of its streams works with."""
 
-    def __init__(self) -> None:
-        self.conn: http.client.HTTPConnection | None = None
-
-    def abort(self) -> None:
-        conn = self.conn
-        if conn is not None and conn.sock is not None:
-            with contextlib.suppress(OSError):
-                conn.sock.shutdown(socket.SHUT_RDWR)
+    ingest: Ingest
+    file: RemoteFile
+    location: _SharedLocation
+    cancel: threading.Event
+    """Set to stop every stream's worker thread at its next chunk."""
+    progress: ProgressFn
+    stats: FetchStats
+    streams: Streams
 
 
 class _SharedLocation:
     """A file's current location, shared by its segments: renewed once for all after a
-    401/403, and moved once for all after a redirect."""
+    401/403, and moved once for all after a redirect (under the egress policy's one
+    redirect rule, :meth:`~agent.egress.Egress.redirect`)."""
 
-    def __init__(self, source: Source, file: RemoteFile, credentials: Credentials | None) -> None:
+    def __init__(self, source: Source, file: RemoteFile, credentials: Credentials | None,
+                 egress: Egress) -> None:
         self._source = source
         self._file = file
         self._credentials = credentials
+        self._egress = egress
         self._loc: Location | None = None
+        self._hop: Hop | None = None
         self._lock = asyncio.Lock()
-        self._hops = 0
 
     async def get(self, refresh: bool = False) -> Location:
         async with self._lock:
             if self._loc is None or refresh:
                 self._loc = await self._source.locate(self._file, self._credentials,
                                                       refresh=refresh)
-                self._hops = 0
+                self._hop = Hop(self._loc.url, self._loc.headers)
             return self._loc
 
-    async def redirect(self, old: Location, target: str) -> None:
+    async def redirect(self, old: Location, location: str | None) -> None:
         async with self._lock:
-            if self._loc is not old:
+            if self._loc is not old or self._hop is None:
                 return  # another segment already followed it
-            self._hops += 1
-            if self._hops > 5:
-                raise SourceError(f"too many redirects from {shown_url(old.url)}")
-            old_parts, new_parts = urlsplit(old.url), urlsplit(target)
-            if old_parts.scheme == "https" and new_parts.scheme != "https":
-                raise NotAllowed(f"redirect from {shown_url(old.url)} downgrades https")
-            headers = dict(old.headers)
-            if old_parts.netloc.lower() != new_parts.netloc.lower():
-                headers = strip_credentials(headers)
-            self._loc = Location(target, headers)
-
-
-class _ConnectionPool:
-    """Idle HTTP connections by endpoint, for the worker threads."""
-
-    def __init__(self, settings: FetchSettings, tls: ssl.SSLContext) -> None:
-        self._settings = settings
-        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
-        self._lock = threading.Lock()
-        self._tls = tls
-
-    def get(self, scheme: str, host: str, port: int | None, addresses: tuple[str, ...]
-            ) -> http.client.HTTPConnection:
-        port = port or (443 if scheme == "https" else 80)
-        key = (scheme, host, port)
-        with self._lock:
-            idle = self._idle.get(key)
-            while idle:
-                conn = idle.pop()
-                if conn.sock is not None:
-                    return conn
-        s = self._settings
-        if scheme == "https":
-            return _PinnedHTTPS(host, port, addresses, s.connect_timeout, s.read_timeout,
-                                self._tls)
-        return _PinnedHTTP(host, port, addresses, s.connect_timeout, s.read_timeout)
-
-    def put(self, conn: http.client.HTTPConnection) -> None:
-        if conn.sock is None:
-            return
-        scheme = "https" if isinstance(conn, http.client.HTTPSConnection) else "http"
-        key = (scheme, conn.host, conn.port)
-        with self._lock:
-            idle = self._idle.setdefault(key, [])
-            if len(idle) < self._settings.max_connections:
-                idle.append(conn)
-                return
-        conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            conns = [c for idle in self._idle.values() for c in idle]
-            self._idle.clear()
-        for c in conns:
-            c.close()
-
-
-def _connect(addresses: tuple[str, ...], port: int, connect_timeout: float,
-             read_timeout: float) -> socket.socket:
-    last: OSError | None = None
-    for address in addresses:
-        try:
-            sock = socket.create_connection((address, port), timeout=connect_timeout)
-        except OSError as e:
-            last = e
-            continue
-        sock.settimeout(read_timeout)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-    raise last or OSError(errno.EHOSTUNREACH, "no address to connect to")
-
-
-class _PinnedHTTP(http.client.HTTPConnection):
-    """Connects to an address the egress policy already checked, not to a new lookup."""
-
-    def __init__(self, host: str, port: int, addresses: tuple[str, ...], connect_timeout: float,
-                 read_timeout: float) -> None:
-        super().__init__(host, port, timeout=read_timeout)
-        self._addresses = addresses
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-
-    def connect(self) -> None:
-        self.sock = _connect(self._addresses, self.port, self._connect_timeout,
-                             self._read_timeout)
-
-
-class _PinnedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, addresses: tuple[str, ...], connect_timeout: float,
-                 read_timeout: float, context: ssl.SSLContext) -> None:
-        super().__init__(host, port, timeout=read_timeout, context=context)
-        self._addresses = addresses
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._context = context
-
-    def connect(self) -> None:
-        sock = _connect(self._addresses, self.port, self._connect_timeout, self._read_timeout)
-        try:
-            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
-
-
-class _Buffers(threading.local):
-    """Two reusable, page-aligned receive buffers per worker thread (aligned so that
-    full chunks can be written O_DIRECT straight from them)."""
-
-    def get(self, size: int) -> tuple[memoryview, memoryview]:
-        bufs: tuple[memoryview, memoryview] | None = getattr(self, "bufs", None)
-        if bufs is None or len(bufs[0]) != size:
-            self.bufs = bufs = (memoryview(mmap.mmap(-1, size)), memoryview(mmap.mmap(-1, size)))
-        return bufs
-
-
-_buffers = _Buffers()
-
-
-def _drain(resp: http.client.HTTPResponse, limit: int = 64 * 1024) -> bytes:
-    """Read a small reply body out (so the connection can be reused); return it."""
-    with contextlib.suppress(OSError, http.client.HTTPException):
-        return resp.read(limit)
-    return b""
-
-
-def _check_content_range(value: str | None, seg: Segment, url: str) -> None:
-    """The server must send exactly the range we asked for."""
-    if not value or not value.startswith("bytes "):
-        raise TransientError(f"{shown_url(url)}: 206 without a valid Content-Range")
-    spec = value[6:].split("/", 1)[0]
-    start_s, _, end_s = spec.partition("-")
-    try:
-        start, end = int(start_s), int(end_s)
-    except ValueError:
-        raise TransientError(f"{shown_url(url)}: malformed Content-Range {value!r}") from None
-    want_end = (seg.end - 1) if seg.end is not None else None
-    if start != seg.offset or (want_end is not None and end != want_end):
-        raise TransientError(
-            f"{shown_url(url)}: wrong Content-Range {value!r} for bytes "
-            f"{seg.offset}-{'' if want_end is None else want_end}")
+            self._hop = self._egress.redirect(self._hop, location)
+            self._loc = Location(self._hop.url, dict(self._hop.headers))
 
 
 def _git_identity(file: RemoteFile) -> dict[str, str]:
@@ -782,4 +440,4 @@ async def _settle(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-__all__ = ["FetchStats", "Fetcher", "ProgressFn", "ref_id"]
+__all__ = ["Fetcher", "ref_id"]

@@ -19,7 +19,8 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from agent.egress import Egress
-from agent.fetch.engine import Fetcher, FetchStats, ref_id
+from agent.fetch.engine import Fetcher, ref_id
+from agent.fetch.stats import FetchStats
 from agent.index import FAILED, PULLING, READY, Index, Model
 from agent.metrics import Metrics
 from agent.pull.sharing import SharedAccess
@@ -44,7 +45,7 @@ LAST_USED_FLUSH_SECONDS = 300.0
 
 class Reserver(Protocol):
     """Holds disk space for a pull while it runs, and makes room when a write runs out of
-    it (:class:`agent.eviction.evictor.Evictor`)."""
+    it (:class:`agent.eviction.reservations.Reservations`)."""
 
     def reserve(self, key: str, nbytes: int) -> contextlib.AbstractAsyncContextManager[None]:
         ...

@@ -30,10 +30,10 @@ from typing import IO, cast
 import zstandard
 
 from agent.settings import ArchiveSettings
-from agent.store.ingest import BlobWriter
 from agent.store.local import Store
 from agent.store.names import safe_relpath
 from agent.store.trees import WHITEOUT, WHITEOUT_PREFIX, FileEntry
+from agent.store.writer import BlobWriter
 from common.errors import ArchiveRejected, UnsafeName
 
 log = logging.getLogger(__name__)

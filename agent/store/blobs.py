@@ -74,6 +74,14 @@ class BlobStore:
             return None
         return BlobInfo(digest, st.st_size, st.st_nlink - 1)
 
+    def modified(self, digest: str) -> float | None:
+        """When a blob was last modified (written, before its commit), or None if it is
+        gone."""
+        try:
+            return self.path(digest).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def exists(self, digest: str) -> bool:
         return self.path(digest).exists()
 

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.store.blobs import BlobStore, write_atomic
-from agent.store.ingest import BlobWriter, Ingest, check_ref
+from agent.store.ingest import Ingest, check_ref
 from agent.store.trees import FileEntry, Manifest, Trees, clean_paths, tree_id
+from agent.store.writer import BlobWriter
 from common.errors import StoreError
 
 
@@ -55,6 +56,8 @@ class Store:
         self.partial = root / "partial"
         self.tmp = root / "tmp"
         self.pulls = root / "pulls"
+        self.leases_file = root / "leases.json"
+        """Standalone leases: which models are in use (:mod:`agent.eviction.leases`)."""
         self.trees = Trees(self.models, self.tmp, self.blobs)
         self._lock = threading.Lock()
         self._removing = threading.Lock()
@@ -244,6 +247,18 @@ class Store:
                 except (OSError, ValueError):
                     Path(entry.path).unlink(missing_ok=True)
         return found
+
+    def partial_refs(self) -> list[str]:
+        """The refs of the partial downloads on disk (whoever holds them)."""
+        return [e.name for e in os.scandir(self.partial)]
+
+    def partial_allocated(self, ref: str) -> int:
+        """Bytes the data of a partial download takes on disk (its allocated blocks, which
+        preallocation makes its whole size); 0 if there is none."""
+        try:
+            return (self.partial / check_ref(ref) / "data").stat().st_blocks * 512
+        except (OSError, StoreError):
+            return 0
 
     def remove_partial(self, ref: str) -> None:
         shutil.rmtree(self.partial / check_ref(ref), ignore_errors=True)

@@ -25,7 +25,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.settings import ArchiveSettings, GiB, MiB
-from agent.store import ingest as ingest_module
+from agent.store import writer as writer_module
 from agent.store.archive import kind_of, unpack
 from agent.store.local import Store
 from agent.store.names import safe_relpath
@@ -352,13 +352,13 @@ def zip_bomb(path: Path) -> None:
 def written(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
     """Bytes each blob writer received (what a member got on disk before it was stopped)."""
     counts: dict[int, int] = {}
-    real = ingest_module.BlobWriter.write
+    real = writer_module.BlobWriter.write
 
-    def counting(self: ingest_module.BlobWriter, data: bytes | memoryview) -> None:
+    def counting(self: writer_module.BlobWriter, data: bytes | memoryview) -> None:
         counts[id(self)] = counts.get(id(self), 0) + len(data)
         real(self, data)
 
-    monkeypatch.setattr(ingest_module.BlobWriter, "write", counting)
+    monkeypatch.setattr(writer_module.BlobWriter, "write", counting)
     return counts
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import os
 import tarfile
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import trustme
 
 from agent.settings import EgressSettings, FetchSettings
 from tests.servers.agent import InProcessAgent, agent_settings
-from tests.servers.faulty import Fault, FaultyServer, Link, Served, most_at_once
+from tests.servers.faulty import Fault, FaultyServer
 from tests.servers.nginx import NginxServer, ServedDir
 
 MiB = 1024 * 1024
@@ -215,85 +214,6 @@ async def test_twenty_concurrent_requests_download_each_file_once(
     assert faulty.bytes_sent_twice("/m.bin") == 0
     assert len(faulty.gets("/m.bin")) == 1, "a fast stream is not split: one GET, once"
     assert 'modelcache_cache_requests_total{result="miss"} 1.0' in text
-
-
-async def test_a_slow_stream_is_split_across_connections(tmp_path: Path,
-                                                         faulty: FaultyServer) -> None:
-    data = os.urandom(8 * MiB)
-    faulty.add("/m.bin", data)
-    faulty.always("/m.bin", Fault(rate=2 * MiB, methods=("GET",)))  # per connection
-    settings = fast_settings(tmp_path, segment_min_bytes=MiB, connections_per_file=4,
-                             split_interval=0.2, split_below_rate=8 * MiB)
-    async with InProcessAgent(settings) as agent, agent.client() as client:
-        model = await client.ensure(faulty.url("/m.bin"))
-        model = await client.model(model["key"], wait=30)
-        assert model["state"] == "ready", model["error"]
-        assert (tree_of(agent, model["key"]) / "m.bin").read_bytes() == data
-    gets = faulty.gets("/m.bin")
-    assert 2 <= most_at_once(gets) <= 5, "slow streams got more connections, up to the cap"
-    assert_pieces_in_order(gets, 4)
-    # the cut stream stops at the cut: bytes past it may be in flight, but each byte of the
-    # file was written once and the result is exact
-    assert faulty.bytes_sent("/m.bin") < 2 * len(data)
-
-
-def assert_pieces_in_order(gets: list[Served], streams: int) -> None:
-    """The extra streams took the rest of the file in 1 MiB pieces, in file order (so the
-    ordered hash follows them closely), and each piece was asked for once. (The streams
-    take pieces in order; their requests reach the server in nearly that order.)"""
-    starts = [g.start for g in sorted(gets, key=lambda g: g.began)]
-    assert starts[0] == 0 and all(s % MiB == 0 for s in starts)
-    assert len(set(starts)) == len(starts), starts
-    for i, start in enumerate(starts):
-        assert start >= max(starts[: i + 1]) - streams * MiB, starts
-
-
-def split_steps(caplog: pytest.LogCaptureFixture) -> list[int]:
-    """How many connections each of the splitter's looks added."""
-    return [r.added for r in caplog.records  # type: ignore[attr-defined]
-            if r.name == "agent.fetch.engine" and r.getMessage() == "splitting a slow download"]
-
-
-async def pull_split(tmp_path: Path, faulty: FaultyServer, data: bytes, fault: Fault,
-                     caplog: pytest.LogCaptureFixture) -> None:
-    """Pull ``data`` served with ``fault`` (up to 8 connections, looks every 0.1 s, streams
-    under 8 MiB/s are slow) and check it arrived whole."""
-    faulty.add("/m.bin", data)
-    faulty.always("/m.bin", fault)
-    settings = fast_settings(tmp_path, segment_min_bytes=MiB, connections_per_file=8,
-                             split_interval=0.1, split_below_rate=8 * MiB,
-                             buffer_bytes=256 * 1024)
-    caplog.set_level(logging.DEBUG, logger="agent.fetch.engine")
-    async with InProcessAgent(settings) as agent, agent.client() as client:
-        model = await client.ensure(faulty.url("/m.bin"))
-        model = await client.model(model["key"], wait=60)
-        assert model["state"] == "ready", model["error"]
-        assert (tree_of(agent, model["key"]) / "m.bin").read_bytes() == data
-
-
-async def test_slow_streams_double_up_to_the_cap(
-        tmp_path: Path, faulty: FaultyServer, caplog: pytest.LogCaptureFixture) -> None:
-    # a CDN that caps each connection (Hugging Face's gives one stream ~40 MB/s): the file
-    # reaches its full width in three splits, not seven
-    data = os.urandom(32 * MiB)
-    await pull_split(tmp_path, faulty, data, Fault(rate=2 * MiB, methods=("GET",)), caplog)
-    assert split_steps(caplog) == [1, 2, 4]
-    # (+1: the first response, cut short, runs on at the server until it finds the
-    # connection closed)
-    assert 8 <= most_at_once(faulty.gets("/m.bin")) <= 9
-    assert_pieces_in_order(faulty.gets("/m.bin"), 8)
-    assert faulty.bytes_sent("/m.bin") < 2 * len(data)
-
-
-async def test_streams_stop_growing_when_more_connections_do_not_help(
-        tmp_path: Path, faulty: FaultyServer, caplog: pytest.LogCaptureFixture) -> None:
-    # the link (or an overloaded server) is the limit, not each connection: after one split
-    # that did not raise the rate, no more connections are opened
-    data = os.urandom(12 * MiB)
-    await pull_split(tmp_path, faulty, data, Fault(link=Link(4 * MiB), methods=("GET",)),
-                     caplog)
-    assert split_steps(caplog) == [1]
-    assert 2 <= most_at_once(faulty.gets("/m.bin")) <= 3  # (+1 as above)
 
 
 async def test_a_server_that_ignores_ranges_is_fetched_over_one_connection(

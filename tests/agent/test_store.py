@@ -23,9 +23,10 @@ import pytest
 import agent
 from agent.store import trees as trees_module
 from agent.store.blobs import BlobStore
-from agent.store.ingest import Ingest, Segment
+from agent.store.ingest import Ingest
 from agent.store.local import Store
 from agent.store.recovery import recover
+from agent.store.segments import Segment
 from agent.store.trees import MANIFEST, WHITEOUT, FileEntry, Manifest, apply_whiteout, tree_id
 from common.errors import IntegrityError, Locked, StoreError, UnsafeName
 

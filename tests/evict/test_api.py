@@ -171,7 +171,7 @@ async def test_expired_leases_are_pruned(tmp_path: Path, agent_on: Callable[...,
     expired = time.time() + 0.2  # both leases are over by then
     agent.deps.index.get(b).holders.clear()  # e.g. a new copy of the model
     await until(lambda: time.time() > expired)
-    await agent.evictor.leases.expire()
-    assert agent.evictor.leases.table == {}
+    await agent.deps.leases.expire()
+    assert agent.deps.leases.table == {}
     assert agent.deps.index.get(a).holders == {}
     assert json.loads((tmp_path / "store" / "leases.json").read_text())["leases"] == {}

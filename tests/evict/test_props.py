@@ -32,6 +32,9 @@ from hypothesis.stateful import (
 
 from agent.egress import Egress
 from agent.eviction.evictor import Evictor
+from agent.eviction.leases import Leases
+from agent.eviction.ledger import Ledger
+from agent.eviction.reservations import Reservations
 from agent.eviction.usage import Usage
 from agent.fetch.engine import Fetcher
 from agent.index import READY, Index
@@ -75,14 +78,17 @@ class Core:
         self.index = Index()
         egress = Egress(self.settings.egress)
         self.fetcher = Fetcher(self.store, egress, self.settings.fetch)
-        self.evictor = Evictor(self.store, self.index, self.settings.store, Usage(self.index),
-                               orphan_grace=0.0)
+        usage, ledger = Usage(self.index), Ledger(self.store, self.index)
+        self.leases = Leases(self.store.leases_file, self.store.tmp, self.index, usage)
+        self.evictor = Evictor(self.store, self.index, self.settings.store, usage, ledger,
+                               self.leases, orphan_grace=0.0)
         self.puller = Puller(store=self.store, fetcher=self.fetcher,
                              sources={"file": FileSource(egress)}, index=self.index,
-                             egress=egress, settings=self.settings, reserver=self.evictor)
+                             egress=egress, settings=self.settings,
+                             reserver=Reservations(self.evictor, ledger))
 
     async def start(self) -> None:
-        await self.evictor.leases.load()
+        await self.leases.load()
         self.puller.load()
         self.evictor.in_use_known.set()
 
@@ -132,7 +138,7 @@ class EvictionMachine(RuleBasedStateMachine):
     def use(self, m: int, owner: str) -> None:
         key = self.keys[m]
         try:
-            self.run(self.core.evictor.leases.take(key, owner, 3600))
+            self.run(self.core.leases.take(key, owner, 3600))
         except NotFound:
             assert self.core.index.get(key) is None
             return
@@ -142,7 +148,7 @@ class EvictionMachine(RuleBasedStateMachine):
     def release(self, m: int, owner: str) -> None:
         key = self.keys[m]
         try:
-            self.run(self.core.evictor.leases.release(key, owner))
+            self.run(self.core.leases.release(key, owner))
         except NotFound:
             assert owner not in self.leases.get(key, set())
             return

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import hashlib
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -531,9 +532,12 @@ def _norm(path: str) -> str:
 
 
 @contextmanager
-def faulty_server(host: str = LOOPBACK) -> Iterator[FaultyServer]:
-    """A :class:`FaultyServer` served from a thread; ``server.url(path)`` reaches it."""
+def faulty_server(host: str = LOOPBACK, ssl_context: ssl.SSLContext | None = None
+                  ) -> Iterator[FaultyServer]:
+    """A :class:`FaultyServer` served from a thread (over TLS with ``ssl_context``);
+    ``server.url(path)`` reaches it."""
     server = FaultyServer()
-    with AppThread(server.make_app(), host=host, name="faulty-http") as thread:
+    with AppThread(server.make_app(), host=host, ssl_context=ssl_context,
+                   name="faulty-http") as thread:
         server.base_url = thread.url
         yield server

@@ -18,6 +18,9 @@ import pytest
 
 from agent.egress import Egress
 from agent.eviction.evictor import Evictor
+from agent.eviction.leases import Leases
+from agent.eviction.ledger import Ledger
+from agent.eviction.reservations import Reservations
 from agent.eviction.usage import Usage
 from agent.fetch.engine import Fetcher
 from agent.index import READY, Index, Model
@@ -131,9 +134,12 @@ async def pipeline(tmp_path: Path) -> AsyncIterator[PipelineFactory]:
         srcs = build_sources(eg, settings)
         index = Index()
         metrics = Metrics(node="test-node")
-        evictor = Evictor(st, index, settings.store, Usage(index), metrics)
+        usage, ledger = Usage(index), Ledger(st, index)
+        evictor = Evictor(st, index, settings.store, usage, ledger,
+                          Leases(st.leases_file, st.tmp, index, usage), metrics)
         puller = Puller(store=st, fetcher=fetcher, sources=srcs, index=index, egress=eg,
-                        settings=settings, metrics=metrics, reserver=evictor)
+                        settings=settings, metrics=metrics,
+                        reserver=Reservations(evictor, ledger))
         p = Pipeline(settings, st, eg, fetcher, srcs, puller, metrics, index)
         made.append(p)
         return p

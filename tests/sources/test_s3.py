@@ -14,7 +14,7 @@ import pytest
 
 from agent.cli.client import AgentClient
 from agent.egress import Egress
-from agent.fetch.engine import FetchStats
+from agent.fetch.stats import FetchStats
 from agent.index import FAILED
 from agent.settings import EgressSettings, SourceSettings
 from agent.sources.control import Control
