@@ -10,8 +10,8 @@ needs:
   lock) and sequential writers, both committed by size and digest; and it finds content
   already stored by the digest a source stated, so it is not fetched again.
 - :class:`Publisher` makes a model visible (its tree and manifest, atomically), rewrites a
-  manifest whose tree is unchanged, lets go of the blobs a pull held, and records the pulls
-  in flight that a restart resumes.
+  manifest whose tree is unchanged, takes a model out of view, lets go of the blobs a pull
+  held, and records the pulls in flight that a restart resumes.
 
 Implementations: :class:`~agent.store.local.Store` plays all three;
 :class:`~agent.store.modeldir.ModelDir` is the provider the init container reads (one
@@ -102,6 +102,11 @@ class Publisher(Provider, Protocol):
     def update_manifest(self, manifest: Manifest) -> None:
         """Rewrite the manifest of a model whose tree is unchanged (last use, pin); a model
         removed meanwhile stays removed."""
+        ...
+
+    def remove_model(self, key: str) -> None:
+        """Take a model out of view (its manifest first, then its trees); its blobs stay
+        until they are collected."""
         ...
 
     def release(self, digests: Iterable[str]) -> None:
