@@ -33,7 +33,6 @@ from tests.kubeapi.fixtures import (  # noqa: F401
     FAST,
     kube,
     kube_api,
-    no_leaked_tasks,
     raw_kube,
 )
 from tests.kubeapi.objects import node
