@@ -20,10 +20,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
+from tests.servers.agent import InProcessAgent
 from tests.servers.aioserver import SERVER_THREAD_NAMES
 from tests.servers.faulty import FaultyServer, faulty_server
 from tests.servers.hfhub import HubServer, hub_server
@@ -95,6 +97,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if function is not None and inspect.iscoroutinefunction(function) \
                 and "no_leaked_tasks" not in item.fixturenames:  # type: ignore[attr-defined]
             item.fixturenames.insert(0, "no_leaked_tasks")  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def in_process_agent() -> AsyncIterator[Callable[..., Any]]:
+    """``await in_process_agent(settings, auth=..., token=..., kube=..., serve=True)``: a
+    started :class:`~tests.servers.agent.InProcessAgent` (the one in-process harness), shut
+    down at teardown, last started first."""
+    started: list[InProcessAgent] = []
+
+    async def start(settings: Any, **options: Any) -> InProcessAgent:
+        agent = InProcessAgent(settings, **options)
+        started.append(agent)
+        return await agent.start()
+
+    yield start
+    for agent in reversed(started):
+        await agent.close()
 
 
 @pytest.fixture(scope="session")
