@@ -9,7 +9,6 @@ then be complete or invisible; after a restart the agent's index and the disk mu
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -54,7 +53,7 @@ def test_sigkill_during_eviction_leaves_every_model_complete_or_invisible(
         while '"msg": "evicted model"' not in proc.log_tail(20_000):
             assert proc.alive() and time.monotonic() < deadline, proc.log_tail()
             time.sleep(0.001)
-        os.kill(proc.pid, signal.SIGKILL)
+        proc.kill()
     finally:
         proc.stop()
     evicted = proc.log_tail(10_000_000).count('"msg": "evicted model"')

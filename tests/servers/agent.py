@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -103,9 +102,8 @@ class AgentProcess:
 
     def kill(self) -> None:
         """SIGKILL: a crash, no chance to checkpoint or clean up."""
-        assert self.proc is not None and self.proc.popen is not None
-        self.proc.popen.send_signal(signal.SIGKILL)
-        self.proc.popen.wait()
+        assert self.proc is not None
+        self.proc.kill()
 
     def log(self) -> str:
         return self.proc.log_tail(20000) if self.proc is not None else ""
