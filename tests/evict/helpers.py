@@ -116,6 +116,12 @@ class DiskWatch:
         self._thread.join()
 
 
+def waiting_on(event: asyncio.Event) -> int:
+    """How many tasks are parked on ``event`` now (asyncio keeps its waiters' futures in
+    ``_waiters``): such a task cannot move on until the event is set."""
+    return sum(1 for waiter in event._waiters if not waiter.done())  # type: ignore[attr-defined]
+
+
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
