@@ -174,6 +174,7 @@ async def test_wait_holds_the_reply_until_the_pull_ends(tmp_path: Path,
         assert done["state"] == "ready"
 
 
+@pytest.mark.slow
 def test_sigterm_stops_gracefully_and_the_pull_resumes(tmp_path: Path,
                                                        faulty: FaultyServer) -> None:
     data = os.urandom(6 * MiB)

@@ -471,6 +471,7 @@ def _damaged(raw: bytes, mutations: list[tuple[str, float, bytes]]) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @example("tar.gz", "", [("cut", 3, b"\0")])  # the gzip header's flags byte cut off
 @given(st.sampled_from(["tar", "tar.gz", "tar.zst", "zip"]), st.sampled_from(["", "models"]),

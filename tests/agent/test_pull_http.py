@@ -217,6 +217,7 @@ async def test_twenty_concurrent_requests_download_each_file_once(
     assert 'modelcache_cache_requests_total{result="miss"} 1.0' in text
 
 
+@pytest.mark.slow
 async def test_a_slow_stream_is_split_across_connections(tmp_path: Path,
                                                          faulty: FaultyServer) -> None:
     data = os.urandom(8 * MiB)
@@ -271,6 +272,7 @@ async def pull_split(tmp_path: Path, faulty: FaultyServer, data: bytes, fault: F
         assert (tree_of(agent, model["key"]) / "m.bin").read_bytes() == data
 
 
+@pytest.mark.slow
 async def test_slow_streams_double_up_to_the_cap(
         tmp_path: Path, faulty: FaultyServer, caplog: pytest.LogCaptureFixture) -> None:
     # a CDN that caps each connection (Hugging Face's gives one stream ~40 MB/s): the file
@@ -285,6 +287,7 @@ async def test_slow_streams_double_up_to_the_cap(
     assert faulty.bytes_sent("/m.bin") < 2 * len(data)
 
 
+@pytest.mark.slow
 async def test_streams_stop_growing_when_more_connections_do_not_help(
         tmp_path: Path, faulty: FaultyServer, caplog: pytest.LogCaptureFixture) -> None:
     # the link (or an overloaded server) is the limit, not each connection: after one split
@@ -396,6 +399,7 @@ async def test_hostile_archives_are_refused(tmp_path: Path, nginx_dir: ServedDir
     assert not list((tmp_path / "store" / "partial").iterdir())
 
 
+@pytest.mark.slow
 async def test_a_decompression_bomb_is_stopped_while_it_inflates(
         tmp_path: Path, nginx_dir: ServedDir) -> None:
     import gzip

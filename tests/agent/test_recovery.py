@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import blake3
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -355,6 +356,7 @@ TestStoreMachine = StoreMachine.TestCase
 TestStoreMachine.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_a_consistent_store(store: Store) -> None:
     rng = random.Random(20261122)
     env = {**os.environ, "PYTHONPATH": str(REPO)}

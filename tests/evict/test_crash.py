@@ -37,6 +37,7 @@ def start_agent(store: Path, tmp: Path, name: str, *flags: str) -> tuple[Managed
     return proc, f"http://127.0.0.1:{port}"
 
 
+@pytest.mark.slow
 def test_sigkill_during_eviction_leaves_every_model_complete_or_invisible(
         tmpfs: Callable[..., Path], tmp_path: Path) -> None:
     fs = tmpfs(256)

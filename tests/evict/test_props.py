@@ -218,6 +218,7 @@ class EvictionMachine(RuleBasedStateMachine):
         assert needed <= set(on_disk)
 
 
+@pytest.mark.slow
 def test_eviction_invariants(tmpfs: Callable[..., Path]) -> None:
     fs = tmpfs(64)
     uris = make_sources(fs / "seed")

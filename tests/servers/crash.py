@@ -72,7 +72,7 @@ def crash_in_child(step: Callable[[], object], timeout: float = 30.0) -> None:
     if not ready:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise AssertionError(f"the child {pid} did not reach its crash in {timeout:.0f} s")
+        raise AssertionError(f"the child {pid} did not reach its crash in {timeout:g} s")
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         got = signal.Signals(os.WTERMSIG(status)).name
