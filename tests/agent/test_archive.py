@@ -362,6 +362,7 @@ def written(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
     return counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "kind", "build"), [
     ("bomb.tar.gz", "tar.gz", gzip_tar_bomb),
     ("bomb.zip", "zip", zip_bomb),

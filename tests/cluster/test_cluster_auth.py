@@ -85,6 +85,7 @@ async def test_an_init_container_token_may_ensure_its_own_model(
     assert api.count("create", "tokenreviews") == 1  # accepted once, remembered
 
 
+@pytest.mark.slow
 async def test_a_pod_of_another_node_is_not_one_of_ours(api: FakeKubeApi, agent: InProcessAgent,
                                                        nginx_dir: ServedDir):
     uri = serve_model(nginx_dir)

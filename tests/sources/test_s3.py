@@ -292,6 +292,7 @@ async def test_virtual_hosted_addressing_against_seaweedfs(
     assert "Signature" not in log and seaweedfs.secret_key not in log
 
 
+@pytest.mark.slow
 async def test_unsigned_when_no_credentials_exist(
     moto_s3: S3Endpoint, pipeline: PipelineFactory, no_aws_env: None
 ) -> None:
