@@ -28,7 +28,7 @@ MiB = 1024 * 1024
 def tree_of(agent: InProcessAgent, key: str) -> Path:
     manifest = agent.deps.store.manifest(key)
     assert manifest is not None, f"model {key} has no manifest"
-    return agent.deps.store.models / key / manifest.tree
+    return agent.deps.store.tree_path(manifest)  # type: ignore[no-any-return]
 
 
 def assert_store_consistent(store_root: Path) -> None:
