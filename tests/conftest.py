@@ -1,22 +1,31 @@
-"""Shared fixtures: the real servers every source test needs (see ``tests/servers``).
+"""Shared fixtures: the real servers every source test needs (see ``tests/servers``), and
+the rules every test keeps.
 
 Each fixture starts what it yields and stops it at teardown (processes by PID, SIGTERM then
 SIGKILL after 5 s; threads joined). Expensive servers are session-scoped and tests get
 their own namespace in them (a directory, a bucket prefix, a repository name).
+
+Rules: no test leaves a child process or a test-server thread behind
+(``_no_leaked_servers``), and no async test leaves a task running (``no_leaked_tasks``, the
+one rule for every async test and fixture, added to each at collection).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
+from tests.servers.agent import InProcessAgent
 from tests.servers.aioserver import SERVER_THREAD_NAMES
 from tests.servers.faulty import FaultyServer, faulty_server
 from tests.servers.hfhub import HubServer, hub_server
@@ -54,6 +63,57 @@ def _no_leaked_servers() -> Iterator[None]:
     assert not leaked, f"child processes left running: {sorted(leaked)}"
     extra = _server_threads() - threads
     assert not extra, f"test-server threads left running: {sorted(extra)}"
+
+
+#: how long a task still running after the test's fixtures are torn down may take to end by
+#: itself (a connection's lingering close, a cancelled task's cleanup) before it is a leak
+LEAK_GRACE_SECONDS = 3.0
+
+
+@pytest.fixture
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail an async test that leaves a task running: one the test or its fixtures started
+    and that has not ended once every fixture is torn down (this one is set up first, so it
+    is torn down last), after :data:`LEAK_GRACE_SECONDS` to end by itself. Leaked tasks are
+    cancelled, so none spills into the next test, and named in the failure."""
+    before = asyncio.all_tasks()
+    yield
+    current = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
+    if left:
+        await asyncio.wait(left, timeout=LEAK_GRACE_SECONDS)
+    leaked = [t for t in left if not t.done()]
+    for t in leaked:
+        t.cancel()
+    if leaked:
+        await asyncio.wait(leaked, timeout=LEAK_GRACE_SECONDS)
+    assert not leaked, f"tasks leaked: {leaked}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every async test keeps the leaked-task rule, checked after all its fixtures."""
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and inspect.iscoroutinefunction(function) \
+                and "no_leaked_tasks" not in item.fixturenames:  # type: ignore[attr-defined]
+            item.fixturenames.insert(0, "no_leaked_tasks")  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def in_process_agent() -> AsyncIterator[Callable[..., Any]]:
+    """``await in_process_agent(settings, auth=..., token=..., kube=..., serve=True)``: a
+    started :class:`~tests.servers.agent.InProcessAgent` (the one in-process harness), shut
+    down at teardown, last started first."""
+    started: list[InProcessAgent] = []
+
+    async def start(settings: Any, **options: Any) -> InProcessAgent:
+        agent = InProcessAgent(settings, **options)
+        started.append(agent)
+        return await agent.start()
+
+    yield start
+    for agent in reversed(started):
+        await agent.close()
 
 
 @pytest.fixture(scope="session")

@@ -306,8 +306,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     digest = request.match_info["digest"]
     if not valid_digest(digest):
         raise errors.InvalidInput("a blob digest is 64 lowercase hex characters (blake3)")
-    path = deps.store.blobs.path(digest)
-    if not await asyncio.to_thread(path.is_file):
+    path = await asyncio.to_thread(deps.store.blob_path, digest)
+    if path is None:
         raise errors.NotFound(f"blob {digest} is not in the store")
     response = web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
     size = (await asyncio.to_thread(path.stat)).st_size

@@ -177,8 +177,8 @@ async def run_demo(keep: bool = False, out: Callable[[str], None] | None = None)
                     f"{human_bytes(store['dedup_saved_bytes'])} (the shards v1 and v2 share).")
                 models = await client.models()
                 for m in models:
-                    tree = deps.store.manifest(m["key"])
-                    where = deps.store.models / m["key"] / (tree.tree if tree else "")
+                    manifest = deps.store.manifest(m["key"])
+                    where = deps.store.tree_path(manifest) if manifest else "(not published)"
                     say(f"   {m['key']}  {m['state']}  {m['uri']}  ->  {where}")
                 metrics = await client.metrics()
                 say("6. Metrics (excerpt of /metrics):")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -45,9 +44,11 @@ from agent.pull.credentials import read_secret_dir
 from agent.pull.puller import Puller
 from agent.settings import AgentSettings, EgressSettings, SourceSettings, StoreSettings
 from agent.store.local import Store
+from agent.store.modeldir import ModelDir
 from agent.store.names import join_inside
 from agent.store.recovery import recover
-from agent.store.trees import MANIFEST, Manifest
+from agent.store.roles import Provider
+from agent.store.trees import Manifest
 from common import logs
 from common.errors import ModelcacheError, NoSpace
 from common.reference import Reference, parse
@@ -220,7 +221,7 @@ async def from_source(ref: Reference, args: argparse.Namespace) -> None:
         await fetcher.close()
         for source in {id(s): s for s in sources.values()}.values():
             await source.close()
-    await asyncio.to_thread(place, store.models / ref.key / manifest.tree, manifest, mount)
+    await asyncio.to_thread(place, store, manifest, mount)
     log.info("downloaded from the source", extra={"files": len(manifest.files),
                                                   "bytes": manifest.size_bytes})
 
@@ -247,17 +248,19 @@ def prepare(args: argparse.Namespace) -> str | None:
 
 def link_side(args: argparse.Namespace, key: str) -> bool:
     """Link the tree the side mount shows; False if it shows none."""
-    manifest = read_side_manifest(args.side_path, key)
+    side = ModelDir(args.side_path, key)
+    manifest = side.manifest(key)
     if manifest is None:
         return False
-    link_tree(manifest, args.side_path, args.mount_path)
+    link_tree(side, manifest, args.mount_path)
     shutil.rmtree(args.mount_path / WORK_DIR, ignore_errors=True)
     return True
 
 
-def place(tree: Path, manifest: Manifest, mount: Path) -> None:
+def place(store: Provider, manifest: Manifest, mount: Path) -> None:
     """Hard-link the downloaded tree's files into the mount path (the same emptyDir),
     then remove the work directory."""
+    tree = store.tree_path(manifest)
     for f in manifest.files:
         dst = join_inside(mount, f.path)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -265,22 +268,10 @@ def place(tree: Path, manifest: Manifest, mount: Path) -> None:
     shutil.rmtree(mount / WORK_DIR, ignore_errors=True)
 
 
-def read_side_manifest(side: Path, key: str) -> Manifest | None:
-    """The manifest the agent published in the side mount, if its tree is there."""
-    try:
-        data = json.loads((side / MANIFEST).read_text())
-        manifest = Manifest.from_json(data)
-    except (OSError, ValueError, KeyError, ModelcacheError):
-        return None
-    if manifest.key != key or not (side / manifest.tree).is_dir():
-        return None
-    return manifest
-
-
-def link_tree(manifest: Manifest, side: Path, mount: Path) -> None:
+def link_tree(side: Provider, manifest: Manifest, mount: Path) -> None:
     """Symlink every file of the tree into the mount path (absolute links: the app
     containers mount the side path at the same place)."""
-    tree = side / manifest.tree
+    tree = side.tree_path(manifest)
     for f in manifest.files:
         target = join_inside(tree, f.path)
         if not target.is_file():

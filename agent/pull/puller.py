@@ -26,8 +26,8 @@ from agent.metrics import Metrics
 from agent.pull.sharing import SharedAccess
 from agent.settings import AgentSettings
 from agent.sources.base import Credentials, RemoteFile, Resolved, Source
-from agent.store.local import Store
 from agent.store.names import check_unique, safe_relpath
+from agent.store.roles import Publisher
 from agent.store.trees import FileEntry, Manifest, apply_whiteout
 from common.errors import (
     ModelcacheError,
@@ -73,7 +73,7 @@ class _Progress:
 
 
 class Puller:
-    def __init__(self, *, store: Store, fetcher: Fetcher, sources: Mapping[str, Source],
+    def __init__(self, *, store: Publisher, fetcher: Fetcher, sources: Mapping[str, Source],
                  index: Index, egress: Egress, settings: AgentSettings,
                  reserver: Reserver, metrics: Metrics | None = None,
                  sharing: SharedAccess | None = None) -> None:
@@ -260,7 +260,7 @@ class Puller:
                 log.warning("pull failed", extra={"key": ref.key, "uri": ref.display,
                                                   "error": message})
         finally:
-            self.store.blobs.release(held)
+            self.store.release(held)
             model.refreshing = False
             model.intent = None
             self.index.notify(model)

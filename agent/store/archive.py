@@ -30,8 +30,8 @@ from typing import IO, cast
 import zstandard
 
 from agent.settings import ArchiveSettings
-from agent.store.local import Store
 from agent.store.names import safe_relpath
+from agent.store.roles import Ingester
 from agent.store.trees import WHITEOUT, WHITEOUT_PREFIX, FileEntry
 from agent.store.writer import BlobWriter
 from common.errors import ArchiveRejected, UnsafeName
@@ -53,7 +53,7 @@ def kind_of(name: str) -> str | None:
     return None
 
 
-def unpack(path: Path, kind: str, root: str, store: Store,
+def unpack(path: Path, kind: str, root: str, store: Ingester,
            settings: ArchiveSettings) -> list[FileEntry]:
     """Unpack the archive at ``path`` into blobs; return the tree entries.
 
@@ -203,7 +203,7 @@ def _select(name: str, root: str) -> str | None:
     return None
 
 
-def _ingest(store: Store, rel: str, size: int, reader: IO[bytes],
+def _ingest(store: Ingester, rel: str, size: int, reader: IO[bytes],
             budget: _Budget) -> FileEntry:
     writer: BlobWriter = store.blob_writer()
     try:

@@ -1,6 +1,7 @@
 """The store on the node's disk: blobs, published trees, partial downloads, pull intents.
 
-This is the one object the rest of the agent holds. It keeps in memory only what it can
+This is the one object the rest of the agent holds; it plays every role of
+:mod:`agent.store.roles` (provider, ingester, publisher). It keeps in memory only what it can
 rebuild from disk at start-up (:mod:`agent.store.recovery`): blob sizes, the sha256 (and git
 blob id) -> blake3 aliases that let a source's stated digest find content already stored, and
 the manifests.
@@ -24,7 +25,7 @@ from typing import Any
 
 from agent.store.blobs import BlobStore, write_atomic
 from agent.store.ingest import Ingest, check_ref
-from agent.store.trees import FileEntry, Manifest, Trees, clean_paths, tree_id
+from agent.store.trees import FileEntry, Manifest, Trees, check_tree, clean_paths, tree_id
 from agent.store.writer import BlobWriter
 from common.errors import StoreError
 
@@ -126,6 +127,13 @@ class Store:
         with self._lock:
             return any(k in self._stated for k in _stated_keys(sha256, git_oid))
 
+    def blob_path(self, digest: str) -> Path | None:
+        path = self.blobs.path(digest)
+        return path if path.is_file() else None
+
+    def release(self, digests: Iterable[str]) -> None:
+        self.blobs.release(digests)
+
     def has_blob(self, digest: str, size: int) -> bool:
         info = self.blobs.info(digest)
         return info is not None and info.size == size
@@ -166,6 +174,12 @@ class Store:
     def manifests(self) -> list[Manifest]:
         with self._lock:
             return list(self._manifests.values())
+
+    def tree_path(self, manifest: Manifest) -> Path:
+        path = self.trees.model_dir(manifest.key) / check_tree(manifest.tree)
+        if not path.is_dir():
+            raise StoreError(f"tree {manifest.tree} of model {manifest.key} is not in the store")
+        return path
 
     def publish(self, manifest: Manifest) -> Manifest:
         """Publish a tree and switch the model's manifest to it; older trees are kept

@@ -117,11 +117,17 @@ class Manifest:
         )
 
 
+def check_tree(name: Any) -> str:
+    """A tree's name (``t-`` and 16 hex) builds a path only once checked."""
+    if not isinstance(name, str) or not _TREE.match(name):
+        raise StoreError(f"manifest names an invalid tree {str(name)[:80]!r}")
+    return name
+
+
 def _check_names(tree: Any, previous: Any, files: tuple[FileEntry, ...]) -> None:
     """A manifest on disk is input like any other: its names build paths only once checked."""
     for name in (tree, *previous):
-        if not isinstance(name, str) or not _TREE.match(name):
-            raise StoreError(f"manifest names an invalid tree {str(name)[:80]!r}")
+        check_tree(name)
     for f in files:
         try:
             safe_relpath(f.path, what="manifest file")

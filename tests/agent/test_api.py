@@ -174,6 +174,7 @@ async def test_wait_holds_the_reply_until_the_pull_ends(tmp_path: Path,
         assert done["state"] == "ready"
 
 
+@pytest.mark.slow
 def test_sigterm_stops_gracefully_and_the_pull_resumes(tmp_path: Path,
                                                        faulty: FaultyServer) -> None:
     data = os.urandom(6 * MiB)
@@ -195,6 +196,7 @@ def test_sigterm_stops_gracefully_and_the_pull_resumes(tmp_path: Path,
     assert faulty.bytes_sent_twice("/slow.bin") == 0, "progress was checkpointed at shutdown"
 
 
+@pytest.mark.slow
 def test_config_file_models_are_prefetched_and_pinned(tmp_path: Path,
                                                       faulty: FaultyServer) -> None:
     faulty.add("/a.bin", b"a" * 1000)
@@ -221,6 +223,7 @@ def test_config_file_models_are_prefetched_and_pinned(tmp_path: Path,
         agent.stop()
 
 
+@pytest.mark.slow
 def test_a_bad_config_file_is_refused_with_the_field_named(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("models:\n  - uri: hf://ok/model\n    pin: maybe\n")
@@ -233,6 +236,7 @@ def test_a_bad_config_file_is_refused_with_the_field_named(tmp_path: Path) -> No
     assert "models/0/pin" in proc.stderr and "'maybe' is not of type 'boolean'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_healthz_is_not_logged_and_logs_are_json(tmp_path: Path) -> None:
     agent = AgentProcess(tmp_path / "store", log_dir=tmp_path).start()
     try:

@@ -362,6 +362,7 @@ def written(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
     return counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "kind", "build"), [
     ("bomb.tar.gz", "tar.gz", gzip_tar_bomb),
     ("bomb.zip", "zip", zip_bomb),
@@ -471,6 +472,7 @@ def _damaged(raw: bytes, mutations: list[tuple[str, float, bytes]]) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @example("tar.gz", "", [("cut", 3, b"\0")])  # the gzip header's flags byte cut off
 @given(st.sampled_from(["tar", "tar.gz", "tar.zst", "zip"]), st.sampled_from(["", "models"]),

@@ -15,6 +15,7 @@ from tests.servers.agent import REPO, AgentProcess
 from tests.servers.faulty import Fault, FaultyServer
 from tests.servers.net import free_port
 
+pytestmark = pytest.mark.slow  # each test runs real processes (the agent, the CLI): 2-5 s
 MiB = 1024 * 1024
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 

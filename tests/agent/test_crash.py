@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.agent.test_pull_http import assert_store_consistent
 from tests.servers.agent import AgentProcess
 from tests.servers.faulty import Fault, FaultyServer
@@ -24,6 +26,7 @@ def checkpointed_bytes(store: Path) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_sigkill_mid_pull_then_restart_resumes_and_completes(tmp_path: Path,
                                                              faulty: FaultyServer) -> None:
     data = os.urandom(12 * MiB)

@@ -121,6 +121,7 @@ def test_join_inside(tmp_path: Path) -> None:
 
 
 @settings(max_examples=500, deadline=None)
+@pytest.mark.slow
 @given(st.one_of(
     st.text(max_size=40),
     # lone surrogates too (st.text leaves them out): what a tar name that was not UTF-8

@@ -56,6 +56,7 @@ def mounted(mount: Path) -> dict[str, bytes]:
             for p in sorted(mount.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_warm_node_links_the_tree_without_downloading(
         tmp_path: Path, model_server: tuple[FaultyServer, dict[str, bytes], str]) -> None:
     server, files, uri = model_server
@@ -82,6 +83,7 @@ def test_warm_node_links_the_tree_without_downloading(
         agent.stop()
 
 
+@pytest.mark.slow
 def test_cold_node_has_the_agent_pull_and_warms_the_node(
         tmp_path: Path, model_server: tuple[FaultyServer, dict[str, bytes], str]) -> None:
     server, files, uri = model_server
@@ -155,6 +157,7 @@ def test_a_failed_source_leaves_nothing_at_the_mount_path(tmp_path: Path,
     assert [p for p in mount.iterdir() if p.name != ".modelcache"] == []
 
 
+@pytest.mark.slow
 def test_an_agent_that_cannot_pull_leads_to_a_counted_fallback(
         tmp_path: Path, model_server: tuple[FaultyServer, dict[str, bytes], str]) -> None:
     """The pod can reach a source that the agent's egress policy refuses: the agent's pull
@@ -192,6 +195,7 @@ def planned_init_env(uri: str, settings: PlanSettings) -> dict[str, str]:
     return {e["name"]: e["value"] for e in init["env"] if "value" in e}
 
 
+@pytest.mark.slow
 def test_download_mode_trusts_the_ca_the_webhook_passes(
         tmp_path: Path, nginx_factory: Callable[..., NginxServer]) -> None:
     """An in-cluster mirror signed by a private CA: the webhook's --init-ca-file reaches the

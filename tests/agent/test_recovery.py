@@ -26,6 +26,7 @@ from agent.store import blobs as blobs_module
 from agent.store.local import Store
 from agent.store.recovery import recover
 from agent.store.trees import MANIFEST, FileEntry, Manifest, tree_id
+from tests.servers.crash import crash_in_child, killed_at, sigkill
 
 REPO = Path(agent.__file__).resolve().parents[1]
 CHILD = Path(__file__).with_name("crash_child.py")
@@ -180,24 +181,18 @@ def test_a_manifest_cannot_make_recovery_reach_outside_the_store(store: Store, p
     assert published.tree not in store.trees.trees(KEY)
 
 
-def test_a_partial_left_linked_to_a_blob_is_never_written_through(
-        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_partial_left_linked_to_a_blob_is_never_written_through(store: Store) -> None:
     data = b"committed content" * 100
 
-    class Killed(BaseException):
-        pass
-
-    def die(path: object) -> None:
-        raise Killed  # the process dies after the blob got its name, before cleanup
-
-    ingest = store.open_ingest("ref", {"size": len(data), "etag": "v1"})
-    (seg,) = ingest.plan(len(data), 1, 1)
-    ingest.write(seg, memoryview(data))
-    monkeypatch.setattr(blobs_module.os, "unlink", die)
-    with pytest.raises(Killed):
+    def commit_and_die() -> None:
+        ingest = store.open_ingest("ref", {"size": len(data), "etag": "v1"})
+        (seg,) = ingest.plan(len(data), 1, 1)
+        ingest.write(seg, memoryview(data))
+        # the process dies after the blob got its name, before cleanup
+        killed_at(blobs_module.os, "unlink")
         ingest.commit(store.blobs, len(data), None)
-    monkeypatch.undo()
-    ingest._release()  # the lock dies with the process
+
+    crash_in_child(commit_and_die)  # its lock dies with it
     digest = blake3.blake3(data).hexdigest()
     assert store.blobs.path(digest).read_bytes() == data
     store.write_intent(KEY, {"uri": "hf://org/repo", "refs": ["ref"], "blobs": []})
@@ -210,26 +205,20 @@ def test_a_partial_left_linked_to_a_blob_is_never_written_through(
     assert store.blobs.path(digest).read_bytes() == data
 
 
-def test_a_partial_whose_data_went_into_the_store_starts_over(
-        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_partial_whose_data_went_into_the_store_starts_over(store: Store) -> None:
     data = b"0123456789" * 1000
     ident = {"size": len(data), "sha256": None}
 
-    class Killed(BaseException):
-        pass
-
-    def die(path: object) -> None:
-        raise Killed  # dies after the data moved into blobs/, before the partial is removed
-
-    ingest = store.open_ingest("ref", ident)
-    (seg,) = ingest.plan(len(data), 1, 1)
-    ingest.write(seg, memoryview(data))
-    ingest.checkpoint()
-    monkeypatch.setattr(blobs_module, "fsync_dir", die)
-    with pytest.raises(Killed):
+    def commit_and_die() -> None:
+        ingest = store.open_ingest("ref", ident)
+        (seg,) = ingest.plan(len(data), 1, 1)
+        ingest.write(seg, memoryview(data))
+        ingest.checkpoint()
+        # dies after the data moved into blobs/, before the partial is removed
+        killed_at(blobs_module, "fsync_dir")
         ingest.commit(store.blobs, len(data), None)
-    monkeypatch.undo()
-    ingest._release()
+
+    crash_in_child(commit_and_die)
     store.write_intent(KEY, {"uri": "hf://org/repo", "refs": ["ref"], "blobs": []})
     recover(Store(store.root))
     again = store.open_ingest("ref", ident)
@@ -367,6 +356,7 @@ TestStoreMachine = StoreMachine.TestCase
 TestStoreMachine.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_a_consistent_store(store: Store) -> None:
     rng = random.Random(20261122)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -382,10 +372,8 @@ def test_sigkill_at_random_moments_leaves_a_consistent_store(store: Store) -> No
                     totals["ops"] += 1
                 time.sleep(rng.uniform(0, 0.02))  # land somewhere inside the next operations
                 assert child.poll() is None, child.stderr.read().decode()[-2000:]
-                child.send_signal(signal.SIGKILL)
             finally:
-                child.kill()
-                child.wait(10)
+                sigkill(child)
         assert child.returncode == -signal.SIGKILL
         fresh = Store(store.root)
         report = recover(fresh)

@@ -447,6 +447,7 @@ def _references(draw: st.DrawFn) -> str:
     return f"pvc://{claim}" + draw(st.one_of(st.just(""), _segs.map(lambda s: "/" + s)))
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(_references(), _globs)
 def test_round_trip_of_valid_references(uri: str, globs: list[str]) -> None:

@@ -29,6 +29,7 @@ from agent.store.recovery import recover
 from agent.store.segments import Segment
 from agent.store.trees import MANIFEST, WHITEOUT, FileEntry, Manifest, apply_whiteout, tree_id
 from common.errors import IntegrityError, Locked, StoreError, UnsafeName
+from tests.servers.crash import crash_in_child, killed_at, sigkill
 
 REPO = Path(agent.__file__).resolve().parents[1]
 KEY = "0123456789abcdef01234567"
@@ -453,8 +454,7 @@ def test_the_lock_holds_across_processes_and_dies_with_its_holder(store: Store) 
             with pytest.raises(Locked, match=f"locked since .* by pid {child.pid}"):
                 store.open_ingest("held", {"size": 1})
         finally:
-            child.kill()  # no unlock, no cleanup: the kernel drops the flock
-            child.wait(10)
+            sigkill(child)  # no unlock, no cleanup: the kernel drops the flock
     store.open_ingest("held", {"size": 1}).discard()
 
 
@@ -623,21 +623,16 @@ def test_a_new_revision_is_a_new_tree_and_the_old_one_stays(store: Store,
 
 
 def test_a_crash_while_publishing_a_revision_keeps_the_old_tree(
-        store: Store, put_blob: Put, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: Store, put_blob: Put) -> None:
     v1 = store.publish(manifest(_files(put_blob, {"a": b"one"})))
-    real = trees_module.Trees.write_manifest
+    v2 = manifest(_files(put_blob, {"a": b"two"}), revision="r2")
 
-    class Killed(BaseException):
-        pass
+    def publish_then_die() -> None:
+        # the process dies right after the first manifest write
+        killed_at(trees_module.Trees, "write_manifest", after=True)
+        store.publish(v2)
 
-    def write_then_die(self: trees_module.Trees, m: Manifest) -> None:
-        real(self, m)
-        raise Killed  # the process dies right after the first manifest write
-
-    monkeypatch.setattr(trees_module.Trees, "write_manifest", write_then_die)
-    with pytest.raises(Killed):
-        store.publish(manifest(_files(put_blob, {"a": b"two"}), revision="r2"))
-    monkeypatch.undo()
+    crash_in_child(publish_then_die)
     recover(Store(store.root))
     assert (store.models / KEY / v1.tree / "a").read_bytes() == b"one"
 
@@ -645,24 +640,15 @@ def test_a_crash_while_publishing_a_revision_keeps_the_old_tree(
 @pytest.mark.parametrize("step", ["remove_tree", "write_manifest"])
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_crash_while_dropping_an_old_tree_leaves_no_dangling_name(
-        store: Store, put_blob: Put, monkeypatch: pytest.MonkeyPatch, step: str,
-        when: str) -> None:
+        store: Store, put_blob: Put, step: str, when: str) -> None:
     v1 = store.publish(manifest(_files(put_blob, {"a": b"one"})))
     v2 = store.publish(manifest(_files(put_blob, {"a": b"two"}), revision="r2"))
-    real = getattr(trees_module.Trees, step)
 
-    class Killed(BaseException):
-        pass
-
-    def dying(self: trees_module.Trees, *args: object) -> None:
-        if when == "after":
-            real(self, *args)
-        raise Killed
-
-    monkeypatch.setattr(trees_module.Trees, step, dying)
-    with pytest.raises(Killed):
+    def drop_and_die() -> None:
+        killed_at(trees_module.Trees, step, after=when == "after")
         store.drop_tree(KEY, v1.tree)
-    monkeypatch.undo()
+
+    crash_in_child(drop_and_die)
     fresh = Store(store.root)
     recover(fresh)
     m = fresh.manifest(KEY)

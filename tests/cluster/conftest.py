@@ -1,5 +1,6 @@
 """Fixtures for the agent in a cluster: a fake apiserver per test, nodes, and agents running
-in this process (the composition root's own ``build_in_cluster`` and ``serve``) that pull
+in this process (the one harness, :class:`tests.servers.agent.InProcessAgent`, with a
+Kubernetes client: the composition root's own ``build_in_cluster`` and ``serve``) that pull
 from real servers on loopback."""
 
 from __future__ import annotations
@@ -7,16 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from agent.api.app import Deps
-from agent.cluster.controller import Controller
-from agent.main import build_in_cluster, serve
 from agent.settings import (
     AgentSettings,
     ApiSettings,
@@ -33,10 +31,10 @@ from tests.kubeapi.fixtures import (  # noqa: F401
     FAST,
     kube,
     kube_api,
-    no_leaked_tasks,
     raw_kube,
 )
 from tests.kubeapi.objects import node
+from tests.servers.agent import InProcessAgent
 
 AUDIENCE = "modelcache"
 
@@ -48,24 +46,6 @@ def api(kube_api: FakeKubeApi) -> FakeKubeApi:  # noqa: F811 (pytest injects it)
     return kube_api
 
 
-@dataclass
-class Agent:
-    """One node's agent, running in this process."""
-
-    node: str
-    deps: Deps
-    controller: Controller
-    url: str
-
-    @property
-    def index(self) -> Any:
-        return self.deps.index
-
-    async def call(self, method: str, path: str, token: str | None = None,
-                   body: Any = None) -> tuple[int, Any]:
-        return await call(self.url, method, path, token, body)
-
-
 async def call(url: str, method: str, path: str, token: str | None = None,
                body: Any = None) -> tuple[int, Any]:
     """One request to an agent's admin API: (status, JSON reply)."""
@@ -75,7 +55,7 @@ async def call(url: str, method: str, path: str, token: str | None = None,
         return resp.status, await resp.json(content_type=None)
 
 
-AgentFactory = Callable[..., contextlib.AbstractAsyncContextManager[Agent]]
+AgentFactory = Callable[..., contextlib.AbstractAsyncContextManager[InProcessAgent]]
 
 
 @pytest.fixture
@@ -86,7 +66,8 @@ def agent_factory(api: FakeKubeApi, tmp_path: Path) -> AgentFactory:
 
     @contextlib.asynccontextmanager
     async def start(name: str = "n1", hf_endpoint: str = "http://127.0.0.1:9",
-                    warm: tuple[WarmModel, ...] = (), **cluster: Any) -> AsyncIterator[Agent]:
+                    warm: tuple[WarmModel, ...] = (), **cluster: Any
+                    ) -> AsyncIterator[InProcessAgent]:
         settings = AgentSettings(
             node_name=name, standalone=False,
             store=StoreSettings(path=tmp_path / name / "store"),
@@ -97,29 +78,22 @@ def agent_factory(api: FakeKubeApi, tmp_path: Path) -> AgentFactory:
             cluster=replace(ClusterSettings(startup_jitter=0.0, pod_wait=1.0), **cluster),
         )
         kubeconfig = api.write_kubeconfig(tmp_path / f"{name}.kubeconfig", token=AGENT_TOKEN)
-        async with await connect(str(kubeconfig), FAST, instance=name) as kube_client:
-            deps, controller = await build_in_cluster(settings, kube_client)
-            stop, started = asyncio.Event(), asyncio.Event()
-            task = asyncio.create_task(serve(deps, stop, started, background=controller.run))
-            try:
-                async with asyncio.timeout(10):
-                    await started.wait()
-                yield Agent(name, deps, controller, f"http://{deps.state.address}")
-            finally:
-                stop.set()
-                await task
+        async with await connect(str(kubeconfig), FAST, instance=name) as kube_client, \
+                InProcessAgent(settings, kube=kube_client) as agent:
+            yield agent
 
     return start
 
 
 @pytest.fixture
-async def agent(agent_factory: AgentFactory) -> AsyncIterator[Agent]:
+async def agent(agent_factory: AgentFactory) -> AsyncIterator[InProcessAgent]:
     """The agent of node ``n1`` (labels ``pool=gpu``)."""
     async with agent_factory("n1") as a:
         yield a
 
 
-async def eventually(agent: Agent, predicate: Callable[[], bool], seconds: float = 10.0) -> None:
+async def eventually(agent: InProcessAgent, predicate: Callable[[], bool],
+                     seconds: float = 10.0) -> None:
     """Wait until ``predicate()`` holds, looking again at every change of the agent's index
     (pulls, pins, holders): no polling, no sleeping."""
     changed = asyncio.Event()

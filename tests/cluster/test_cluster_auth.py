@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from common.reference import parse
-from tests.cluster.conftest import AUDIENCE, Agent, AgentFactory, entry, eventually
+from tests.cluster.conftest import AUDIENCE, AgentFactory, entry, eventually
 from tests.cluster.test_cluster_warm import serve_model
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.objects import cached_model, namespace, pod, secret
+from tests.servers.agent import InProcessAgent
 from tests.servers.hfhub import HubServer
 from tests.servers.nginx import ServedDir
 
@@ -43,14 +44,14 @@ def user_token(api: FakeKubeApi, ns: str, sa: str) -> str:
     return token
 
 
-async def test_tokens_the_cluster_does_not_accept_get_401(api: FakeKubeApi, agent: Agent,
-                                                        nginx_dir: ServedDir):
+async def test_tokens_the_cluster_does_not_accept_get_401(
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
     uri = serve_model(nginx_dir)
     api.auth.add_service_account_token("api-audience-only", "default", "app")  # not ours
     for token in (None, "unknown-token", "api-audience-only"):
         for method, path, body in (("POST", MODELS, {"uri": uri}), ("GET", MODELS, None),
                                    ("DELETE", f"{MODELS}/{parse(uri).key}", None)):
-            status, reply = await agent.call(method, path, token, body)
+            status, reply = await agent.call(method, path, token=token, body=body)
             assert status == 401, (token, method, path, reply)
             assert "token" in reply["error"]
     assert agent.index.get(parse(uri).key) is None
@@ -59,70 +60,72 @@ async def test_tokens_the_cluster_does_not_accept_get_401(api: FakeKubeApi, agen
 
 
 async def test_an_init_container_token_may_ensure_its_own_model(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
     uri, other = serve_model(nginx_dir), serve_model(nginx_dir, "other.bin")
     ref = parse(uri, ["*.bin"])
     token = init_pod(api, "web-0", "team-b", uri, **{"modelcache.io/include": "*.bin"})
 
-    status, model = await agent.call("POST", MODELS, token, {"uri": uri, "include": ["*.bin"]})
+    status, model = await agent.call("POST", MODELS, {"uri": uri, "include": ["*.bin"]},
+                                     token=token)
     assert status == 202, model
     assert model["key"] == ref.key
-    status, reply = await agent.call("GET", f"{MODELS}/{ref.key}?wait=10", token)
+    status, reply = await agent.call("GET", f"{MODELS}/{ref.key}?wait=10", token=token)
     assert (status, reply["state"]) == (200, "ready")
     assert reply["in_use"]  # its pod holds it
-    assert (await agent.call("GET", MODELS, token))[0] == 200  # this node's pods may read
+    assert (await agent.call("GET", MODELS, token=token))[0] == 200  # this node's pods may read
 
     for body in ({"uri": other}, {"uri": uri},  # another model; the same without include
                  {"uri": uri, "include": ["*.bin"], "pin": True},
                  {"uri": uri, "include": ["*.bin"], "credentials": "someone-elses"}):
-        status, reply = await agent.call("POST", MODELS, token, body)
+        status, reply = await agent.call("POST", MODELS, token=token, body=body)
         assert status == 403, (body, reply)
         assert "pod team-b/web-0" in reply["error"]
-    status, _ = await agent.call("DELETE", f"{MODELS}/{ref.key}", token)
+    status, _ = await agent.call("DELETE", f"{MODELS}/{ref.key}", token=token)
     assert status == 403
     assert api.count("create", "tokenreviews") == 1  # accepted once, remembered
 
 
-async def test_a_pod_of_another_node_is_not_one_of_ours(api: FakeKubeApi, agent: Agent,
+@pytest.mark.slow
+async def test_a_pod_of_another_node_is_not_one_of_ours(api: FakeKubeApi, agent: InProcessAgent,
                                                        nginx_dir: ServedDir):
     uri = serve_model(nginx_dir)
     token = init_pod(api, "far", "team-b", uri, node_name="n2")
-    assert (await agent.call("POST", MODELS, token, {"uri": uri}))[0] == 403
-    assert (await agent.call("GET", MODELS, token))[0] == 403
+    assert (await agent.call("POST", MODELS, token=token, body={"uri": uri}))[0] == 403
+    assert (await agent.call("GET", MODELS, token=token))[0] == 403
     # a token bound to a pod this node does not run (deleted, or forged name)
     stale = "token-stale"
     api.auth.add_service_account_token(stale, "team-b", "default", audiences=[AUDIENCE],
                                        pod=("gone", "uid-gone"), node="n1")
-    assert (await agent.call("POST", MODELS, stale, {"uri": uri}))[0] == 403
+    assert (await agent.call("POST", MODELS, token=stale, body={"uri": uri}))[0] == 403
 
 
 async def test_other_callers_need_a_subject_access_review_grant(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
     uri = serve_model(nginx_dir)
     key = parse(uri).key
     token = user_token(api, "team-a", "ops")
     user = "system:serviceaccount:team-a:ops"
-    assert (await agent.call("POST", MODELS, token, {"uri": uri}))[0] == 403
-    assert (await agent.call("GET", MODELS, token))[0] == 403
+    assert (await agent.call("POST", MODELS, token=token, body={"uri": uri}))[0] == 403
+    assert (await agent.call("GET", MODELS, token=token))[0] == 403
 
     api.auth.allow(verbs=["create"], resources=["cachedmodels"], api_groups=["modelcache.io"],
                    users=[user], namespace="team-a")
-    status, model = await agent.call("POST", MODELS, token, {"uri": uri, "pin": True})
+    status, model = await agent.call("POST", MODELS, token=token, body={"uri": uri, "pin": True})
     assert status == 202 and model["pinned"]
-    assert (await agent.call("GET", MODELS, token))[0] == 403  # create is not list
-    assert (await agent.call("DELETE", f"{MODELS}/{key}?force=true", token))[0] == 403
+    assert (await agent.call("GET", MODELS, token=token))[0] == 403  # create is not list
+    assert (await agent.call("DELETE", f"{MODELS}/{key}?force=true", token=token))[0] == 403
 
     api.auth.allow(verbs=["list", "delete"], resources=["cachedmodels"],
                    api_groups=["modelcache.io"], users=[user])  # all namespaces
-    assert (await agent.call("GET", MODELS, token))[0] == 200
+    assert (await agent.call("GET", MODELS, token=token))[0] == 200
     await eventually(agent, lambda: agent.index.get(key).state != "pulling")
     # deleting CachedModels is not evicting from node caches
-    assert (await agent.call("DELETE", f"{MODELS}/{key}?force=true", token))[0] == 403
-    assert (await agent.call("POST", "/api/v1/gc", token))[0] == 403
+    assert (await agent.call("DELETE", f"{MODELS}/{key}?force=true", token=token))[0] == 403
+    assert (await agent.call("POST", "/api/v1/gc", token=token))[0] == 403
     api.auth.allow(verbs=["delete"], resources=["cachedmodels/cache"],
                    api_groups=["modelcache.io"], users=[user])
-    assert (await agent.call("DELETE", f"{MODELS}/{key}?force=true", token))[0] == 200
-    assert (await agent.call("POST", "/api/v1/gc", token))[0] == 200
+    assert (await agent.call("DELETE", f"{MODELS}/{key}?force=true", token=token))[0] == 200
+    assert (await agent.call("POST", "/api/v1/gc", token=token))[0] == 200
 
 
 @pytest.fixture
@@ -152,26 +155,26 @@ async def test_a_model_pulled_with_one_namespaces_credentials_is_checked_for_ano
 
         # team-b's pods: its own (wrong) credentials, or none: refused, 403
         b_creds = init_pod(api, "b1", "team-b", uri, **{"modelcache.io/credentials": "hf"})
-        status, reply = await agent.call("POST", MODELS, b_creds, {"uri": uri,
+        status, reply = await agent.call("POST", MODELS, token=b_creds, body={"uri": uri,
                                                                    "credentials": "hf"})
         assert status == 403, reply
         assert "another namespace's credentials" in reply["error"]
         assert "tok-" not in reply["error"]
         b_none = init_pod(api, "b2", "team-b", uri)
-        assert (await agent.call("POST", MODELS, b_none, {"uri": uri}))[0] == 403
+        assert (await agent.call("POST", MODELS, token=b_none, body={"uri": uri}))[0] == 403
         assert sharing.checks == checks + 2  # each asked the source
 
         # team-c's credentials work at the source: served, and the check is remembered
         c_creds = init_pod(api, "c1", "team-c", uri, **{"modelcache.io/credentials": "hf"})
         for _ in range(2):
-            status, reply = await agent.call("POST", MODELS, c_creds, {"uri": uri,
+            status, reply = await agent.call("POST", MODELS, token=c_creds, body={"uri": uri,
                                                                        "credentials": "hf"})
             assert (status, reply["state"]) == (202, "ready")
         assert sharing.checks == checks + 3
         # team-a pulled it: no check for its own pods
         a_pod = init_pod(api, "a1", "team-a", uri, **{"modelcache.io/credentials": "hf"})
-        assert (await agent.call("POST", MODELS, a_pod, {"uri": uri, "credentials": "hf"})
-                )[0] == 202
+        assert (await agent.call("POST", MODELS, {"uri": uri, "credentials": "hf"},
+                                 token=a_pod))[0] == 202
         assert sharing.checks == checks + 3
 
 
@@ -184,5 +187,5 @@ async def test_a_public_model_needs_no_check(api: FakeKubeApi, agent_factory: Ag
             await api.cluster.wait_until(lambda: entry(api, "public", "n1").get("state")
                                          == "ready")
         token = init_pod(api, "any", "team-z", uri)
-        assert (await agent.call("POST", MODELS, token, {"uri": uri}))[0] == 202
+        assert (await agent.call("POST", MODELS, token=token, body={"uri": uri}))[0] == 202
         assert agent.deps.puller.sharing.checks == 0

@@ -10,10 +10,11 @@ import pytest
 from agent.index import READY
 from common.errors import Conflict
 from common.reference import parse
-from tests.cluster.conftest import Agent, AgentFactory, entry, eventually, node_labels
+from tests.cluster.conftest import AgentFactory, entry, eventually, node_labels
 from tests.cluster.test_cluster_warm import serve_model
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.objects import cached_model, pod
+from tests.servers.agent import InProcessAgent
 from tests.servers.nginx import ServedDir
 
 CM = "cachedmodels"
@@ -25,7 +26,7 @@ def using(name: str, uri: str, node_name: str = "n1", namespace: str = "default"
 
 
 async def test_a_pod_using_a_model_keeps_it_until_the_pod_is_gone(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
     uri = serve_model(nginx_dir)
     key = parse(uri).key
     c = api.cluster
@@ -52,7 +53,7 @@ async def test_a_pod_using_a_model_keeps_it_until_the_pod_is_gone(
 
 
 async def test_finished_pods_release_and_injected_key_counts(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
     uri = serve_model(nginx_dir)
     ref = parse(uri, "*.bin")
     c = api.cluster
@@ -71,7 +72,7 @@ async def test_finished_pods_release_and_injected_key_counts(
 
 
 async def test_a_pod_that_names_a_model_before_it_is_pulled_holds_it_once_pulled(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
     uri = serve_model(nginx_dir)
     key = parse(uri).key
     c = api.cluster
@@ -83,14 +84,14 @@ async def test_a_pod_that_names_a_model_before_it_is_pulled_holds_it_once_pulled
     assert agent.index.get(key).in_use
 
 
-async def test_in_use_is_known_once_the_pods_are_listed(api: FakeKubeApi, agent: Agent):
+async def test_in_use_is_known_once_the_pods_are_listed(api: FakeKubeApi, agent: InProcessAgent):
     async with asyncio.timeout(10):
         await agent.controller.usage.known.wait()
     assert agent.controller.pods.synced.is_set()
 
 
 async def test_broken_watches_and_410_lose_no_change(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
     first, second = serve_model(nginx_dir, "first.bin"), serve_model(nginx_dir, "second.bin")
     k1, k2 = parse(first).key, parse(second).key
     c = api.cluster

@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from common.reference import parse
 from tests.cluster.conftest import call, entry, node_labels, reasons
 from tests.cluster.test_cluster_auth import init_pod
@@ -26,6 +28,7 @@ STALE = "modelcache.io/m-0123456789abcdef"
 TOKEN = "hf_do-not-log-me-7f3a9c"
 
 
+@pytest.mark.slow
 async def test_the_agent_process_in_a_cluster(api: FakeKubeApi, tmp_path: Path,
                                               nginx_dir: ServedDir):
     uri, other = serve_model(nginx_dir), serve_model(nginx_dir, "other.bin")

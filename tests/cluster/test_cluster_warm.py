@@ -8,9 +8,10 @@ import asyncio
 from agent.index import READY
 from agent.settings import WarmModel
 from common.reference import parse
-from tests.cluster.conftest import Agent, entry, eventually, node_labels, reasons
+from tests.cluster.conftest import entry, eventually, node_labels, reasons
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.objects import cached_model
+from tests.servers.agent import InProcessAgent
 from tests.servers.nginx import ServedDir
 
 CM = "cachedmodels"
@@ -22,7 +23,7 @@ def serve_model(served: ServedDir, name: str = "model.bin", size: int = 10_000) 
 
 
 async def test_cachedmodel_is_pulled_labelled_and_reported(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
     uri = serve_model(nginx_dir)
     ref = parse(uri)
     c = api.cluster
@@ -48,7 +49,7 @@ async def test_cachedmodel_is_pulled_labelled_and_reported(
 
 
 async def test_a_selector_that_does_not_match_is_ignored_until_the_node_matches(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
     here, there = serve_model(nginx_dir, "here.bin"), serve_model(nginx_dir, "there.bin")
     c = api.cluster
     c.create(CM, cached_model("cpu-only", there, nodeSelector={"pool": "cpu"}), "default")
@@ -69,7 +70,7 @@ async def test_a_selector_that_does_not_match_is_ignored_until_the_node_matches(
 
 
 async def test_deleted_cachedmodel_leaves_its_model_unpinned_and_evictable(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
     uri = serve_model(nginx_dir)
     key = parse(uri).key
     c = api.cluster
@@ -86,7 +87,7 @@ async def test_deleted_cachedmodel_leaves_its_model_unpinned_and_evictable(
 
 
 async def test_two_cachedmodels_one_model_pinned_while_any_pins(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
     uri = serve_model(nginx_dir)
     key = parse(uri).key
     c = api.cluster
@@ -125,7 +126,7 @@ async def test_pins_of_an_earlier_run_go_but_the_config_files_stay(
 
 
 async def test_invalid_uri_and_missing_secret_are_reported_failed(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
     uri = serve_model(nginx_dir)
     c = api.cluster
     c.create(CM, cached_model("bad", "hf://not a repo"), "default")
@@ -159,7 +160,7 @@ async def test_labels_follow_readiness_and_stale_ones_go_at_start(
     assert c.get("nodes", "n1")["metadata"]["labels"]["pool"] == "gpu"
 
 
-async def test_a_node_event_on_disk_pressure(api: FakeKubeApi, agent: Agent):
+async def test_a_node_event_on_disk_pressure(api: FakeKubeApi, agent: InProcessAgent):
     await agent.controller.pressure("store 91% used, above the high watermark 80%")
     [event] = api.cluster.events("n1")
     assert (event["reason"], event["type"]) == ("DiskPressure", "Warning")
@@ -167,7 +168,7 @@ async def test_a_node_event_on_disk_pressure(api: FakeKubeApi, agent: Agent):
 
 
 async def test_watermark_eviction_is_reported_on_the_cachedmodel_and_the_node(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
     """The real evictor, wired to the controller: a sweep forced by the watermarks evicts
     an unpinned model; its status and Event say why, and the Node gets a pressure Event."""
     uri = serve_model(nginx_dir)
@@ -190,7 +191,7 @@ async def test_watermark_eviction_is_reported_on_the_cachedmodel_and_the_node(
 
 
 async def test_node_and_cachedmodel_informers_start_from_nothing(api: FakeKubeApi,
-                                                                   agent: Agent):
+                                                                   agent: InProcessAgent):
     """Sanity: a node without CachedModels writes nothing at all."""
     await api.wait_for_watch("cachedmodels")
     await api.wait_for_watch("pods")

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.deploy.families import AGENT_METRICS, HISTOGRAMS, WEBHOOK_METRICS
@@ -48,6 +49,7 @@ def test_promtool_check_rules() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_promtool_test_rules() -> None:
     proc = promtool("test", "rules", str(RULES_TEST))
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -64,6 +64,7 @@ def writes(api: FakeKubeApi) -> int:
     return sum(1 for r in api.requests if r.verb in ("create", "update", "patch"))
 
 
+@pytest.mark.slow
 async def test_the_job_creates_the_secret_the_webhook_mounts_and_sets_the_ca_bundle(
     docs: list[dict[str, Any]], api: FakeKubeApi, tmp_path: Path
 ) -> None:

@@ -2,24 +2,21 @@
 
 ``tmpfs(size_mib)`` mounts a tmpfs of that size (root only; the test is skipped otherwise)
 and unmounts it at teardown: a real filesystem whose ENOSPC, statvfs and inode counts are
-the kernel's. ``agent_on(store, ...)`` runs a whole agent (``agent.main.build`` + ``serve``)
-in the test's event loop, with its admin API on a loopback port.
+the kernel's. ``agent_on(store, ...)`` runs a whole agent in the test's event loop (the one harness,
+:class:`tests.servers.agent.InProcessAgent`), with its admin API on a loopback port.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from agent.auth import TokenFileAuth
-from agent.main import build, serve
 from agent.settings import (
     AgentSettings,
     ApiSettings,
@@ -28,7 +25,8 @@ from agent.settings import (
     SourceSettings,
     StoreSettings,
 )
-from tests.evict.helpers import TOKEN, Agent
+from tests.evict.helpers import TOKEN
+from tests.servers.agent import InProcessAgent
 
 
 @pytest.fixture
@@ -57,15 +55,16 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
 
 
 @pytest.fixture
-async def agent_on(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """``await agent_on(store_dir, high=..., low=..., quota=..., ...)``: a running agent."""
-    running: list[Agent] = []
+def agent_on(tmp_path: Path, in_process_agent: Callable[..., Any]) -> Callable[..., Any]:
+    """``await agent_on(store_dir, high=..., low=..., quota=..., ...)``: a running agent with
+    those store limits (stopped at teardown)."""
 
     async def start(store: Path, *, high: float = 0.8, low: float = 0.7,
                     quota: int | None = None, min_free_inodes: float = 0.0,
                     interval: float = 3600.0, standalone: bool = True,
                     allow_paths: tuple[Path, ...] = (), max_files: int = 4,
-                    refresh_interval: float = 3600.0, hf_endpoint: str = "") -> Agent:
+                    refresh_interval: float = 3600.0, hf_endpoint: str = ""
+                    ) -> InProcessAgent:
         settings = AgentSettings(
             node_name="evict-test",
             standalone=standalone,
@@ -78,14 +77,8 @@ async def agent_on(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             api=ApiSettings(listen="127.0.0.1:0", token_file=tmp_path / "token"),
             sources=SourceSettings(hf_endpoint=hf_endpoint or SourceSettings.hf_endpoint),
         )
-        deps = await build(settings, auth=TokenFileAuth(TOKEN))
-        stop, started = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(serve(deps, stop, started))
-        await asyncio.wait_for(started.wait(), 10)
-        agent = Agent(deps, f"http://{deps.state.address}", aiohttp.ClientSession(), stop, task)
-        running.append(agent)
+        agent: InProcessAgent = await in_process_agent(settings, auth=TokenFileAuth(TOKEN),
+                                                       token=TOKEN)
         return agent
 
-    yield start
-    for agent in running:
-        await agent.close()
+    return start

@@ -1,4 +1,4 @@
-"""Helpers of the eviction tests: an agent handle, store checks, disk sampling."""
+"""Helpers of the eviction tests: store checks, disk sampling, served models."""
 
 from __future__ import annotations
 
@@ -10,13 +10,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import blake3
 
-from agent.api.app import Deps
-from agent.eviction.evictor import Evictor
 from agent.store.trees import MANIFEST, Manifest
 from common.reference import parse
 from tests.servers.faulty import FaultyServer
@@ -24,70 +20,6 @@ from tests.servers.faulty import FaultyServer
 TOKEN = "evict-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MiB = 1024 * 1024
-
-
-@dataclass
-class Agent:
-    """An agent running in the test's loop, and a client of its API."""
-
-    deps: Deps
-    url: str
-    session: aiohttp.ClientSession
-    stop: asyncio.Event
-    task: asyncio.Task[None]
-    closed: bool = False
-
-    @property
-    def evictor(self) -> Evictor:
-        return self.deps.evictor
-
-    @property
-    def store_root(self) -> Path:
-        return self.deps.store.root
-
-    async def call(self, method: str, path: str, body: Any = None,
-                   auth: bool = True) -> tuple[int, Any]:
-        async with self.session.request(method, self.url + path, json=body,
-                                        headers=AUTH if auth else {}) as resp:
-            return resp.status, await resp.json(content_type=None)
-
-    async def pull(self, uri: str, *, pin: bool = False, wait: float = 30) -> dict[str, Any]:
-        """Ensure a model and wait until it is ready or failed."""
-        status, model = await self.call("POST", "/api/v1/models",
-                                        {"uri": uri, **({"pin": True} if pin else {})})
-        assert status == 202, model
-        return await self.wait(model["key"], wait)
-
-    async def wait(self, key: str, wait: float = 30) -> dict[str, Any]:
-        status, model = await self.call("GET", f"/api/v1/models/{key}?wait={wait}")
-        assert status == 200, model
-        return dict(model)
-
-    async def keys(self) -> set[str]:
-        status, body = await self.call("GET", "/api/v1/models")
-        assert status == 200
-        return {m["key"] for m in body["models"]}
-
-    async def lease(self, key: str, owner: str, ttl: float = 3600) -> tuple[int, Any]:
-        return await self.call("POST", f"/api/v1/models/{key}/leases",
-                               {"owner": owner, "ttl_seconds": ttl})
-
-    async def metric(self, name: str, **labels: str) -> float:
-        async with self.session.get(self.url + "/metrics") as resp:
-            text = await resp.text()
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            if line.startswith(f"{name}{{{want}}} ") or (not labels and
-                                                         line.startswith(f"{name} ")):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    async def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.stop.set()
-            await self.task
-            await self.session.close()
 
 
 def key_of(uri: str) -> str:
@@ -182,6 +114,12 @@ class DiskWatch:
         self._stop.set()
         assert self._thread is not None
         self._thread.join()
+
+
+def waiting_on(event: asyncio.Event) -> int:
+    """How many tasks are parked on ``event`` now (asyncio keeps its waiters' futures in
+    ``_waiters``): such a task cannot move on until the event is set."""
+    return sum(1 for waiter in event._waiters if not waiter.done())  # type: ignore[attr-defined]
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -87,8 +87,8 @@ async def test_lease_writes_need_the_token_and_a_known_model(
     await agent.pull(uri)
     body = {"owner": "x", "ttl_seconds": 10}
     path = f"/api/v1/models/{key_of(uri)}/leases"
-    assert (await agent.call("POST", path, body, auth=False))[0] == 401
-    assert (await agent.call("DELETE", path + "/x", auth=False))[0] == 401
+    assert (await agent.call("POST", path, body, token=None))[0] == 401
+    assert (await agent.call("DELETE", path + "/x", token=None))[0] == 401
     assert (await agent.call("POST", "/api/v1/models/" + "0" * 24 + "/leases", body))[0] == 404
 
 

@@ -9,7 +9,6 @@ then be complete or invisible; after a restart the agent's index and the disk mu
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ def start_agent(store: Path, tmp: Path, name: str, *flags: str) -> tuple[Managed
     return proc, f"http://127.0.0.1:{port}"
 
 
+@pytest.mark.slow
 def test_sigkill_during_eviction_leaves_every_model_complete_or_invisible(
         tmpfs: Callable[..., Path], tmp_path: Path) -> None:
     fs = tmpfs(256)
@@ -54,7 +54,7 @@ def test_sigkill_during_eviction_leaves_every_model_complete_or_invisible(
         while '"msg": "evicted model"' not in proc.log_tail(20_000):
             assert proc.alive() and time.monotonic() < deadline, proc.log_tail()
             time.sleep(0.001)
-        os.kill(proc.pid, signal.SIGKILL)
+        proc.kill()
     finally:
         proc.stop()
     evicted = proc.log_tail(10_000_000).count('"msg": "evicted model"')

@@ -30,22 +30,17 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from agent.egress import Egress
+from agent.auth import TokenFileAuth
 from agent.eviction.evictor import Evictor
 from agent.eviction.leases import Leases
-from agent.eviction.ledger import Ledger
-from agent.eviction.reservations import Reservations
-from agent.eviction.usage import Usage
-from agent.fetch.engine import Fetcher
 from agent.index import READY, Index
 from agent.pull.puller import Puller
 from agent.settings import AgentSettings, EgressSettings, FetchSettings, StoreSettings
-from agent.sources.file import FileSource
 from agent.store.local import Store
-from agent.store.recovery import recover
 from common.errors import Conflict, NotFound
 from common.reference import parse
 from tests.evict.helpers import blob_digests, visible_models
+from tests.servers.agent import InProcessAgent
 
 pytestmark = pytest.mark.timeout(300)
 MODELS = 6
@@ -67,34 +62,42 @@ def make_sources(root: Path) -> list[str]:
 
 
 class Core:
-    """The agent's core on one store, as ``agent.main.build`` wires it (no HTTP)."""
+    """The agent's core on one store: the composition root's agent, not served (the one
+    harness, :class:`~tests.servers.agent.InProcessAgent`); orphans are collected at once."""
 
     def __init__(self, root: Path, seed: Path) -> None:
         self.settings = AgentSettings(
             store=StoreSettings(path=root, high_watermark=0.99, low_watermark=0.98),
             egress=EgressSettings(allow_paths=(seed,)), fetch=FetchSettings(max_files=2))
-        self.store = Store(root)
-        recover(self.store)
-        self.index = Index()
-        egress = Egress(self.settings.egress)
-        self.fetcher = Fetcher(self.store, egress, self.settings.fetch)
-        usage, ledger = Usage(self.index), Ledger(self.store, self.index)
-        self.leases = Leases(self.store.leases_file, self.store.tmp, self.index, usage)
-        self.evictor = Evictor(self.store, self.index, self.settings.store, usage, ledger,
-                               self.leases, orphan_grace=0.0)
-        self.puller = Puller(store=self.store, fetcher=self.fetcher,
-                             sources={"file": FileSource(egress)}, index=self.index,
-                             egress=egress, settings=self.settings,
-                             reserver=Reservations(self.evictor, ledger))
+        self.agent = InProcessAgent(self.settings, auth=TokenFileAuth("props-token-0123456"),
+                                    serve=False)
 
     async def start(self) -> None:
-        await self.leases.load()
-        self.puller.load()
-        self.evictor.in_use_known.set()
+        await self.agent.start()
+        self.evictor.orphan_grace = 0.0
 
     async def stop(self) -> None:
-        await self.puller.stop()
-        await self.fetcher.close()
+        await self.agent.close()
+
+    @property
+    def store(self) -> Store:
+        return self.agent.deps.store  # type: ignore[no-any-return]
+
+    @property
+    def index(self) -> Index:
+        return self.agent.index  # type: ignore[no-any-return]
+
+    @property
+    def evictor(self) -> Evictor:
+        return self.agent.evictor  # type: ignore[no-any-return]
+
+    @property
+    def puller(self) -> Puller:
+        return self.agent.deps.puller  # type: ignore[no-any-return]
+
+    @property
+    def leases(self) -> Leases:
+        return self.agent.deps.leases  # type: ignore[no-any-return]
 
 
 class EvictionMachine(RuleBasedStateMachine):
@@ -220,6 +223,7 @@ class EvictionMachine(RuleBasedStateMachine):
         assert needed <= set(on_disk)
 
 
+@pytest.mark.slow
 def test_eviction_invariants(tmpfs: Callable[..., Path]) -> None:
     fs = tmpfs(64)
     uris = make_sources(fs / "seed")

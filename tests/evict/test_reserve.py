@@ -20,6 +20,7 @@ from tests.evict.helpers import (
     until,
     verify_blobs,
     visible_models,
+    waiting_on,
 )
 from tests.servers.faulty import Fault, FaultyServer
 
@@ -123,8 +124,10 @@ async def test_no_eviction_until_in_use_is_known(
     agent.evictor.set_limits(quota_bytes=15 * MiB)
     assert await agent.evictor.check() == 0  # over the quota, but in-use is not known
 
+    known = agent.evictor.in_use_known
+    parked = waiting_on(known)  # the evictor's own loop waits for it too
     status, model = await agent.call("POST", "/api/v1/models", {"uri": uris["C"]})
-    await asyncio.sleep(0.3)
+    await until(lambda: waiting_on(known) > parked)  # the pull's reservation waits to evict
     assert agent.deps.index.get(model["key"]).state == "pulling"  # waits to evict
     assert faulty.gets("/C.bin") == []
     agent.evictor.set_limits(quota_bytes=20 * MiB)

@@ -6,7 +6,7 @@ import pytest
 from kubernetes_asyncio import client as k8s
 
 from tests.kubeapi import FakeKubeApi
-from tests.kubeapi.fixtures import kube, kube_api, no_leaked_tasks, raw_kube  # noqa: F401
+from tests.kubeapi.fixtures import kube, kube_api, raw_kube  # noqa: F401
 
 
 @pytest.fixture

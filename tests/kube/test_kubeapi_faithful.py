@@ -228,6 +228,7 @@ async def test_watch_from_resource_version_replays_and_follows_selectors(
     assert events[2]["object"].metadata.resource_version == str(api.cluster.rv)
 
 
+@pytest.mark.slow
 async def test_watch_ends_at_timeout_seconds(api: FakeKubeApi, raw: k8s.ApiClient):
     v1 = k8s.CoreV1Api(raw)
     loop = asyncio.get_running_loop()
@@ -255,6 +256,7 @@ async def test_bookmarks_carry_the_current_resource_version(api: FakeKubeApi, ra
     assert w.resource_version == str(api.cluster.rv)
 
 
+@pytest.mark.slow
 async def test_bookmark_sent_before_a_watch_times_out(api: FakeKubeApi, raw: k8s.ApiClient):
     v1 = k8s.CoreV1Api(raw)
     async with k8s_watch.Watch() as w:
@@ -307,6 +309,7 @@ async def test_too_old_resource_version_is_410_in_the_stream(api: FakeKubeApi, r
     assert e.value.status == 410
 
 
+@pytest.mark.slow
 async def test_expire_next_watch_hook(api: FakeKubeApi, raw: k8s.ApiClient):
     api.cluster.expire_next_watch()
     v1 = k8s.CoreV1Api(raw)

@@ -31,20 +31,6 @@ AGENT_USER = f"system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SA}"
 FAST = KubeSettings(backoff_base=0.01, backoff_max=0.05, request_timeout=5.0)
 
 
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    """Fail a test that leaves tasks running behind it (in every test module or conftest
-    that imports it)."""
-    before = asyncio.all_tasks()
-    yield
-    await asyncio.sleep(0)
-    leaked = [t for t in asyncio.all_tasks() - before
-              if t is not asyncio.current_task() and not t.done()]
-    for t in leaked:
-        t.cancel()
-    assert not leaked, f"tasks leaked: {leaked}"
-
-
 @pytest.fixture
 async def kube_api() -> AsyncIterator[FakeKubeApi]:
     async with FakeKubeApi() as server:

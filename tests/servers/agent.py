@@ -1,6 +1,7 @@
-"""A real modelcache agent process (``python -m agent agent --standalone``) for tests.
+"""The modelcache agent for tests: a real process (:class:`AgentProcess`, ``python -m agent
+agent --standalone``) or the one in-process harness (:class:`InProcessAgent`).
 
-Started on a free loopback port with its store under the test's directory; ready when
+The process is started on a free loopback port with its store under the test's directory; ready when
 ``/readyz`` answers 200; stopped by SIGTERM (graceful) or killed with SIGKILL (crash tests)
 and restarted on the same store. It inherits no source settings from the environment the
 tests run in (``HF_*``, ``AWS_*``, ``MODEL_REGISTRY*``, proxies): only those it is given.
@@ -8,14 +9,16 @@ tests run in (``HF_*``, ``AWS_*``, ``MODEL_REGISTRY*``, proxies): only those it 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import aiohttp
 
 from tests.servers.net import fetch, free_port
 from tests.servers.proc import ManagedProcess, with_hosts
@@ -99,9 +102,8 @@ class AgentProcess:
 
     def kill(self) -> None:
         """SIGKILL: a crash, no chance to checkpoint or clean up."""
-        assert self.proc is not None and self.proc.popen is not None
-        self.proc.popen.send_signal(signal.SIGKILL)
-        self.proc.popen.wait()
+        assert self.proc is not None
+        self.proc.kill()
 
     def log(self) -> str:
         return self.proc.log_tail(20000) if self.proc is not None else ""
@@ -130,50 +132,167 @@ class AgentProcess:
         return dict(body)
 
 
-class InProcessAgent:
-    """An agent built by ``agent.main.build`` and served on the running loop.
+class _Own:
+    """The agent's own token (the default of :meth:`InProcessAgent.call`)."""
 
-    ``async with InProcessAgent(settings) as agent:`` gives ``agent.deps`` (store, index,
-    puller, metrics...), ``agent.url`` and ``agent.client()``.
+
+OWN = _Own()
+
+
+class InProcessAgent:
+    """The one in-process agent of the tests: built by the composition root in the test's
+    event loop (``agent.main.build``, or ``build_in_cluster`` when given a Kubernetes
+    client) and, unless ``serve=False``, served as ``agent.main.serve`` serves it, its
+    admin API on a loopback port (the cluster controller running beside it).
+
+    ``async with InProcessAgent(settings) as agent:`` (or ``await agent.start()`` ...
+    ``await agent.close()``) gives ``agent.deps`` (store, index, puller, evictor...),
+    ``agent.controller`` (cluster mode), ``agent.url``, ``agent.call(...)`` and
+    ``agent.client()``. ``auth`` replaces the token file (``TokenFileAuth(token)``: pass
+    ``token`` too, for the calls); ``kube`` makes it a cluster node's agent, whose callers
+    present their own tokens.
     """
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, *, auth: Any = None, token: str | None = None,
+                 kube: Any = None, serve: bool = True) -> None:
         self.settings = settings
+        self.auth = auth
+        self.kube = kube
+        self.serves = serve
+        self._token = token
         self.deps: Any = None
-        self._stop: Any = None
-        self._task: Any = None
+        self.controller: Any = None
+        self._stop: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
-    async def __aenter__(self) -> InProcessAgent:
-        import asyncio
+    async def start(self) -> InProcessAgent:
+        from agent.main import build, build_in_cluster, serve
 
-        from agent.main import build, serve
-
-        self.deps = await build(self.settings)
+        if self.kube is not None:
+            self.deps, self.controller = await build_in_cluster(self.settings, self.kube)
+        else:
+            self.deps = await build(self.settings, auth=self.auth)
+        if not self.serves:
+            return self
         self._stop, started = asyncio.Event(), asyncio.Event()
-        self._task = asyncio.create_task(serve(self.deps, self._stop, started))
+        background = self.controller.run if self.controller is not None else None
+        self._task = asyncio.create_task(serve(self.deps, self._stop, started,
+                                               background=background), name="agent")
         waiter = asyncio.create_task(started.wait())
-        done, _ = await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
-        if self._task in done:
+        done, _ = await asyncio.wait({waiter, self._task}, timeout=10,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
             waiter.cancel()
-            self._task.result()
+            await self.close()
+            raise RuntimeError("the agent did not start serving in 10 s")
         return self
 
+    async def close(self) -> None:
+        """Shut down as SIGTERM does (once): stop serving, stop the pulls, close clients."""
+        if self._closed or self.deps is None:
+            return
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+        if self._task is not None:
+            assert self._stop is not None
+            self._stop.set()
+            await self._task
+            return
+        await self.deps.puller.stop()  # never served: what serve() would close at its end
+        await self.deps.puller.fetcher.close()
+        for source in {id(s): s for s in self.deps.puller.sources.values()}.values():
+            await source.close()
+
+    async def __aenter__(self) -> InProcessAgent:
+        return await self.start()
+
     async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        await self._task
+        await self.close()
+
+    # --- what the tests look at ------------------------------------------------------------
+
+    @property
+    def node(self) -> str:
+        return str(self.settings.node_name)
+
+    @property
+    def index(self) -> Any:
+        return self.deps.index
+
+    @property
+    def evictor(self) -> Any:
+        return self.deps.evictor
+
+    @property
+    def store_root(self) -> Path:
+        return Path(self.deps.store.root)
 
     @property
     def url(self) -> str:
         return f"http://{self.deps.state.address}"
 
     @property
-    def token(self) -> str:
-        return Path(self.settings.api.token_file).read_text().strip()
+    def token(self) -> str | None:
+        """The admin token (standalone): the one given, else the token file's."""
+        if self._token is None and self.kube is None and self.settings.api.token_file:
+            self._token = Path(self.settings.api.token_file).read_text().strip()
+        return self._token
 
     def client(self) -> Any:
         from agent.cli.client import AgentClient
 
         return AgentClient(self.url, self.token)
+
+    # --- the admin API ---------------------------------------------------------------------
+
+    async def call(self, method: str, path: str, body: Any = None, *,
+                   token: str | _Own | None = OWN) -> tuple[int, Any]:
+        """One request to the admin API: (status, JSON reply). The agent's own token goes
+        with it unless ``token`` is given (``None``: no token at all)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        bearer = self.token if isinstance(token, _Own) else token
+        headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+        async with self._session.request(method, self.url + path, json=body,
+                                         headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def pull(self, uri: str, *, pin: bool = False, wait: float = 30) -> dict[str, Any]:
+        """Ensure a model through the API and wait until it is ready or failed."""
+        status, model = await self.call("POST", "/api/v1/models",
+                                        {"uri": uri, **({"pin": True} if pin else {})})
+        assert status == 202, model
+        return await self.wait(model["key"], wait)
+
+    async def wait(self, key: str, wait: float = 30) -> dict[str, Any]:
+        status, model = await self.call("GET", f"/api/v1/models/{key}?wait={wait}")
+        assert status == 200, model
+        return dict(model)
+
+    async def keys(self) -> set[str]:
+        status, body = await self.call("GET", "/api/v1/models")
+        assert status == 200
+        return {m["key"] for m in body["models"]}
+
+    async def lease(self, key: str, owner: str, ttl: float = 3600) -> tuple[int, Any]:
+        return await self.call("POST", f"/api/v1/models/{key}/leases",
+                               {"owner": owner, "ttl_seconds": ttl})
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """A sample of the agent's /metrics (0 when absent)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        async with self._session.get(self.url + "/metrics") as resp:
+            text = await resp.text()
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            if line.startswith(f"{name}{{{want}}} ") or (not labels and
+                                                         line.startswith(f"{name} ")):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
 
 def agent_settings(tmp: Path, **overrides: Any) -> Any:

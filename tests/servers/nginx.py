@@ -3,7 +3,9 @@
 Static files get ``Range`` (206), ``ETag`` and ``Last-Modified`` exactly as nginx does
 them; ``redirects`` adds exact-match locations answering a redirect to any URL (another
 loopback port, a link-local metadata address, ...) for redirect-policy tests. Optional
-TLS with a certificate from a ``trustme`` CA. The config, pid file, logs and temp dirs all
+TLS with a certificate from a ``trustme`` CA, and optional basic auth (``users``: nginx's own
+``auth_basic`` over an htpasswd file of salted SHA-1 entries, 401 without or with wrong
+credentials). The config, pid file, logs and temp dirs all
 live in a work directory; the process runs in the foreground (``daemon off``) and is
 stopped by PID.
 
@@ -13,7 +15,9 @@ stopped by PID.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -43,6 +47,7 @@ class NginxServer:
     workdir: Path
     ca: trustme.CA | None = None
     redirects: Mapping[str, str] = field(default_factory=dict)
+    users: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def scheme(self) -> str:
@@ -92,6 +97,7 @@ def _config(
     key: Path | None,
     redirects: Mapping[str, str],
     redirect_status: int,
+    htpasswd: Path | None,
 ) -> str:
     # running as root, workers would drop to "nobody" and could not read a 0700 tmp dir
     user = "user root root;" if os.geteuid() == 0 else ""
@@ -100,6 +106,7 @@ def _config(
     if cert is not None and key is not None:
         listen += " ssl"
         tls = f"ssl_certificate {cert};\n        ssl_certificate_key {key};"
+    auth = f'auth_basic "modelcache test"; auth_basic_user_file {htpasswd};' if htpasswd else ""
     locations = []
     for path, target in redirects.items():
         if not _SAFE_LOCATION.match(path) or not _SAFE_URL.match(target):
@@ -134,6 +141,7 @@ http {{
         listen {listen};
         server_name _;
         {tls}
+        {auth}
         root {root};
         etag on;
         autoindex off;
@@ -151,15 +159,22 @@ def start_nginx(
     tls: trustme.CA | None = None,
     redirects: Mapping[str, str] | None = None,
     redirect_status: int = 302,
+    users: Mapping[str, str] | None = None,
     host: str = LOOPBACK,
     attempts: int = 3,
 ) -> NginxServer:
     """Start nginx serving ``root``; its files (config, logs, pid) go under ``workdir``.
 
     ``redirects`` maps exact request paths to ``Location`` values. With ``tls`` the server
-    presents a certificate for 127.0.0.1 and localhost issued by that CA.
+    presents a certificate for 127.0.0.1 and localhost issued by that CA. With ``users``
+    (name -> password) every file needs basic auth.
     """
     workdir.mkdir(parents=True, exist_ok=True)
+    htpasswd = None
+    if users:
+        htpasswd = workdir / "htpasswd"
+        htpasswd.write_text("".join(f"{name}:{_ssha(password)}\n"
+                                    for name, password in users.items()))
     cert = key = None
     if tls is not None:
         leaf = tls.issue_cert(host, "localhost", "127.0.0.1")
@@ -183,6 +198,7 @@ def start_nginx(
                 key=key,
                 redirects=redirects or {},
                 redirect_status=redirect_status,
+                htpasswd=htpasswd.resolve() if htpasswd else None,
             )
         )
         proc = ManagedProcess(
@@ -204,8 +220,16 @@ def start_nginx(
             workdir=workdir,
             ca=tls,
             redirects=dict(redirects or {}),
+            users=dict(users or {}),
         )
     raise RuntimeError(f"nginx failed {attempts} times") from last
+
+
+def _ssha(password: str) -> str:
+    """An htpasswd entry nginx reads (RFC 2307 ``{SSHA}``: salted SHA-1)."""
+    salt = os.urandom(8)
+    digest = hashlib.sha1(password.encode() + salt, usedforsecurity=False).digest()
+    return "{SSHA}" + base64.b64encode(digest + salt).decode()
 
 
 @contextmanager

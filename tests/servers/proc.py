@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tests.servers.crash import sigkill
 from tests.servers.net import wait_until
 
 GRACE_SECONDS = 5.0
@@ -88,6 +89,11 @@ class ManagedProcess:
         except (RuntimeError, TimeoutError) as e:
             self.stop()
             raise RuntimeError(f"{e}\n{self.log_tail()}") from e
+
+    def kill(self) -> None:
+        """A crash: SIGKILL, no chance to checkpoint or clean up (:func:`crash.sigkill`)."""
+        assert self.popen is not None, "not started"
+        sigkill(self.popen)
 
     def stop(self, grace: float = GRACE_SECONDS) -> int | None:
         """SIGTERM, SIGKILL after ``grace`` seconds; returns the exit status."""

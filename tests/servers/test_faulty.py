@@ -71,6 +71,8 @@ async def test_short_body_then_resume_fetches_nothing_twice(faulty: FaultyServer
     assert got == 100_000
     status, _, rest = await get(faulty.url("/a.bin"), {"Range": f"bytes={got}-"})
     assert status == 206 and rest == data[got:]
+    await asyncio.to_thread(faulty.wait_for, lambda s: len(s.gets("/a.bin")) == 2
+                            and s.gets("/a.bin")[1].sent == len(data) - got)
     assert faulty.bytes_sent_twice("/a.bin") == 0
     assert faulty.spans("/a.bin") == [(0, 100_000), (100_000, 300_000)]
 

@@ -110,6 +110,7 @@ def test_snapshot_download_branch_and_commit_via_cdn(
     assert hub.log("info"), "a branch is resolved through /revision/"
 
 
+@pytest.mark.slow
 def test_private_repo_token_not_forwarded_to_cdn(
     hf_hub_factory: Callable[..., HubServer], tmp_path: Path
 ) -> None:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import pytest
+
 from tests.servers.modelregistry import ModelRegistryServer
 from tests.servers.net import fetch
 
@@ -52,6 +54,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_real_client_registers_and_reads_back(model_registry: ModelRegistryServer) -> None:
     host, port = model_registry.host_port.split(":")
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}

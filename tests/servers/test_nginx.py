@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -62,3 +63,20 @@ def test_tls_and_redirects(
     srv.stop()
     assert not srv.process.alive() and srv.process.popen is not None
     assert srv.process.popen.returncode == 0, "nginx exits cleanly on SIGTERM"
+
+
+def test_basic_auth_refuses_what_it_does_not_know(
+    nginx_factory: Callable[..., NginxServer], tmp_path: Path
+) -> None:
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "a.bin").write_bytes(b"private bytes")
+    srv = nginx_factory(root, users={"alice": "s3cret"})
+    assert srv.users == {"alice": "s3cret"}
+    assert fetch(srv.url("a.bin")).status == 401
+    wrong = "Basic " + base64.b64encode(b"alice:nope").decode()
+    assert fetch(srv.url("a.bin"), headers={"Authorization": wrong}).status == 401
+    right = {"Authorization": "Basic " + base64.b64encode(b"alice:s3cret").decode()}
+    assert fetch(srv.url("a.bin"), headers=right).body == b"private bytes"
+    ranged = fetch(srv.url("a.bin"), headers={**right, "Range": "bytes=8-"})
+    assert ranged.status == 206 and ranged.body == b"bytes"

@@ -37,6 +37,7 @@ def check_model(endpoint: S3Endpoint, prefix: str) -> None:
     assert part["Body"].read() == files[SHARD1][5:10]
 
 
+@pytest.mark.slow
 def test_moto(moto_s3: S3Endpoint) -> None:
     check_model(moto_s3, "llama/v1")
 
@@ -45,6 +46,7 @@ def test_moto_is_reset_between_tests(moto_s3: S3Endpoint) -> None:
     assert moto_s3.client().list_objects_v2(Bucket=moto_s3.bucket)["KeyCount"] == 0
 
 
+@pytest.mark.slow
 def test_seaweedfs_checks_signatures(seaweedfs: S3Endpoint, s3_prefix: str) -> None:
     check_model(seaweedfs, s3_prefix)
     with pytest.raises(botocore.exceptions.ClientError) as wrong_secret:

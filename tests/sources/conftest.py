@@ -1,5 +1,7 @@
-"""The agent's pull pipeline in-process (Store + Fetcher + Puller + every source), for the
-source tests: real servers on loopback, the real engine, nothing mocked.
+"""The agent's pull pipeline in-process, for the source tests: an agent built by the
+composition root (the one harness, :class:`tests.servers.agent.InProcessAgent`, not served:
+Store + Fetcher + Puller + Evictor + every source), real servers on loopback, the real
+engine, nothing mocked.
 
 ``pipeline(...)`` builds one with settings suited to small test models: tiny segments (so
 the parallel ranged reads really run), short backoffs, loopback allowed (127.0.0.1 for the
@@ -9,19 +11,14 @@ servers, 127.0.0.2 for the hub's CDN), and the source endpoints the test gives.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.egress import Egress
-from agent.eviction.evictor import Evictor
-from agent.eviction.leases import Leases
-from agent.eviction.ledger import Ledger
-from agent.eviction.reservations import Reservations
-from agent.eviction.usage import Usage
+from agent.auth import TokenFileAuth
 from agent.fetch.engine import Fetcher
 from agent.index import READY, Index, Model
 from agent.metrics import Metrics
@@ -34,10 +31,9 @@ from agent.settings import (
     StoreSettings,
 )
 from agent.sources.base import Source
-from agent.sources.catalog import build_sources
 from agent.store.local import Store
-from agent.store.recovery import recover
 from common.reference import parse
+from tests.servers.agent import InProcessAgent
 
 LOOPBACK_HOSTS = ("127.0.0.1", "127.0.0.2")
 TEST_FETCH = FetchSettings(
@@ -50,14 +46,35 @@ TEST_FETCH = FetchSettings(
 class Pipeline:
     """One agent's pull machinery on a store under the test's temporary directory."""
 
-    settings: AgentSettings
-    store: Store
-    egress: Egress
-    fetcher: Fetcher
-    sources: dict[str, Source]
-    puller: Puller
-    metrics: Metrics
-    index: Index = field(default_factory=Index)
+    agent: InProcessAgent
+
+    @property
+    def settings(self) -> AgentSettings:
+        return self.agent.settings  # type: ignore[no-any-return]
+
+    @property
+    def store(self) -> Store:
+        return self.agent.deps.store  # type: ignore[no-any-return]
+
+    @property
+    def puller(self) -> Puller:
+        return self.agent.deps.puller  # type: ignore[no-any-return]
+
+    @property
+    def fetcher(self) -> Fetcher:
+        return self.puller.fetcher
+
+    @property
+    def sources(self) -> dict[str, Source]:
+        return self.puller.sources
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.agent.deps.metrics  # type: ignore[no-any-return]
+
+    @property
+    def index(self) -> Index:
+        return self.agent.deps.index  # type: ignore[no-any-return]
 
     async def pull(self, uri: str, include: Iterable[str] | None = None, *,
                    credentials: Mapping[str, str] | None = None, pin: bool = False,
@@ -80,7 +97,7 @@ class Pipeline:
     def tree(self, model: Model) -> dict[str, bytes]:
         """The published tree's files, by relative path."""
         assert model.manifest is not None
-        return read_tree(self.store.models / model.key / model.manifest.tree)
+        return read_tree(self.store.tree_path(model.manifest))
 
     def pulled_bytes(self, scheme: str) -> float:
         """Bytes downloaded from sources of ``scheme`` so far (the metric)."""
@@ -88,12 +105,6 @@ class Pipeline:
 
     def blob_count(self) -> int:
         return sum(1 for _ in self.store.blobs)
-
-    async def close(self) -> None:
-        await self.puller.stop()
-        await self.fetcher.close()
-        for source in {id(s): s for s in self.sources.values()}.values():
-            await source.close()
 
 
 def read_tree(root: Path) -> dict[str, bytes]:
@@ -112,10 +123,9 @@ PipelineFactory = Callable[..., Any]
 
 
 @pytest.fixture
-async def pipeline(tmp_path: Path) -> AsyncIterator[PipelineFactory]:
+def pipeline(tmp_path: Path, in_process_agent: Callable[..., Any]) -> PipelineFactory:
     """``await pipeline(sources=SourceSettings(...), allow_hosts=..., refresh_interval=...,
     fetch=FetchSettings(...), store="name")``: a :class:`Pipeline`, closed at teardown."""
-    made: list[Pipeline] = []
 
     async def make(*, sources: SourceSettings | None = None,
                    allow_hosts: tuple[str, ...] = LOOPBACK_HOSTS,
@@ -127,26 +137,11 @@ async def pipeline(tmp_path: Path) -> AsyncIterator[PipelineFactory]:
             egress=replace(EgressSettings(), allow_hosts=allow_hosts, **egress),
             sources=sources or SourceSettings(),
         )
-        st = Store(settings.store.path)
-        recover(st)
-        eg = Egress(settings.egress)
-        fetcher = Fetcher(st, eg, settings.fetch, settings.archive)
-        srcs = build_sources(eg, settings)
-        index = Index()
-        metrics = Metrics(node="test-node")
-        usage, ledger = Usage(index), Ledger(st, index)
-        evictor = Evictor(st, index, settings.store, usage, ledger,
-                          Leases(st.leases_file, st.tmp, index, usage), metrics)
-        puller = Puller(store=st, fetcher=fetcher, sources=srcs, index=index, egress=eg,
-                        settings=settings, metrics=metrics,
-                        reserver=Reservations(evictor, ledger))
-        p = Pipeline(settings, st, eg, fetcher, srcs, puller, metrics, index)
-        made.append(p)
-        return p
+        agent = await in_process_agent(settings, auth=TokenFileAuth("pipeline-token-0123"),
+                                       serve=False)
+        return Pipeline(agent)
 
-    yield make
-    for p in made:
-        await p.close()
+    return make
 
 
 @pytest.fixture

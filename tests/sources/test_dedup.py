@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+import pytest
+
 from agent.settings import SourceSettings
 from tests.servers import oci
 from tests.servers.hfhub import HubServer
@@ -14,6 +16,7 @@ from tests.servers.s3 import S3Endpoint, upload_model
 from tests.sources.conftest import PipelineFactory
 
 
+@pytest.mark.slow
 async def test_a_shard_from_hf_is_not_downloaded_again_from_oci_or_s3(
     hf_hub: HubServer, oci_registry: Registry, oci_repo: str, moto_s3: S3Endpoint,
     pipeline: PipelineFactory, no_aws_env: None,

@@ -164,6 +164,7 @@ async def test_git_oid_of_a_file_is_recorded_and_malformed_ones_refused(
                                          "oid": "not-hex"})
 
 
+@pytest.mark.slow
 async def test_429_with_retry_after_is_waited_out(
     hf_hub: HubServer, pipeline: PipelineFactory
 ) -> None:
@@ -206,6 +207,7 @@ async def test_errors_quote_the_hub_and_never_the_token(
     assert "hf_secret" not in gated.error
 
 
+@pytest.mark.slow
 async def test_429_waits_for_the_ratelimit_window_to_reset(
     hf_hub: HubServer, pipeline: PipelineFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -303,6 +305,7 @@ async def test_next_page_link_to_another_host_is_refused(faulty: FaultyServer) -
         await source.close()
 
 
+@pytest.mark.slow
 async def test_real_agent_pulls_a_private_repo_through_its_admin_api(
     hf_hub_factory: Callable[..., HubServer], tmp_path: Path
 ) -> None:

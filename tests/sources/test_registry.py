@@ -76,6 +76,7 @@ async def test_default_host_and_an_s3_artifact(
     assert p.pulled_bytes("model-registry") == sum(len(v) for v in FILES.values())
 
 
+@pytest.mark.slow
 async def test_an_oci_artifact_registered_by_the_real_client(
     model_registry: ModelRegistryServer, oci_registry: Registry, oci_repo: str,
     pipeline: PipelineFactory, tmp_path: Path,

@@ -172,6 +172,7 @@ async def test_standard_chain_assumes_a_role_with_a_web_identity(
     assert "X-Amz-Security-Token=" in loc.url
 
 
+@pytest.mark.slow
 async def test_listing_pages_single_object_and_empty_prefix(
     moto_s3: S3Endpoint, pipeline: PipelineFactory, no_aws_env: None
 ) -> None:
@@ -262,6 +263,7 @@ async def test_addressing_styles(moto_s3: S3Endpoint, no_aws_env: None) -> None:
         await virtual.close()
 
 
+@pytest.mark.slow
 async def test_virtual_hosted_addressing_against_seaweedfs(
     seaweedfs: S3Endpoint, s3_prefix: str, tmp_path: Path
 ) -> None:
@@ -290,6 +292,7 @@ async def test_virtual_hosted_addressing_against_seaweedfs(
     assert "Signature" not in log and seaweedfs.secret_key not in log
 
 
+@pytest.mark.slow
 async def test_unsigned_when_no_credentials_exist(
     moto_s3: S3Endpoint, pipeline: PipelineFactory, no_aws_env: None
 ) -> None:
@@ -304,6 +307,7 @@ async def test_unsigned_when_no_credentials_exist(
     assert p.tree(model) == {"a.bin": b"public"}
 
 
+@pytest.mark.slow
 async def test_real_agent_uses_the_aws_environment(
     seaweedfs: S3Endpoint, s3_prefix: str, tmp_path: Path
 ) -> None:
