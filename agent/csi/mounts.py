@@ -67,7 +67,7 @@ def unescape(field: str) -> str:
 def parse_mountinfo(text: str) -> list[Mount]:
     """The mounts of a ``mountinfo`` text (proc(5)); lines that do not parse are skipped."""
     mounts = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): a name may hold \x1e, \x85...
         fields = line.split(" ")
         try:
             sep = fields.index("-", 6)

@@ -146,6 +146,7 @@ async def test_a_cold_model_is_published_after_retries_once_pulled(
     await kubelet.unpublish(published)
 
 
+@pytest.mark.slow
 async def test_sigkill_keeps_the_mounts_in_use_and_unpublish_works_after_restart(
         csi_agent: AgentProcess, kubelet: Kubelet, seed: Path):
     uri = f"file://{write_model(seed / 'demo', FILES)}"
@@ -171,6 +172,7 @@ async def test_sigkill_keeps_the_mounts_in_use_and_unpublish_works_after_restart
     assert status == 200, body
 
 
+@pytest.mark.slow
 async def test_a_record_without_its_mount_is_dropped_at_start(csi_agent: AgentProcess,
                                                               kubelet: Kubelet, seed: Path):
     """The crash came after the record and before the mount (or the mount went away)."""
