@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.csi import mounts
@@ -58,8 +59,8 @@ class CsiNode:
         self.records = Records(store.root)
         self.pods_dir = settings.kubelet_dir / "pods"
         self._locks: dict[str, _VolumeLock] = {}
-        self._first_attempt: dict[str, float] = {}
-        """Volume id -> when kubelet first asked to publish it (what the pod waited)."""
+        self._attempts: dict[str, _Attempts] = {}
+        """Publishes asked for and not done yet, by volume id."""
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -81,19 +82,16 @@ class CsiNode:
     # --- publish -------------------------------------------------------------------------
 
     async def publish(self, req: Publish) -> None:
-        first = req.volume_id not in self._first_attempt
-        if first:
-            self._remember_attempt(req.volume_id)
+        attempts = self._attempt(req.volume_id)
         pod = await self.access.authenticate(req.pod)
         async with self._volume(req.volume_id):
             if await self._already_published(req):
                 return
-            model = await self._ready(req, pod, count=first)
+            model = await self._ready(req, pod, attempts)
             admit(pod, model)
             await self._mount(req, pod, model)
-        started = self._first_attempt.pop(req.volume_id, None)
-        if started is not None:
-            self.metrics.csi_publish_wait.observe(time.monotonic() - started)
+        if self._attempts.pop(req.volume_id, None) is attempts:
+            self.metrics.csi_publish_wait.observe(time.monotonic() - attempts.started)
 
     async def _already_published(self, req: Publish) -> bool:
         """True if this very publish is in place; a record whose mount is gone is forgotten."""
@@ -114,14 +112,16 @@ class CsiNode:
                            "with other volume attributes")
         return True
 
-    async def _ready(self, req: Publish, pod: Pod, count: bool) -> Model:
+    async def _ready(self, req: Publish, pod: Pod, attempts: _Attempts) -> Model:
         """The model, ready, for the pod's namespace and credentials; or NotReady."""
         credentials = None
         if req.credentials is not None:
             credentials = await self.credentials.get(pod.namespace, req.credentials)
+        # one cache request per volume (a hit, or a miss), however often kubelet asks
         model = await self.puller.ensure(req.ref, credentials=credentials,
                                          credentials_name=req.credentials,
-                                         namespace=pod.namespace, count=count)
+                                         namespace=pod.namespace, count=not attempts.counted)
+        attempts.counted = True
         watch = Watch(model)
         if model.state == PULLING:
             model = await self.index.wait(model.key, self.settings.publish_wait) or model
@@ -170,7 +170,7 @@ class CsiNode:
                 self.usage.release(record.holder, record.key)
                 log.info("volume unpublished", extra={
                     "volume": req.volume_id, "key": record.key, "pod": record.pod})
-        self._first_attempt.pop(req.volume_id, None)
+        self._attempts.pop(req.volume_id, None)
         self._count()
 
     def _unmount(self, target: Path, ours: bool) -> None:
@@ -212,14 +212,27 @@ class CsiNode:
             if not entry.users:
                 del self._locks[volume_id]
 
-    def _remember_attempt(self, volume_id: str) -> None:
-        if len(self._first_attempt) >= MAX_ATTEMPTS_REMEMBERED:
-            oldest = min(self._first_attempt, key=self._first_attempt.__getitem__)
-            del self._first_attempt[oldest]
-        self._first_attempt[volume_id] = time.monotonic()
+    def _attempt(self, volume_id: str) -> _Attempts:
+        attempts = self._attempts.get(volume_id)
+        if attempts is None:
+            if len(self._attempts) >= MAX_ATTEMPTS_REMEMBERED:  # never published: forgotten
+                oldest = min(self._attempts, key=lambda v: self._attempts[v].started)
+                del self._attempts[oldest]
+            attempts = self._attempts[volume_id] = _Attempts(time.monotonic())
+        return attempts
 
     def _count(self) -> None:
         self.metrics.csi_volumes.set(len(self.records))
+
+
+@dataclass
+class _Attempts:
+    """kubelet's attempts at one publish so far."""
+
+    started: float
+    """When it first asked: what the pod waits is counted from there."""
+    counted: bool = False
+    """Whether the cache request (hit or miss) was counted."""
 
 
 class _VolumeLock:

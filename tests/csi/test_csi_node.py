@@ -73,6 +73,7 @@ async def test_a_warm_model_is_mounted_read_only_for_any_uid(csi_agent: AgentPro
     assert (status, body["in_use"]) == (200, True)
     assert metric(csi_agent, "modelcache_csi_volumes_published") == 1
     assert metric(csi_agent, 'modelcache_csi_publishes_total{outcome="ok"}') == 1
+    assert metric(csi_agent, 'modelcache_cache_requests_total{result="hit"}') == 1
     await kubelet.unpublish(published)
     assert not published.target.exists()
     status, body = csi_agent.call("GET", f"/api/v1/models/{model['key']}")
@@ -143,6 +144,9 @@ async def test_a_cold_model_is_published_after_retries_once_pulled(
     assert (published.target / "big.bin").read_bytes() == data
     assert metric(csi_agent, 'modelcache_csi_publishes_total{outcome="pending"}') >= 2
     assert metric(csi_agent, "modelcache_csi_publish_wait_seconds_count") == 1
+    # one cache request for the volume, however often kubelet asked
+    assert metric(csi_agent, 'modelcache_cache_requests_total{result="miss"}') == 1
+    assert metric(csi_agent, 'modelcache_cache_requests_total{result="hit"}') == 0
     await kubelet.unpublish(published)
 
 
