@@ -41,6 +41,7 @@ from agent.settings import (
     AgentSettings,
     ApiSettings,
     ClusterSettings,
+    CsiSettings,
     EgressSettings,
     FetchSettings,
     SourceSettings,
@@ -192,8 +193,19 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
         node_name=node, standalone=args.standalone,
         refresh_interval=float(cfg.get("refreshInterval", AgentSettings.refresh_interval)),
         store=store, fetch=fetch, egress=egress, api=api, warm=warm, sources=sources,
-        kube=kube, cluster=cluster,
+        kube=kube, cluster=cluster, csi=_csi(args),
     )
+
+
+def _csi(args: argparse.Namespace) -> CsiSettings:
+    endpoint = args.csi_endpoint
+    if endpoint is not None and not (endpoint.startswith("unix:///") and len(endpoint) > 8):
+        raise InvalidInput(f"--csi-endpoint {endpoint!r}: expected unix:///ABSOLUTE/PATH")
+    wait = CsiSettings.publish_wait if args.csi_publish_wait is None else args.csi_publish_wait
+    if not 0 <= wait <= 110:  # kubelet gives a NodePublishVolume two minutes
+        raise InvalidInput("--csi-publish-wait must be between 0 and 110 seconds")
+    return CsiSettings(endpoint=endpoint, publish_wait=wait,
+                       kubelet_dir=Path(args.csi_kubelet_dir or CsiSettings.kubelet_dir))
 
 
 def add_agent_flags(p: argparse.ArgumentParser) -> None:
@@ -223,6 +235,14 @@ def add_agent_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--startup-jitter", type=float, metavar="SECONDS",
                    help="cluster mode: the first pulls wait up to this long, a fraction "
                    "derived from the node name (default 30)")
+    p.add_argument("--csi-endpoint", metavar="unix:///PATH",
+                   help="serve the CSI node service (driver csi.modelcache.io) on this socket")
+    p.add_argument("--csi-publish-wait", type=float, metavar="SECONDS",
+                   help="CSI: how long a publish waits for a model being pulled before "
+                   "answering UNAVAILABLE with its progress (default 30)")
+    p.add_argument("--csi-kubelet-dir", metavar="DIR",
+                   help="CSI: kubelet's root directory; targets must be under DIR/pods "
+                   "(default /var/lib/kubelet)")
     p.add_argument("--high-watermark", type=float, help="start evicting at this used ratio")
     p.add_argument("--low-watermark", type=float, help="stop evicting at this used ratio")
     p.add_argument("--quota-bytes", type=int, help="cap on the cache's own bytes")

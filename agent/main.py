@@ -23,6 +23,8 @@ from agent.auth import Authenticator, TokenFileAuth
 from agent.cluster.auth import KubeAuth
 from agent.cluster.controller import Controller
 from agent.cluster.pods import PodDirectory
+from agent.csi.access import TokenReviewer
+from agent.csi.plugin import CsiPlugin
 from agent.egress import Egress
 from agent.eviction.evictor import Evictor
 from agent.eviction.leases import Leases
@@ -135,20 +137,37 @@ async def _refresh_loop(deps: Deps) -> None:
         deps.puller.refresh_due()
 
 
+def csi_plugin(deps: Deps, reviewer: TokenReviewer | None = None) -> CsiPlugin | None:
+    """The CSI node plugin, if ``--csi-endpoint`` asks for one (``reviewer``: the cluster's
+    TokenReview; None standalone)."""
+    if deps.settings.csi.endpoint is None:
+        return None
+    return CsiPlugin.create(deps.settings, store=deps.store, index=deps.index,
+                            puller=deps.puller, usage=deps.usage, credentials=deps.credentials,
+                            metrics=deps.metrics, reviewer=reviewer,
+                            ready=lambda: deps.state.ready and not deps.state.stopping)
+
+
 async def serve(deps: Deps, stop: asyncio.Event, started: asyncio.Event | None = None,
-                background: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
-    """Serve the admin API until ``stop`` is set, then shut down in order. ``background``
-    (the cluster controller) runs while the API serves and is stopped first."""
+                background: Callable[[], Coroutine[Any, Any, None]] | None = None,
+                csi: CsiPlugin | None = None) -> None:
+    """Serve the admin API (and the CSI node service) until ``stop`` is set, then shut down
+    in order. ``background`` (the cluster controller) runs while the API serves and is
+    stopped first."""
     app = make_app(deps)
     app.cleanup_ctx.append(_background)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=deps.settings.shutdown_grace)
+    if csi is not None:
+        await csi.recover()  # before the background work (eviction) starts
     await runner.setup()
     host, port = split_host_port(deps.settings.api.listen, 9400)
     site = web.TCPSite(runner, host, port)
     task: asyncio.Task[None] | None = None
     try:
         await site.start()
+        if csi is not None:
+            await csi.start()
         if background is not None:
             task = asyncio.create_task(background(), name="cluster")
         bound = runner.addresses[0]
@@ -165,6 +184,8 @@ async def serve(deps: Deps, stop: asyncio.Event, started: asyncio.Event | None =
     finally:
         deps.state.ready = False
         deps.state.stopping = True
+        if csi is not None:
+            await csi.stop(deps.settings.shutdown_grace / 2)
         if task is not None:
             task.cancel()
             try:
@@ -190,8 +211,8 @@ async def run(settings: AgentSettings, credentials_dir: Path | None = None) -> N
         loop.add_signal_handler(sig, stop.set)
     if settings.standalone:
         deps = await build(settings, credentials_dir=credentials_dir)
-        await serve(deps, stop)
+        await serve(deps, stop, csi=csi_plugin(deps))
         return
     async with await connect(None, settings.kube, instance=settings.node_name) as kube:
         deps, controller = await build_in_cluster(settings, kube)
-        await serve(deps, stop, background=controller.run)
+        await serve(deps, stop, background=controller.run, csi=csi_plugin(deps, kube))

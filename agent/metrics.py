@@ -18,6 +18,9 @@ MODEL_STATES = ("pulling", "ready", "failed")
 STORE_KINDS = ("used", "capacity", "cached", "dedup_saved", "reserved")
 SERVED_TO = ("pod", "peer")
 WATERMARK_LEVELS = ("high", "low")
+CSI_OUTCOMES = ("ok", "pending", "invalid", "denied", "error")
+
+PUBLISH_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 PULL_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
@@ -93,6 +96,24 @@ class Metrics:
             "Files not downloaded because identical content was already stored.",
             registry=r,
         )
+        self.csi_publishes = Counter(
+            "modelcache_csi_publishes_total",
+            "CSI NodePublishVolume calls, by outcome: ok (mounted), pending (the model is "
+            "not ready yet: UNAVAILABLE with its progress, kubelet asks again), invalid (a bad "
+            "request), denied (the pod was not authenticated or may not have the model), "
+            "error (anything else).",
+            ["outcome"], registry=r,
+        )
+        self.csi_publish_wait = Histogram(
+            "modelcache_csi_publish_wait_seconds",
+            "Time from a CSI volume's first NodePublishVolume to its mount, kubelet's "
+            "retries included: how long a pod waited for its model.",
+            buckets=PUBLISH_BUCKETS, registry=r,
+        )
+        self.csi_volumes = Gauge(
+            "modelcache_csi_volumes_published",
+            "CSI volumes published now (mounted, their models in use).", registry=r,
+        )
         for result in CACHE_RESULTS:
             self.cache_requests.labels(result=result)
         for state in MODEL_STATES:
@@ -103,6 +124,8 @@ class Metrics:
             self.store_watermark.labels(level=level)
         for to in SERVED_TO:
             self.served_bytes.labels(to=to)
+        for outcome in CSI_OUTCOMES:
+            self.csi_publishes.labels(outcome=outcome)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""

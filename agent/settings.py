@@ -237,6 +237,25 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class CsiSettings:
+    endpoint: str | None = None
+    """``unix:///PATH`` where the CSI node service listens (``--csi-endpoint``); None: the
+    agent is not a CSI node plugin."""
+
+    publish_wait: float = 30.0
+    """Seconds a NodePublishVolume waits for a model being pulled before it answers
+    ``UNAVAILABLE`` with the pull's progress (kubelet asks again, with backoff)."""
+
+    kubelet_dir: Path = Path("/var/lib/kubelet")
+    """kubelet's root directory: a target path must be under its ``pods/``."""
+
+    @property
+    def socket(self) -> Path | None:
+        """The unix socket's path, from the endpoint."""
+        return Path(self.endpoint[len("unix://"):]) if self.endpoint else None
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     node_name: str = "localhost"
     """The node this agent serves (standalone: the host name)."""
@@ -264,3 +283,6 @@ class AgentSettings:
 
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     """Cluster mode: CachedModels, pods, labels, status, admin API auth."""
+
+    csi: CsiSettings = field(default_factory=CsiSettings)
+    """The CSI node service (``--csi-endpoint``)."""

@@ -143,6 +143,13 @@ class Conflict(ModelcacheError):
     reason = "conflict"
 
 
+class NotReady(ModelcacheError):
+    """A model that is not ready yet (still being pulled, or its pull failed and runs again):
+    asking again later is the answer."""
+
+    reason = "not_ready"
+
+
 class ShuttingDown(ModelcacheError):
     """The agent is stopping and takes no new work."""
 

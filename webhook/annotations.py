@@ -46,7 +46,7 @@ MAX_VALUE_BYTES = 4096
 MAX_MOUNT_PATH = 512
 MAX_SIZE_BYTES = 2**62
 
-Mode = Literal["cache", "download"]
+Mode = Literal["csi", "cache", "download"]
 Fallback = Literal["source", "none"]
 Placement = Literal["prefer-warm", "require-warm"]
 
@@ -95,7 +95,8 @@ class ModelRequest:
     credentials: str | None = None
     fallback: Fallback = "source"
     mode: Mode | None = None
-    """None: not set, the planner chooses from the namespace's Pod Security level."""
+    """None: not set, the planner chooses (``csi`` where the driver is installed, else from
+    the namespace's Pod Security level)."""
     containers: tuple[str, ...] | None = None
     """None: every app container."""
     placement: Placement = "prefer-warm"
@@ -136,7 +137,7 @@ def read(annotations: Mapping[str, object], allow_hosts: tuple[str, ...] = ()) -
         mount_path=_mount_path(values.get(MOUNT_PATH)),
         credentials=_credentials(values.get(CREDENTIALS)),
         fallback=cast(Fallback, _choice(FALLBACK, values, ("source", "none")) or "source"),
-        mode=cast(Mode | None, _choice(MODE, values, ("cache", "download"))),
+        mode=cast(Mode | None, _choice(MODE, values, ("csi", "cache", "download"))),
         containers=_containers(values.get(CONTAINERS)),
         placement=cast(
             Placement, _choice(PLACEMENT, values, ("prefer-warm", "require-warm")) or "prefer-warm"

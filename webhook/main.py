@@ -85,6 +85,9 @@ def serve_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--image", default=DEFAULT_IMAGE, help="init container image (pinned)")
     p.add_argument("--namespace", default=env.get("POD_NAMESPACE") or DEFAULT_NAMESPACE,
                    help="the webhook's own namespace (never mutated)")
+    p.add_argument("--csi", action="store_true",
+                   help="the modelcache CSI driver (csi.modelcache.io) is installed: mode csi "
+                   "is allowed and is the default in every namespace")
     p.add_argument("--allow-host", action="append", default=[], metavar="HOST[:PORT]",
                    help="allow a model host that is localhost or a private address")
     p.add_argument("--init-env", action="append", default=[], metavar="NAME=VALUE",
@@ -120,7 +123,7 @@ def settings_from(args: argparse.Namespace) -> tuple[ServerSettings, PlanSetting
         namespace=args.namespace, shutdown_delay_seconds=args.shutdown_delay,
     )
     planning = PlanSettings(
-        store_path=store, agent_url=args.agent_url or agent_url_for(args.namespace),
+        csi=args.csi, store_path=store, agent_url=args.agent_url or agent_url_for(args.namespace),
         image=image, allow_hosts=tuple(args.allow_host),
         init_env=tuple(_init_env(item) for item in args.init_env),
         init_ca_pem=_init_ca_pem(args.init_ca_file) if args.init_ca_file else "",

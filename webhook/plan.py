@@ -1,8 +1,12 @@
 """The planner (step 3 of admission): a pod in, the pod as it should be out. Pure.
 
 No network call, no clock, no global state: the namespace's labels come in as data. The
-mechanism (issue 6, "Constraints"):
+mechanism (issue 6, "Constraints"; DESIGN.md, "Handing a model to a pod"):
 
+- ``csi``: a CSI ephemeral inline volume of driver ``csi.modelcache.io`` at the mount path,
+  read-only; the node's agent pulls the model (or finds it warm) and bind-mounts its tree
+  before the containers start. No init container, no hostPath: allowed by every Pod Security
+  level. Only where the driver is installed (``--csi``), and then the default everywhere.
 - ``cache``: the model's own store directory ``<store>/models/<key>`` is a read-only
   hostPath at a side path (``/var/run/modelcache/model``); the mount path is an emptyDir that
   the init container fills with symlinks into the side path (warm node or agent-pulled) or
@@ -51,6 +55,7 @@ TOKEN_DIR = "/var/run/secrets/modelcache"  # noqa: S105 - a path
 TOKEN_FILE = TOKEN_DIR + "/token"
 CREDENTIALS_DIR = "/var/run/modelcache/credentials"
 TOKEN_AUDIENCE = "modelcache"  # noqa: S105 - an audience
+CSI_DRIVER = "csi.modelcache.io"
 TOKEN_SECONDS = 3600
 #: the init container's /tmp (its root filesystem is read-only); downloads go to the mount
 TMP_SIZE = "256Mi"
@@ -70,7 +75,7 @@ class Plan:
     pod: JSON
     warnings: tuple[str, ...] = ()
     mode: str | None = None
-    """``cache``, ``download`` or ``pvc`` when the pod was mutated; None otherwise."""
+    """``csi``, ``cache``, ``download`` or ``pvc`` when the pod was mutated; None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,13 @@ def plan(
         request = read(annotations, settings.allow_hosts)
     except AnnotationError as e:
         return Denial(str(e), e.annotation)
-    mode = _mode(request, namespace_labels)
+    mode = _mode(request, namespace_labels, settings)
+    if mode == "csi" and not settings.csi:
+        return Denial(
+            f"annotation {MODE}: csi needs the modelcache CSI driver ({CSI_DRIVER}), and this "
+            "cluster's webhook runs without --csi (the driver is not installed)",
+            MODE,
+        )
     if _already_injected(request, mode, annotations, spec):
         return unchanged
     targets = _targets(request, containers, init_containers)
@@ -134,11 +145,14 @@ def plan(
 # --- decisions -----------------------------------------------------------------------------
 
 
-def _mode(request: ModelRequest, labels: Mapping[str, str] | None) -> str:
+def _mode(request: ModelRequest, labels: Mapping[str, str] | None,
+          settings: PlanSettings) -> str:
     if not request.reference.cached:
         return "pvc"
     if request.mode is not None:
         return request.mode
+    if settings.csi:
+        return "csi"  # allowed by every Pod Security level
     if labels is not None and labels.get(PSA_ENFORCE) in NO_HOSTPATH_LEVELS:
         return "download"
     return "cache"
@@ -174,7 +188,7 @@ def _already_injected(
     volumes = {v.get("name") for v in _list(spec.get("volumes")) if isinstance(v, dict)}
     if MODEL_VOLUME not in volumes:
         return False
-    if mode == "pvc":
+    if mode in ("pvc", "csi"):
         return True
     inits = [c.get("name") for c in _list(spec.get("initContainers")) if isinstance(c, dict)]
     return INIT_NAME in inits
@@ -255,9 +269,10 @@ def _build(
         for container in _list(spec.get(key)):
             if container.get("name") in target_names:
                 _extend(container, "volumeMounts", app_mounts)
-    if mode != "pvc":
+    if mode in ("cache", "download"):
         spec["initContainers"] = [_init_container(request, mode, settings),
                                   *_list(spec.get("initContainers"))]
+    if mode != "pvc":
         _add_affinity(spec, request)
     meta = _obj(out, "metadata")
     _obj(meta, "annotations")[INJECTED] = injected_value(request, mode)
@@ -270,6 +285,9 @@ def _volumes(request: ModelRequest, mode: str, settings: PlanSettings) -> list[J
     if mode == "pvc":
         claim: JSON = {"claimName": ref.host, "readOnly": True}
         return [{"name": MODEL_VOLUME, "persistentVolumeClaim": claim}]
+    if mode == "csi":
+        return [{"name": MODEL_VOLUME, "csi": {"driver": CSI_DRIVER, "readOnly": True,
+                                               "volumeAttributes": _attributes(request)}}]
     volumes: list[JSON] = []
     if mode == "cache":
         host_path = posixpath.join(settings.store_path, "models", ref.key)
@@ -292,6 +310,16 @@ def _volumes(request: ModelRequest, mode: str, settings: PlanSettings) -> list[J
             {"name": CREDENTIALS_VOLUME, "secret": {"secretName": request.credentials}}
         )
     return volumes
+
+
+def _attributes(request: ModelRequest) -> dict[str, str]:
+    """The CSI volume's attributes: what the agent needs to ensure the model for the pod."""
+    attributes = {"model": request.uri}
+    if request.reference.include:
+        attributes["include"] = ",".join(request.reference.include)
+    if request.credentials is not None:
+        attributes["credentials"] = request.credentials  # read in the pod's namespace
+    return attributes
 
 
 def _size_limit(request: ModelRequest, settings: PlanSettings) -> str | None:
@@ -399,6 +427,21 @@ def _warnings(
             if key in request.explicit:
                 warnings.append(f"{key} has no effect on a pvc:// model (the claim is mounted)")
         return warnings
+    if mode == "csi":
+        warnings += [f"{key} has no effect in mode csi (the node's agent pulls)"
+                     for key in (FALLBACK, SIZE) if key in request.explicit]
+    else:
+        warnings += _init_warnings(request, mode, namespace_labels)
+    if request.placement == "require-warm" and spec.get("nodeName"):
+        warnings.append("spec.nodeName is set: kubelet rejects the pod unless that node is warm")
+    return warnings
+
+
+def _init_warnings(
+    request: ModelRequest, mode: str, namespace_labels: Mapping[str, str] | None
+) -> list[str]:
+    """What to say about a pod whose init container provides the model."""
+    warnings = []
     if namespace_labels is None and request.mode is None:
         warnings.append(
             f"namespace labels unknown to the webhook: chose mode {mode} (set {MODE} to choose)"
@@ -414,8 +457,6 @@ def _warnings(
         )
     if request.reference.scheme == "file" and request.fallback == "source":
         warnings.append("file:// models come only from the node's agent: no fallback from source")
-    if request.placement == "require-warm" and spec.get("nodeName"):
-        warnings.append("spec.nodeName is set: kubelet rejects the pod unless that node is warm")
     return warnings
 
 

@@ -32,6 +32,10 @@ def agent_url_for(namespace: str) -> str:
 class PlanSettings:
     """What the pure planner needs to know about the cluster's modelcache installation."""
 
+    csi: bool = False
+    """The modelcache CSI driver (``csi.modelcache.io``) is installed on the nodes
+    (``--csi``): mode ``csi`` is allowed, and is the default in every namespace."""
+
     store_path: str = "/var/lib/modelcache"
     """The agent's store root on every node; ``<store>/models/<key>`` is mounted."""
 

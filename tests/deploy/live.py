@@ -8,6 +8,8 @@
   refuses (loopback is allowed only as 127.0.0.1): a real init container
   (``python -m agent init``) asks its node's agent, whose pull fails, falls back to the
   source itself and reports the fallback;
+- node-a's agent is also a CSI node plugin (``--csi-endpoint``): kubelet's publish of a warm
+  model for a pod (kept mounted, under the test's directory, until the end) and a bad one;
 - a real webhook process (``python -m webhook``) serving TLS with a certificate minted by
   ``modelcache webhook certs`` for the Service's DNS names, called by name the way the API
   server calls it, and sent AdmissionReviews built from the pods of ``deploy/examples``.
@@ -34,9 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jsonpatch
 import yaml
 
+from agent.csi import mounts
+from agent.csi.proto import csi_pb2 as pb
+from tests.csi.kubelet import Kubelet, Pod
 from tests.deploy import prom
 from tests.deploy.render import DEPLOY, ROOT
 from tests.servers.agent import AgentProcess
@@ -225,6 +231,32 @@ class Cluster:
         self.expected["pull_failures", node, "not_allowed"] += 1
         self.expected["cache_requests", node, "fallback"] += 1
 
+    def _publish(self, node: str, uri: str, model: dict[str, Any]) -> None:
+        """kubelet publishes a warm model for a new pod (and keeps it), then sends a request
+        without a model."""
+        root = self.workdir / node / "kubelet"
+        kubelet = Kubelet(self.workdir / node / "plugin" / "csi.sock", root)
+        pod = Pod(uid=str(uuid.uuid4()))
+        kubelet.volume_dir(pod, "model").mkdir(parents=True)
+        good = kubelet.publish_request(pod, "model", {"model": uri})
+        bad = kubelet.publish_request(pod, "other", {"include": "*.json"})
+        with grpc.insecure_channel(f"unix://{kubelet.socket}") as channel:
+            call = channel.unary_unary(
+                "/csi.v1.Node/NodePublishVolume",
+                request_serializer=pb.NodePublishVolumeRequest.SerializeToString,
+                response_deserializer=pb.NodePublishVolumeResponse.FromString)
+            call(good, timeout=30)
+            try:
+                call(bad, timeout=30)
+                raise AssertionError("a publish without a model was accepted")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+        assert (kubelet.target(pod, "model") / "config.json").is_file()
+        self.expected["csi_publishes", node, "ok"] += 1
+        self.expected["csi_publishes", node, "invalid"] += 1
+        self.expected["cache_requests", node, "hit"] += 1
+        self.expected["served_bytes", node, "pod"] += model["size_bytes"]
+
     def round(self) -> None:
         """One round of everything the dashboard shows."""
         self.rounds += 1
@@ -240,12 +272,13 @@ class Cluster:
                                                  "shared.safetensors": SHARED,
                                                  "second.safetensors": _weights(f"s{r}", 32 * KiB)})
         first_model = self._pull("node-a", first)
-        self._pull("node-a", second)
+        second_model = self._pull("node-a", second)
         # found stored by the digest the hub states: the second model's shard (sha256),
         # config.json and .gitattributes (git blob ids); from round 2 on, also the first
         # model's shard and .gitattributes, which the last round's second model still holds
         self.expected["dedup_hits", "node-a", ""] += 5 if r > 1 else 3
         self._hit("node-a", second)
+        self._publish("node-a", second, second_model)
         (shared,) = [f for f in first_model["files"] if f["path"] == "shared.safetensors"]
         status, _ = a.call("GET", f"/api/v1/blobs/{shared['blake3']}")
         assert status == 200
@@ -292,11 +325,27 @@ class Cluster:
             self.expected["admissions", "", wanted] += 1
 
 
+CSI_NODE = "node-a"
+
+
+def csi_flags(node_dir: Path) -> list[str]:
+    (node_dir / "kubelet" / "pods").mkdir(parents=True)
+    return ["--csi-endpoint", f"unix://{node_dir}/plugin/csi.sock",
+            "--csi-kubelet-dir", str(node_dir / "kubelet")]
+
+
+def unmount_under(root: Path) -> None:
+    for m in reversed(mounts.mount_table()):
+        if m.mount_point.startswith(f"{root}/"):
+            mounts.unmount(Path(m.mount_point))
+
+
 @contextlib.contextmanager
 def cluster(workdir: Path) -> Iterator[Cluster]:
     """The hub, two agents and the webhook, started; everything stopped on exit."""
     with hub_server() as hub, faulty_server("127.0.0.2") as outside, \
             contextlib.ExitStack() as stack:
+        stack.callback(unmount_under, workdir)  # the last step: every publish kept
         agents = {}
         for node in NODES:
             high, low = WATERMARKS[node]
@@ -304,7 +353,8 @@ def cluster(workdir: Path) -> Iterator[Cluster]:
                 workdir / node / "store", log_dir=workdir / node, name=node,
                 env={"HF_ENDPOINT": hub.base_url, "HF_HUB_DISABLE_XET": "1"},
                 extra_args=["--node-name", node, "--high-watermark", str(high),
-                            "--low-watermark", str(low), "--log-level", "info"])
+                            "--low-watermark", str(low), "--log-level", "info",
+                            *(csi_flags(workdir / node) if node == CSI_NODE else [])])
             stack.callback(agent.stop)
             agents[node] = agent.start()
         webhook = Webhook(workdir / "webhook")

@@ -18,18 +18,24 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 MONITORING = DEPLOY / "components" / "monitoring"
+CSI = DEPLOY / "components" / "csi"
 
-#: what an operator can apply: name -> (kustomization dir, with the monitoring component?)
-RENDERS: dict[str, tuple[Path, bool]] = {
-    "base": (DEPLOY / "base", False),
-    "cert-manager": (DEPLOY / "overlays" / "cert-manager", False),
-    "self-signed": (DEPLOY / "overlays" / "self-signed", False),
-    "cert-manager+monitoring": (DEPLOY / "overlays" / "cert-manager", True),
-    "self-signed+monitoring": (DEPLOY / "overlays" / "self-signed", True),
-    "kind": (DEPLOY / "examples" / "kind", False),
+#: what an operator can apply: name -> (kustomization dir, the components added to it)
+RENDERS: dict[str, tuple[Path, tuple[Path, ...]]] = {
+    "base": (DEPLOY / "base", ()),
+    "cert-manager": (DEPLOY / "overlays" / "cert-manager", ()),
+    "self-signed": (DEPLOY / "overlays" / "self-signed", ()),
+    "cert-manager+monitoring": (DEPLOY / "overlays" / "cert-manager", (MONITORING,)),
+    "self-signed+monitoring": (DEPLOY / "overlays" / "self-signed", (MONITORING,)),
+    "cert-manager+csi": (DEPLOY / "overlays" / "cert-manager", (CSI,)),
+    "self-signed+csi+monitoring": (DEPLOY / "overlays" / "self-signed", (CSI, MONITORING)),
+    "kind": (DEPLOY / "examples" / "kind", ()),
 }
 #: the renders a cluster gets (the base alone has no serving certificate)
 INSTALLABLE = [name for name in RENDERS if name != "base"]
+#: the installable renders with the CSI component, and those without
+WITH_CSI = [name for name in INSTALLABLE if CSI in RENDERS[name][1]]
+WITHOUT_CSI = [name for name in INSTALLABLE if name not in WITH_CSI]
 
 
 def kubectls() -> list[str]:
@@ -75,8 +81,8 @@ def with_components(directory: Path, *components: Path) -> list[dict[str, Any]]:
 
 @functools.cache
 def _render(name: str) -> tuple[dict[str, Any], ...]:
-    directory, monitoring = RENDERS[name]
-    docs = with_components(directory, MONITORING) if monitoring else kustomize(directory)
+    directory, components = RENDERS[name]
+    docs = with_components(directory, *components) if components else kustomize(directory)
     return tuple(docs)
 
 

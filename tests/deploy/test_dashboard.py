@@ -173,7 +173,8 @@ def test_the_panels_the_issue_asks_for(dashboard: dict[str, Any]) -> None:
     for needed in ("Hit ratio", "Pulls by source", "Pull throughput by source",
                    "Pull time p50 / p95", "Store used vs capacity", "Evictions by reason",
                    "Dedup savings", "Models by state per node", "Fallbacks to the source by node",
-                   "Admission latency p99", "Admission errors"):
+                   "Admission latency p99", "Admission errors", "CSI publishes by outcome",
+                   "CSI publish wait p50 / p95", "CSI volumes published by node"):
         assert needed in titles, needed
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.95," in exprs
     assert "histogram_quantile(0.99," in exprs

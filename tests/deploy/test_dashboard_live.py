@@ -126,6 +126,7 @@ def test_prometheus_holds_what_happened(scene: Live) -> None:
                        _by(scene, "modelcache_dedup_hits_total", "node").items()},
         "admissions": {("", o): v for (o,), v in
                        _by(scene, "modelcache_webhook_admissions_total", "outcome").items()},
+        "csi_publishes": _by(scene, "modelcache_csi_publishes_total", "node", "outcome"),
     }
     for (metric, node, label), count in expected.items():
         assert seen[metric].get((node, label)) == count, (metric, node, label, seen[metric])
@@ -136,6 +137,9 @@ def test_prometheus_holds_what_happened(scene: Live) -> None:
     ratios = _by(scene, "modelcache_store_watermark_ratio", "node", "level")
     for node, (high, low) in live.WATERMARKS.items():
         assert (ratios[node, "high"], ratios[node, "low"]) == (high, low)
+    # one volume kept published per round, on the CSI node only
+    assert _by(scene, "modelcache_csi_volumes_published", "node") == {
+        (live.CSI_NODE,): scene.cluster.rounds, ("node-b",): 0}
     # the certificate the webhook serves, as read by the webhook
     (expiry,) = _values(scene.prometheus.query(
         "modelcache_webhook_cert_expiry_timestamp_seconds"))

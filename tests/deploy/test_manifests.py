@@ -19,13 +19,25 @@ import yaml
 from agent.cli.main import parser as cli_parser
 from agent.config import load_config
 from tests.deploy import render, schemas
-from tests.deploy.render import DEPLOY, INSTALLABLE, RENDERS, expanded_args, find, pod_specs
+from tests.deploy.render import (
+    DEPLOY,
+    INSTALLABLE,
+    RENDERS,
+    WITH_CSI,
+    WITHOUT_CSI,
+    expanded_args,
+    find,
+    pod_specs,
+)
 from webhook.main import certs_parser, serve_parser, settings_from
 
 #: oldest and newest Kubernetes we support (internalTrafficPolicy, PDB
 #: unhealthyPodEvictionPolicy, reinvocationPolicy are all there in 1.29)
 K8S_VERSIONS = ("1.29", "1.37")
 IMAGE = "ghcr.io/modelcache/modelcache:0.1.0"
+#: the CSI sidecars kubernetes-csi publishes, pinned by version
+SIDECARS = {"node-driver-registrar": "registry.k8s.io/sig-storage/csi-node-driver-registrar",
+            "liveness-probe": "registry.k8s.io/sig-storage/livenessprobe"}
 EXAMPLES = sorted((DEPLOY / "examples").glob("*.yaml"))
 TOOLS = sorted((DEPLOY / "tools").glob("*.yaml"))
 
@@ -128,6 +140,11 @@ def test_images_pinned(name: str) -> None:
     docs = render.render(name)
     for obj, spec in pod_specs(docs):
         for c in spec.get("initContainers", []) + spec["containers"]:
+            if c["name"] in SIDECARS and name in WITH_CSI:
+                repository, _, tag = c["image"].partition(":")
+                assert repository == SIDECARS[c["name"]], (obj, c["image"])
+                assert re.fullmatch(r"v\d+\.\d+\.\d+", tag), (obj, c["image"])
+                continue
             assert c["image"] == IMAGE, (obj, c["name"], c["image"])
     for path in TOOLS:
         for obj, spec in pod_specs(_load(path)):
@@ -164,7 +181,8 @@ def test_changing_an_overlays_image_changes_the_init_image(overlay: str, tmp_pat
 @pytest.mark.parametrize("name", list(RENDERS))
 def test_namespaced_objects_live_in_modelcache(name: str) -> None:
     cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole",
-                      "ClusterRoleBinding", "PriorityClass", "MutatingWebhookConfiguration"}
+                      "ClusterRoleBinding", "PriorityClass", "MutatingWebhookConfiguration",
+                      "CSIDriver"}
     for d in render.render(name):
         if d["kind"] not in cluster_scoped:
             assert d["metadata"].get("namespace") == "modelcache", (d["kind"], d["metadata"])
@@ -203,7 +221,7 @@ def _selects(selector: dict[str, str], workload: dict[str, Any]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-@pytest.mark.parametrize("name", INSTALLABLE)
+@pytest.mark.parametrize("name", WITHOUT_CSI)
 def test_agent_daemonset(name: str, tmp_path: Path) -> None:
     docs = render.render(name)
     ds = find(docs, "DaemonSet", "modelcache-agent")
@@ -280,8 +298,9 @@ def test_webhook_deployment(name: str) -> None:
                                                  f"{mount['mountPath']}/tls.key"}
     assert planning.image == c["image"]  # the init container runs this very image
     (store,) = [v for v in find(docs, "DaemonSet", "modelcache-agent")["spec"]["template"]
-                ["spec"]["volumes"] if "hostPath" in v]
+                ["spec"]["volumes"] if v["name"] == "store"]
     assert planning.store_path == store["hostPath"]["path"]
+    assert planning.csi == (name in WITH_CSI)  # --csi exactly where the driver is installed
     assert server.namespace == deploy["metadata"]["namespace"]
 
 
@@ -383,3 +402,64 @@ def test_service_monitors_scrape_named_ports(name: str) -> None:
                 "targetLabel": "node"} in ep["relabelings"]
     tls = find(docs, "ServiceMonitor", "modelcache-webhook")["spec"]["endpoints"][0]["tlsConfig"]
     assert tls["ca"]["secret"]["name"] == _tls_secret(docs)
+
+
+@pytest.mark.parametrize("name", WITH_CSI)
+def test_csi_component(name: str) -> None:
+    """The driver object is what DESIGN.md says, and the DaemonSet's parts meet: the socket
+    the agent serves is the one both sidecars use and the one kubelet is told, the pods'
+    directory is the host's, with Bidirectional propagation."""
+    from agent.config import _csi
+    from agent.settings import ClusterSettings
+
+    docs = render.render(name)
+    driver = find(docs, "CSIDriver", "csi.modelcache.io")
+    assert driver["metadata"]["labels"][
+        "security.openshift.io/csi-ephemeral-volume-profile"] == "restricted"
+    spec = driver["spec"]
+    assert (spec["attachRequired"], spec["podInfoOnMount"], spec["requiresRepublish"]) == (
+        False, True, False)
+    assert spec["volumeLifecycleModes"] == ["Ephemeral"]
+    assert spec["fsGroupPolicy"] == "None"
+    assert [t["audience"] for t in spec["tokenRequests"]] == list(ClusterSettings.audiences)
+
+    pod = find(docs, "DaemonSet", "modelcache-agent")["spec"]["template"]["spec"]
+    assert "initContainers" not in pod or pod["initContainers"] == []
+    assert pod["securityContext"]["runAsUser"] == 0
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"agent", *SIDECARS}
+    agent = containers["agent"]
+    assert agent["securityContext"]["privileged"] is True
+    settings = _csi(cli_parser().parse_args(agent["args"]))
+    assert settings.socket is not None
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    def host_path(container: dict[str, Any], path: Path) -> Path:
+        """Where ``path`` inside the container is on the node."""
+        for m in sorted(container["volumeMounts"], key=lambda m: -len(m["mountPath"])):
+            if path.is_relative_to(m["mountPath"]):
+                return Path(volumes[m["name"]]["hostPath"]["path"]) / path.relative_to(
+                    m["mountPath"])
+        raise AssertionError(f"{path} is on no volume of {container['name']}")
+
+    node_socket = host_path(agent, settings.socket)
+    registrar = containers["node-driver-registrar"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in registrar["args"])
+    assert host_path(registrar, Path(flags["csi-address"])) == node_socket
+    assert Path(flags["kubelet-registration-path"]) == node_socket
+    assert node_socket.parent == Path("/var/lib/kubelet/plugins/csi.modelcache.io")
+    assert host_path(registrar, Path("/registration")) == \
+        Path("/var/lib/kubelet/plugins_registry")
+    probe = containers["liveness-probe"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in probe["args"])
+    assert host_path(probe, Path(flags["csi-address"])) == node_socket
+    ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
+    assert ports[agent["livenessProbe"]["httpGet"]["port"]] == int(flags["health-port"])
+    (pods,) = [m for m in agent["volumeMounts"] if m["name"] == "kubelet-pods"]
+    assert pods["mountPropagation"] == "Bidirectional"
+    assert Path(pods["mountPath"]) == settings.kubelet_dir / "pods" == \
+        Path(volumes["kubelet-pods"]["hostPath"]["path"])
+    for sidecar in SIDECARS:
+        sc = containers[sidecar]["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {
+            "drop": ["ALL"]}

@@ -1,7 +1,11 @@
 """The modelcache agent for tests: a real process (:class:`AgentProcess`, ``python -m agent
 agent --standalone``) or the one in-process harness (:class:`InProcessAgent`).
 
-The process is started on a free loopback port with its store under the test's directory; ready when
+With ``kubeconfig`` the process runs in cluster mode instead (no ``--standalone``), against
+the cluster that file names (the fake apiserver of ``tests/kubeapi``), as node ``node``.
+
+The process is started on a free loopback port with its store under the test's directory;
+ready when
 ``/readyz`` answers 200; stopped by SIGTERM (graceful) or killed with SIGKILL (crash tests)
 and restarted on the same store. It inherits no source settings from the environment the
 tests run in (``HF_*``, ``AWS_*``, ``MODEL_REGISTRY*``, proxies): only those it is given.
@@ -37,7 +41,8 @@ class AgentProcess:
                  allow_paths: Sequence[Path] = (), extra_args: Sequence[str] = (),
                  env: Mapping[str, str] | None = None, log_dir: Path | None = None,
                  name: str = "agent", config: str | None = None,
-                 hosts: Mapping[str, str] | None = None) -> None:
+                 hosts: Mapping[str, str] | None = None, kubeconfig: Path | None = None,
+                 node: str = "n1") -> None:
         self.store = store
         self.allow_hosts = list(allow_hosts)
         self.allow_paths = [Path(p) for p in allow_paths]
@@ -45,7 +50,8 @@ class AgentProcess:
         inherited = {k: v for k, v in os.environ.items()
                      if not k.startswith(NOT_INHERITED) and "proxy" not in k.lower()}
         self.env = {**inherited, "PYTHONPATH": str(REPO), "AWS_EC2_METADATA_DISABLED": "true",
-                    **(env or {})}
+                    **({"NODE_NAME": node} if kubeconfig is not None else {}), **(env or {})}
+        self.kubeconfig = kubeconfig
         self.log_dir = log_dir or store.parent
         self.name = name
         self.hosts_file: Path | None = None
@@ -71,7 +77,9 @@ class AgentProcess:
 
     def start(self, timeout: float = 20.0) -> AgentProcess:
         self.port = free_port()
-        argv = [sys.executable, "-m", "agent", "agent", "--standalone",
+        mode = ["--standalone"] if self.kubeconfig is None else [
+            "--kubeconfig", str(self.kubeconfig), "--startup-jitter", "0"]
+        argv = [sys.executable, "-m", "agent", "agent", *mode,
                 "--store", str(self.store), "--listen", f"127.0.0.1:{self.port}",
                 "--log-level", "debug"]
         for host in self.allow_hosts:

@@ -95,10 +95,12 @@ def test_mutated_pod_is_valid_and_stable(name: str) -> None:
     ours = [v["name"] for v in spec["volumes"] if v["name"].startswith("modelcache-")]
     inits = [c["name"] for c in spec.get("initContainers") or []]
     mode = json.loads(mutated["metadata"]["annotations"]["modelcache.io/injected"])["mode"]
-    if mode in ("download", "pvc"):
+    if mode in ("download", "pvc", "csi"):
         assert not any("hostPath" in v for v in spec["volumes"])
-    if mode != "pvc":
+    if mode in ("cache", "download"):
         assert inits[0] == INIT_NAME
+    else:
+        assert INIT_NAME not in inits
     checks = case.get("checks", [])
     if "restricted-additions" in checks:
         assert restricted_violations(mutated, containers=[INIT_NAME], volumes=ours) == []
@@ -140,3 +142,25 @@ def test_download_mode_restricted_field_by_field() -> None:
         model = [m for m in container["volumeMounts"] if m["name"] == "modelcache-model"]
         assert model == [{"name": "modelcache-model", "mountPath": "/mnt/models",
                           "readOnly": True}]
+
+
+def test_csi_mode_restricted_field_by_field() -> None:
+    """With the driver installed, a restricted namespace gets mode csi: the pod stays
+    restricted (and OpenShift restricted-v2 allows csi volumes), nothing privileged is
+    added, and every target container sees the model read-only."""
+    case = load("csi-restricted-namespace")
+    _, body = answer(case)
+    mutated = apply(case["review"]["request"]["object"], body["response"]["patch"])
+    assert restricted_violations(mutated) == []
+    spec = mutated["spec"]
+    original = case["review"]["request"]["object"]["spec"]
+    assert spec["containers"][0]["securityContext"] == \
+        original["containers"][0]["securityContext"]
+    assert "initContainers" not in spec
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "modelcache-model"]
+    assert volume == {"name": "modelcache-model", "csi": {
+        "driver": "csi.modelcache.io", "readOnly": True,
+        "volumeAttributes": {"model": "hf://Qwen/Qwen2.5-0.5B-Instruct@main"}}}
+    for container in spec["containers"]:
+        assert {"name": "modelcache-model", "mountPath": "/mnt/models",
+                "readOnly": True} in container["volumeMounts"]

@@ -346,3 +346,20 @@ def test_init_env_and_ca_reach_the_init_container(
     (tmp_path / "junk.pem").write_text("hello")
     assert main([*base, "--init-ca-file", str(tmp_path / "junk.pem")]) == 2
     assert "not a PEM bundle" in capsys.readouterr().err
+
+
+async def test_with_csi_every_pod_gets_the_driver_volume(
+    no_leaked_tasks: None, cert_files: CertFiles, client_ssl: ssl.SSLContext
+) -> None:
+    """``--csi``: the driver is installed, so mode csi is the default, whatever the
+    namespace's labels (here unknown), and no init container is injected."""
+    async with running([*serve_args(cert_files), "--csi"], env_for(None)) as process:
+        pod = golden_pod("download-restricted-namespace")
+        response = (await admit(process.url, client_ssl, admission_review(pod)))["response"]
+        mutated = apply(pod, decoded_patch(response))
+        volumes = {v["name"]: v for v in mutated["spec"]["volumes"]}
+        assert volumes["modelcache-model"]["csi"]["driver"] == "csi.modelcache.io"
+        assert "initContainers" not in mutated["spec"]
+        assert not any("namespace labels unknown" in w for w in response.get("warnings", []))
+    mutations = [e for e in process.logs if e["msg"] == "admission mutated"]
+    assert mutations and mutations[0]["mode"] == "csi"

@@ -42,7 +42,7 @@ GOOD = {
     "modelcache.io/include": st.sampled_from(["*.json", "*.json, *.bin", "config.json", ""]),
     "modelcache.io/credentials": st.sampled_from(["hf-token", "s3.creds"]),
     "modelcache.io/fallback": st.sampled_from(["source", "none"]),
-    "modelcache.io/mode": st.sampled_from(["cache", "download"]),
+    "modelcache.io/mode": st.sampled_from(["csi", "cache", "download"]),
     "modelcache.io/placement": st.sampled_from(["prefer-warm", "require-warm"]),
     "modelcache.io/size": st.sampled_from(["15Gi", "1", "1.5e9", "500M", "0.5Ki", "2T"]),
 }
@@ -164,12 +164,12 @@ NAMESPACE_LABELS = st.one_of(
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(pod=pods(), labels=NAMESPACE_LABELS)
+@given(pod=pods(), labels=NAMESPACE_LABELS, csi=st.booleans())
 def test_any_pod_gets_a_valid_patch_or_a_clear_denial(
-    pod: dict[str, Any], labels: dict[str, str] | None
+    pod: dict[str, Any], labels: dict[str, str] | None, csi: bool
 ) -> None:
     validate_pod_fast(pod)  # the generator makes pods the API server would accept
-    ctx = Context(PlanSettings(), "modelcache", lambda namespace: labels)
+    ctx = Context(PlanSettings(csi=csi), "modelcache", lambda namespace: labels)
     outcome = review(json.dumps(admission_review(pod)).encode(), ctx)
     assert outcome.status == 200
     assert outcome.outcome in ("mutated", "skipped", "denied"), outcome.body
@@ -186,6 +186,15 @@ def test_any_pod_gets_a_valid_patch_or_a_clear_denial(
         return
     mutated = apply(pod, ops)
     validate_pod_fast(mutated)
+    mode = json.loads(mutated["metadata"]["annotations"]["modelcache.io/injected"])["mode"]
+    event(f"mode {mode}")
+    if mode == "csi":  # the driver's volume, read-only, and nothing else of ours
+        assert csi
+        ours = [v for v in mutated["spec"]["volumes"] if v["name"].startswith("modelcache-")]
+        assert [set(v) for v in ours] == [{"name", "csi"}]
+        assert ours[0]["csi"]["driver"] == "csi.modelcache.io" and ours[0]["csi"]["readOnly"]
+        inits = [c["name"] for c in mutated["spec"].get("initContainers") or []]
+        assert "modelcache-init" not in inits
     again = review(json.dumps(admission_review(mutated)).encode(), ctx)
     assert again.outcome == "skipped" and "patch" not in again.body["response"], (
         "mutating twice differs from mutating once")
