@@ -13,7 +13,6 @@ import pytest
 
 from agent.csi import mounts
 from tests.csi.kubelet import Kubelet
-from tests.kubeapi.fixtures import no_leaked_tasks  # noqa: F401
 from tests.servers.agent import AgentProcess
 
 #: an arbitrary uid, as OpenShift's restricted-v2 gives a pod

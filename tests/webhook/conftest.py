@@ -4,7 +4,6 @@ no test leaks a task."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -18,18 +17,6 @@ from tests.kubeapi import FakeKubeApi
 from webhook.namespaces import NamespaceCache
 from webhook.settings import PlanSettings
 from webhook.tls import CertReloader
-
-
-@pytest.fixture
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    before = asyncio.all_tasks()
-    yield
-    current = asyncio.current_task()
-    left = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
-    if left:  # tasks being torn down (a lingering close: 1 s) may finish; the rest leaked
-        await asyncio.wait(left, timeout=3)
-    leaked = [t for t in left if not t.done()]
-    assert not leaked, f"leaked tasks: {leaked}"
 
 
 @pytest.fixture
