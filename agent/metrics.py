@@ -18,6 +18,9 @@ MODEL_STATES = ("pulling", "ready", "failed")
 STORE_KINDS = ("used", "capacity", "cached", "dedup_saved", "reserved")
 SERVED_TO = ("pod", "peer")
 WATERMARK_LEVELS = ("high", "low")
+#: why a page-cache warming was skipped or stopped short (agent/pagecache/warmer.py)
+PAGECACHE_SKIPS = ("disabled", "opted_out", "download_mode", "resident", "memory", "budget",
+                   "unavailable", "error")
 
 PULL_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
@@ -93,6 +96,24 @@ class Metrics:
             "Files not downloaded because identical content was already stored.",
             registry=r,
         )
+        self.pagecache_warmed_bytes = Counter(
+            "modelcache_pagecache_warmed_bytes_total",
+            "Bytes of models read into the page cache ahead of the pods that load them.",
+            registry=r,
+        )
+        self.pagecache_warmings = Counter(
+            "modelcache_pagecache_warmings_total",
+            "Page-cache warmings that ran to the end (every file of the model resident).",
+            registry=r,
+        )
+        self.pagecache_skipped = Counter(
+            "modelcache_pagecache_warmings_skipped_total",
+            "Page-cache warmings skipped or stopped short, by reason (disabled, opted_out, "
+            "download_mode, resident, memory, budget, unavailable, error).",
+            ["reason"], registry=r,
+        )
+        for reason in PAGECACHE_SKIPS:
+            self.pagecache_skipped.labels(reason=reason)
         for result in CACHE_RESULTS:
             self.cache_requests.labels(result=result)
         for state in MODEL_STATES:

@@ -25,6 +25,7 @@ MODEL = "modelcache.io/model"
 INCLUDE = "modelcache.io/include"
 CREDENTIALS = "modelcache.io/credentials"
 INJECTED = "modelcache.io/injected"
+WARM_MEMORY = "modelcache.io/warm-memory"
 FINISHED = ("Succeeded", "Failed")
 
 
@@ -63,6 +64,25 @@ def models_of(pod: Obj) -> frozenset[str]:
             if isinstance(doc, dict) and isinstance(doc.get("key"), str):
                 keys.add(doc["key"])
     return frozenset(keys)
+
+
+def pending(pod: Obj) -> bool:
+    """Bound but not started: its images are being pulled, its init containers run."""
+    return bool((pod.get("status") or {}).get("phase", "Pending") == "Pending")
+
+
+def warm_refusal(pod: Obj | None) -> str | None:
+    """Why the page cache must not be warmed for this pod's model (a metric reason), or
+    None: ``opted_out`` (annotation ``modelcache.io/warm-memory: "false"``),
+    ``download_mode`` (the webhook gave it a copy of its own, not the node's files)."""
+    notes = ((pod or {}).get("metadata") or {}).get("annotations") or {}
+    if str(notes.get(WARM_MEMORY, "")).strip().lower() == "false":
+        return "opted_out"
+    with contextlib.suppress(ValueError, TypeError):
+        doc = json.loads(notes.get(INJECTED) or "null")
+        if isinstance(doc, dict) and doc.get("mode") == "download":
+            return "download_mode"
+    return None
 
 
 def credentials_of(pod: Obj) -> str | None:
