@@ -276,7 +276,7 @@ class PageCacheSettings:
     must stay available: warming stops before available memory falls below it."""
 
     max_share: float = 0.5
-    """Most bytes one warming reads, as a fraction of that same memory."""
+    """Most bytes one warming reads, as a fraction of the node's memory."""
 
     rate_bytes: int = 1 * GiB
     """Bytes per second warming reads at most (0: as fast as the disk goes)."""

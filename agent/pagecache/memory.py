@@ -26,6 +26,8 @@ class Memory:
     """Bytes of memory the agent's page cache can occupy at most."""
     available: int
     """Bytes of that memory available now."""
+    node_total: int
+    """The node's memory (``MemTotal``), whatever the cgroup."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ class MemoryProbe:
 
     def read(self) -> Memory:
         info = meminfo(self.meminfo)
-        total, available = info["MemTotal"], info.get("MemAvailable", info["MemFree"])
+        node = info["MemTotal"]
+        total, available = node, info.get("MemAvailable", info["MemFree"])
         for limit in self.limits:
             try:
                 cap = _number(limit.limit_file)
@@ -59,7 +62,7 @@ class MemoryProbe:
                 continue
             total = cap
             available = min(available, max(0, cap - used))
-        return Memory(total=total, available=min(available, total))
+        return Memory(total=total, available=min(available, total), node_total=node)
 
 
 def meminfo(path: Path) -> dict[str, int]:

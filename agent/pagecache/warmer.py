@@ -193,7 +193,7 @@ class PageCacheWarmer:
         s = self.settings
         memory = self.probe.read()
         limits = Limits(floor_bytes=int(memory.total * s.min_available),
-                        budget_bytes=int(memory.total * s.max_share),
+                        budget_bytes=int(memory.node_total * s.max_share),
                         rate_bytes=s.rate_bytes, chunk_bytes=s.chunk_bytes)
         counter = self.metrics.pagecache_warmed_bytes if self.metrics else None
         reader = Reader(limits, self.probe, warming.stop,

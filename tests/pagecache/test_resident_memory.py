@@ -79,6 +79,7 @@ def test_a_v2_limit_on_the_path_bounds_total_and_available(tmp_path: Path) -> No
     memory = probe.read()
     assert memory.total == 1024 * MiB  # the tightest limit
     assert memory.available == 124 * MiB  # the least headroom: the agent's own
+    assert memory.node_total == meminfo(proc / "meminfo")["MemTotal"]
 
 
 def test_a_v1_container_sees_its_own_cgroup_at_the_mount(tmp_path: Path) -> None:
