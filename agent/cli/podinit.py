@@ -7,8 +7,10 @@ never see an empty or partial model:
 
 1. cache mode: ask the node's agent to ensure the model (a hit when warm, a pull when cold,
    followed until ready), then link every file of the published tree into the mount path
-   (symlinks into the side path: zero copy). If the agent is down, refuses or fails and
-   the tree is not already on the node:
+   (symlinks into the side path: zero copy). A warm node is served by this module alone,
+   with one request through the standard library's HTTP client; the rest is in
+   ``podpull.py``. If the agent is down, refuses or fails and the tree is not already on
+   the node:
 2. fallback ``source``: pull from the source with the agent's own fetch engine into the
    emptyDir (resumable after a restart of this container), verified the same way, then move
    the files into place; fallback ``none``: fail with a clear message.
