@@ -17,6 +17,7 @@ the field. Flags override the file; ``--allow-host`` and ``--allow-path`` add to
               s3Region: us-east-1, s3Addressing: path,
               modelRegistry: "model-registry.kubeflow:8080", modelRegistryScheme: https}
     fetch: {connectionsPerFile: 6, maxConnections: 32, maxFiles: 4}
+    pageCache: {enabled: true, minAvailable: 0.15, maxShare: 0.5, rateBytes: 1073741824}
     models:
       - uri: hf://Qwen/Qwen2.5-0.5B@main
         include: ["*.json", "*.safetensors"]
@@ -44,6 +45,7 @@ from agent.settings import (
     CsiSettings,
     EgressSettings,
     FetchSettings,
+    PageCacheSettings,
     SourceSettings,
     StoreSettings,
     WarmModel,
@@ -99,6 +101,18 @@ SCHEMA: dict[str, Any] = {
                 "maxConnections": _POSITIVE_INT,
                 "maxFiles": _POSITIVE_INT,
                 "retries": _POSITIVE_INT,
+            },
+        },
+        "pageCache": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "enabled": {"type": "boolean"},
+                "minAvailable": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                "maxShare": _RATIO,
+                "rateBytes": {"type": "integer", "minimum": 0},
+                "chunkBytes": {"type": "integer", "minimum": 4096, "maximum": 1 << 30},
+                "waitReady": {"type": "number", "minimum": 0},
             },
         },
         "models": {
@@ -189,11 +203,19 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
     )
     if cluster.startup_jitter < 0:
         raise InvalidInput("--startup-jitter must not be negative")
+    page_cfg = cfg.get("pageCache", {})
+    page_cache = replace(
+        PageCacheSettings(),
+        **{field: page_cfg[name] for name, field in (
+            ("enabled", "enabled"), ("minAvailable", "min_available"),
+            ("maxShare", "max_share"), ("rateBytes", "rate_bytes"),
+            ("chunkBytes", "chunk_bytes"), ("waitReady", "wait_ready")) if name in page_cfg},
+    )
     return AgentSettings(
         node_name=node, standalone=args.standalone,
         refresh_interval=float(cfg.get("refreshInterval", AgentSettings.refresh_interval)),
         store=store, fetch=fetch, egress=egress, api=api, warm=warm, sources=sources,
-        kube=kube, cluster=cluster, csi=_csi(args),
+        kube=kube, cluster=cluster, csi=_csi(args), page_cache=page_cache,
     )
 
 

@@ -22,7 +22,7 @@ from agent.api.app import DEPS, Deps, make_app
 from agent.auth import Authenticator, TokenFileAuth
 from agent.cluster.auth import KubeAuth
 from agent.cluster.controller import Controller
-from agent.cluster.pods import PodDirectory
+from agent.cluster.pods import PodDirectory, warm_refusal
 from agent.csi.access import TokenReviewer
 from agent.csi.plugin import CsiPlugin
 from agent.egress import Egress
@@ -34,6 +34,7 @@ from agent.eviction.usage import Usage
 from agent.fetch.engine import Fetcher
 from agent.index import Index
 from agent.metrics import Metrics
+from agent.pagecache.warmer import PageCacheWarmer
 from agent.pull.credentials import CredentialsProvider, DirectoryCredentials, SecretCredentials
 from agent.pull.puller import Puller
 from agent.pull.sharing import SharedAccess
@@ -51,8 +52,10 @@ REFRESH_CHECK_SECONDS = 60.0
 
 async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
                 credentials: CredentialsProvider | None = None,
-                credentials_dir: Path | None = None) -> Deps:
-    """Recover the store and wire the agent's parts together (nothing is served yet)."""
+                credentials_dir: Path | None = None,
+                pod_refusal: Callable[[str], str | None] | None = None) -> Deps:
+    """Recover the store and wire the agent's parts together (nothing is served yet).
+    ``pod_refusal``: why a pod's model must not be warmed in the page cache (cluster)."""
     store = Store(settings.store.path)
     report = await asyncio.to_thread(recover, store)
     log.info("store recovered", extra={
@@ -86,11 +89,13 @@ async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
     if auth is None:
         assert settings.api.token_file is not None
         auth = await asyncio.to_thread(TokenFileAuth.from_file, settings.api.token_file)
+    warmer = PageCacheWarmer(settings.page_cache, store, index, metrics,
+                             pod_refusal=pod_refusal)
     return Deps(settings=settings, store=store, index=index, puller=puller,
                 evictor=evictor, leases=leases, reservations=reservations,
                 metrics=metrics, auth=auth,
                 credentials=credentials or DirectoryCredentials(credentials_dir),
-                usage=usage)
+                usage=usage, warmer=warmer)
 
 
 async def build_in_cluster(settings: AgentSettings, kube: KubeClient
@@ -99,9 +104,10 @@ async def build_in_cluster(settings: AgentSettings, kube: KubeClient
     Secrets, and the controller that watches CachedModels, pods and the node."""
     pods = PodDirectory()
     auth = KubeAuth(kube, pods, settings.node_name, settings.cluster)
-    deps = await build(settings, auth=auth, credentials=SecretCredentials(kube))
+    deps = await build(settings, auth=auth, credentials=SecretCredentials(kube),
+                       pod_refusal=lambda key: warm_refusal(pods.get(key)))
     controller = Controller(kube, settings, deps.index, deps.puller, deps.credentials, pods,
-                            deps.usage)
+                            deps.usage, deps.warmer)
     deps.evictor.on_evicting(controller.evicting)  # the status and Event say why
     deps.evictor.on_pressure(controller.pressure)  # a Node Event per forced sweep
     return deps, controller
@@ -144,7 +150,7 @@ def csi_plugin(deps: Deps, reviewer: TokenReviewer | None = None) -> CsiPlugin |
         return None
     return CsiPlugin.create(deps.settings, store=deps.store, index=deps.index,
                             puller=deps.puller, usage=deps.usage, credentials=deps.credentials,
-                            metrics=deps.metrics, reviewer=reviewer,
+                            metrics=deps.metrics, reviewer=reviewer, warmer=deps.warmer,
                             ready=lambda: deps.state.ready and not deps.state.stopping)
 
 
@@ -194,6 +200,7 @@ async def serve(deps: Deps, stop: asyncio.Event, started: asyncio.Event | None =
                 pass
             except Exception:
                 log.exception("the cluster controller failed")
+        await deps.warmer.close()
         await deps.puller.stop()
         await runner.cleanup()
         await deps.puller.fetcher.close()

@@ -22,6 +22,10 @@ CSI_OUTCOMES = ("ok", "pending", "invalid", "denied", "error")
 
 PUBLISH_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
+#: why a page-cache warming was skipped or stopped short (agent/pagecache/warmer.py)
+PAGECACHE_SKIPS = ("disabled", "opted_out", "download_mode", "resident", "memory", "budget",
+                   "unavailable", "error")
+
 PULL_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 
@@ -114,6 +118,24 @@ class Metrics:
             "modelcache_csi_volumes_published",
             "CSI volumes published now (mounted, their models in use).", registry=r,
         )
+        self.pagecache_warmed_bytes = Counter(
+            "modelcache_pagecache_warmed_bytes_total",
+            "Bytes of models read into the page cache ahead of the pods that load them.",
+            registry=r,
+        )
+        self.pagecache_warmings = Counter(
+            "modelcache_pagecache_warmings_total",
+            "Page-cache warmings that ran to the end (every file of the model resident).",
+            registry=r,
+        )
+        self.pagecache_skipped = Counter(
+            "modelcache_pagecache_warmings_skipped_total",
+            "Page-cache warmings skipped or stopped short, by reason (disabled, opted_out, "
+            "download_mode, resident, memory, budget, unavailable, error).",
+            ["reason"], registry=r,
+        )
+        for reason in PAGECACHE_SKIPS:
+            self.pagecache_skipped.labels(reason=reason)
         for result in CACHE_RESULTS:
             self.cache_requests.labels(result=result)
         for state in MODEL_STATES:

@@ -256,6 +256,31 @@ class CsiSettings:
 
 
 @dataclass(frozen=True)
+class PageCacheSettings:
+    """Page-cache warming (``agent/pagecache``): a model's files read into the node's page
+    cache while its pod's image is pulled, so the serving process loads from memory."""
+
+    enabled: bool = True
+    """Warm when a pod that uses a model is bound to this node, or its model is ensured."""
+
+    min_available: float = 0.15
+    """Fraction of memory (the node's, or the agent's cgroup limit where that is lower) that
+    must stay available: warming stops before available memory falls below it."""
+
+    max_share: float = 0.5
+    """Most bytes one warming reads, as a fraction of the node's memory."""
+
+    rate_bytes: int = 1 * GiB
+    """Bytes per second warming reads at most (0: as fast as the disk goes)."""
+
+    chunk_bytes: int = 16 * MiB
+    """Bytes per sequential read."""
+
+    wait_ready: float = 3600.0
+    """Seconds a wanted model that is still being pulled is waited for; warmed once ready."""
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     node_name: str = "localhost"
     """The node this agent serves (standalone: the host name)."""
@@ -286,3 +311,5 @@ class AgentSettings:
 
     csi: CsiSettings = field(default_factory=CsiSettings)
     """The CSI node service (``--csi-endpoint``)."""
+    page_cache: PageCacheSettings = field(default_factory=PageCacheSettings)
+    """Page-cache warming of the models pods are about to load."""

@@ -27,6 +27,9 @@ MODE = PREFIX + "mode"
 CONTAINERS = PREFIX + "containers"
 PLACEMENT = PREFIX + "placement"
 SIZE = PREFIX + "size"
+#: "false": the node's agent does not read the model into the page cache for this pod (the
+#: agent reads it from the pod itself, through its pod watch)
+WARM_MEMORY = PREFIX + "warm-memory"
 #: written by the webhook: what it injected (DESIGN.md fixes the name)
 INJECTED = PREFIX + "injected"
 #: the opt-in label (the webhook's objectSelector)
@@ -36,7 +39,7 @@ MIRROR = "kubernetes.io/config.mirror"
 
 KNOWN = frozenset(
     {MODEL, MOUNT_PATH, INCLUDE, CREDENTIALS, FALLBACK, MODE, CONTAINERS, PLACEMENT, SIZE,
-     INJECTED}
+     WARM_MEMORY, INJECTED}
 )
 
 DEFAULT_MOUNT_PATH = "/mnt/models"
@@ -101,6 +104,8 @@ class ModelRequest:
     """None: every app container."""
     placement: Placement = "prefer-warm"
     size_bytes: int | None = None
+    warm_memory: bool = True
+    """Whether the node's agent may read the model into the page cache ahead of the pod."""
     explicit: frozenset[str] = field(default=frozenset())
     """The annotations that were set (so the planner can warn about ones without effect)."""
     unknown: tuple[str, ...] = ()
@@ -143,6 +148,7 @@ def read(annotations: Mapping[str, object], allow_hosts: tuple[str, ...] = ()) -
             Placement, _choice(PLACEMENT, values, ("prefer-warm", "require-warm")) or "prefer-warm"
         ),
         size_bytes=_size(values.get(SIZE)),
+        warm_memory=_choice(WARM_MEMORY, values, ("true", "false")) != "false",
         explicit=frozenset(k for k in values if k in KNOWN),
         unknown=tuple(sorted(k for k in values if k not in KNOWN)),
     )

@@ -37,6 +37,7 @@ from .annotations import (
     PLACEMENT,
     SIDE_PATH,
     SIZE,
+    WARM_MEMORY,
     AnnotationError,
     ModelRequest,
     read,
@@ -423,7 +424,7 @@ def _warnings(
 ) -> list[str]:
     warnings = [f"unknown annotation {key} ignored" for key in request.unknown]
     if mode == "pvc":
-        for key in (INCLUDE, CREDENTIALS, MODE, FALLBACK, SIZE, PLACEMENT):
+        for key in (INCLUDE, CREDENTIALS, MODE, FALLBACK, SIZE, PLACEMENT, WARM_MEMORY):
             if key in request.explicit:
                 warnings.append(f"{key} has no effect on a pvc:// model (the claim is mounted)")
         return warnings

@@ -23,6 +23,7 @@ from agent.eviction.reservations import Reservations
 from agent.eviction.usage import Usage
 from agent.index import Index
 from agent.metrics import CONTENT_TYPE, Metrics
+from agent.pagecache.warmer import PageCacheWarmer
 from agent.pull.credentials import CredentialsProvider
 from agent.pull.puller import Puller
 from agent.settings import AgentSettings
@@ -62,6 +63,8 @@ class Deps:
     credentials: CredentialsProvider
     usage: Usage
     """Who uses which model (pods, leases); ``usage.known`` once all of it is known."""
+    warmer: PageCacheWarmer
+    """Reads an ensured model into the page cache for the pod about to load it."""
     state: AgentState = field(default_factory=AgentState)
 
 
@@ -202,6 +205,7 @@ async def ensure_model(request: web.Request) -> web.Response:
         credentials = await deps.credentials.get(caller.namespace, cred_name)
     model = await deps.puller.ensure(ref, credentials=credentials, pin=pin,
                                      credentials_name=cred_name, namespace=caller.namespace)
+    deps.warmer.want(model.key, pod=caller.pod, trigger="ensure")
     return web.json_response(model.to_json(), status=202)
 
 

@@ -1,21 +1,24 @@
 """``modelcache``: one command line for the agent, the webhook, the init container, the admin
-client and the demo."""
+client and the demo.
+
+Each command imports what it needs when it runs: ``modelcache init`` on a warm node (the pod
+waits for it) must not pay for the admin client's aiohttp and asyncio."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.cli.client import DEFAULT_AGENT, AgentClient, AgentError
-from agent.cli.progress import ProgressBar, human_bytes
 from common.errors import ModelcacheError
+
+if TYPE_CHECKING:
+    from agent.cli.client import AgentClient
 
 DEFAULT_TOKEN_FILE = Path("/var/lib/modelcache/admin-token")
 
@@ -30,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.cli.podinit import main as init_main
 
         return init_main(argv[1:])
+    from agent.cli.client import AgentError
+
     args = parser().parse_args(argv)
     if not getattr(args, "func", None):
         parser().print_help()
@@ -55,6 +60,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"modelcache {__version__}")
     sub = p.add_subparsers(metavar="COMMAND")
 
+    from agent.cli.client import DEFAULT_AGENT
     from agent.config import add_agent_flags
 
     a = sub.add_parser("agent", help="run the node agent")
@@ -107,6 +113,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    import asyncio
+
     from agent.config import agent_settings
     from agent.main import run
     from common import logs
@@ -128,6 +136,8 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def _client(args: argparse.Namespace) -> AgentClient:
+    from agent.cli.client import AgentClient
+
     return AgentClient(args.agent, _token(args))
 
 
@@ -136,6 +146,10 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.cli.progress import ProgressBar, human_bytes
+
     async def go() -> dict[str, Any]:
         async with _client(args) as client:
             model = await client.ensure(args.uri, args.include, args.pin, args.credentials)
@@ -160,6 +174,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.cli.progress import human_bytes
+
     async def go() -> list[dict[str, Any]]:
         async with _client(args) as client:
             return await client.models()
@@ -175,6 +193,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    import asyncio
+
     async def go() -> dict[str, Any]:
         async with _client(args) as client:
             return await client.remove(args.key, args.force)
@@ -185,6 +205,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.cli.progress import human_bytes
+
     async def go() -> dict[str, Any]:
         async with _client(args) as client:
             return await client.gc()
@@ -195,6 +219,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.cli.progress import human_bytes
+
     async def go() -> tuple[dict[str, Any], list[dict[str, Any]]]:
         async with _client(args) as client:
             return await client.store(), await client.models()
@@ -218,6 +246,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
+
     from agent.cli.demo import run_demo
 
     return asyncio.run(run_demo(keep=args.keep))

@@ -7,8 +7,10 @@ never see an empty or partial model:
 
 1. cache mode: ask the node's agent to ensure the model (a hit when warm, a pull when cold,
    followed until ready), then link every file of the published tree into the mount path
-   (symlinks into the side path: zero copy). If the agent is down, refuses or fails and
-   the tree is not already on the node:
+   (symlinks into the side path: zero copy). A warm node is served by this module alone,
+   with one request through the standard library's HTTP client; the rest is in
+   ``podpull.py``. If the agent is down, refuses or fails and the tree is not already on
+   the node:
 2. fallback ``source``: pull from the source with the agent's own fetch engine into the
    emptyDir (resumable after a restart of this container), verified the same way, then move
    the files into place; fallback ``none``: fail with a clear message.
@@ -23,42 +25,31 @@ network policy is.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
+import json
 import logging
 import os
 import shutil
-import ssl
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from agent.cli.client import AgentClient, AgentError
-from agent.egress import Egress
-from agent.fetch.engine import Fetcher
-from agent.index import Index
-from agent.pull.credentials import read_secret_dir
-from agent.pull.puller import Puller
-from agent.settings import AgentSettings, EgressSettings, SourceSettings, StoreSettings
-from agent.store.local import Store
 from agent.store.modeldir import ModelDir
 from agent.store.names import join_inside
-from agent.store.recovery import recover
 from agent.store.roles import Provider
 from agent.store.trees import Manifest
 from common import logs
-from common.errors import ModelcacheError, NoSpace
+from common.errors import ModelcacheError
 from common.reference import Reference, parse
 
+# A warm node's path (ask the agent, link the tree) imports only the above and the
+# standard library's HTTP client; agent/cli/podpull.py (asyncio, aiohttp, the fetch engine,
+# the sources) only where a cold node, a fallback or download mode needs it.
+
 log = logging.getLogger("modelcache.init")
-#: a PEM bundle of CAs the download trusts, set by the webhook (``--init-ca-file``)
-CA_ENV = "MODELCACHE_CA_PEM"
 WORK_DIR = ".modelcache"
-#: give up on an agent pull that makes no progress for this long, and fall back
-STALL_SECONDS = 300.0
 
 
 class InitError(ModelcacheError):
@@ -92,7 +83,7 @@ def main(argv: list[str]) -> int:
     logs.setup(args.log_level)
     started = time.monotonic()
     try:
-        how = asyncio.run(run(args))
+        how = provide(args)
     except ModelcacheError as e:
         log.error("the model could not be provided", extra={"uri": args.uri, "error": str(e)})
         print(f"modelcache init: {e}", file=sys.stderr)
@@ -102,140 +93,80 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-async def run(args: argparse.Namespace) -> str:
-    """Fill the mount path; return how (``warm``, ``agent``, ``source``)."""
+def provide(args: argparse.Namespace) -> str:
+    """Fill the mount path; return how (``warm``, ``agent``, ``source``). A warm node is
+    served here, without an event loop; everything else by :func:`run`."""
     ref = parse(args.uri, args.include or None)
     if not ref.cached:
         raise InitError(f"{ref.scheme}:// models are mounted directly; no init container needed")
-    token = await asyncio.to_thread(prepare, args)
-    agent_error: str | None = None
-    if args.mode == "cache":
-        try:
-            how = await via_agent(ref, args, token)
-            if not await asyncio.to_thread(link_side, args, ref.key):
-                raise InitError("the agent reports the model ready but the side mount "
-                                f"{args.side_path} shows no manifest")
-            return how
-        except ModelcacheError as e:
-            agent_error = str(e)
-            if await asyncio.to_thread(link_side, args, ref.key):
-                # warm on this node even though the agent is not answering
-                log.warning("agent not usable, but the model is on the node",
-                            extra={"error": agent_error})
-                return "warm"
-        if args.fallback == "none":
-            raise InitError(f"the node's agent cannot provide {ref.display} ({agent_error}) "
-                            "and modelcache.io/fallback is none")
-        log.warning("falling back to the source", extra={"error": agent_error})
+    token = prepare(args)
+    asked = ask_agent(args, ref, token) if args.mode == "cache" else None
+    if asked is not None and asked.ready and link_side(args, ref.key):
+        return "warm"
+    import asyncio
+
+    from agent.cli.podpull import run
+
+    return asyncio.run(run(args, ref, token, asked))
+
+
+@dataclass(frozen=True)
+class Asked:
+    """The agent's answer to the ensure: the model, or why there is none."""
+
+    model: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and self.model.get("state") == "ready"
+
+
+def ask_agent(args: argparse.Namespace, ref: Reference, token: str | None) -> Asked:
+    """``POST /api/v1/models`` to the node's agent (what ``AgentClient.ensure`` sends), with
+    the standard library: the warm path's one request."""
+    import http.client
+
+    url = urlsplit(args.agent_url)
+    body: dict[str, Any] = {"uri": ref.uri}
+    if ref.include:
+        body["include"] = list(ref.include)
+    if args.credentials:
+        body["credentials"] = args.credentials
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn: http.client.HTTPConnection
+    if url.scheme == "https":
+        import ssl
+
+        conn = http.client.HTTPSConnection(url.hostname or "", url.port or 443,
+                                           timeout=args.connect_timeout,
+                                           context=ssl.create_default_context())
     else:
-        await warm_node(ref, args, token)
-    await from_source(ref, args)
-    if args.mode == "cache":
-        await report_fallback(ref, args, token)
-    return "source"
-
-
-async def report_fallback(ref: Reference, args: argparse.Namespace, token: str | None) -> None:
-    """Tell the agent (if it answers) that this pod fell back, for its metrics."""
+        conn = http.client.HTTPConnection(url.hostname or "", url.port or 80,
+                                          timeout=args.connect_timeout)
     try:
-        async with AgentClient(args.agent_url, token, timeout=args.connect_timeout) as client:
-            await client.report_fallback(ref.key)
-    except AgentError as e:
-        log.info("could not report the fallback to the agent", extra={"error": str(e)})
-
-
-async def via_agent(ref: Reference, args: argparse.Namespace, token: str | None) -> str:
-    """Ensure the model through the node's agent; return ``warm`` or ``agent``."""
-    async with AgentClient(args.agent_url, token, timeout=args.connect_timeout) as client:
-        model = await client.ensure(ref.uri, list(ref.include) or None,
-                                    credentials=args.credentials)
-        if model["state"] == "ready":
-            return "warm"
-        last_done, last_change = -1, time.monotonic()
-
-        def show(m: dict[str, Any]) -> None:
-            nonlocal last_done, last_change
-            if m["bytes_done"] != last_done:
-                last_done, last_change = m["bytes_done"], time.monotonic()
-                log.info("agent pulling", extra={"bytes_done": m["bytes_done"],
-                                                 "size_bytes": m["size_bytes"]})
-            if time.monotonic() - last_change > STALL_SECONDS:
-                raise InitError(f"the agent's pull made no progress for {STALL_SECONDS:.0f} s")
-
-        model = await client.follow(model["key"], show, interval=2.0)
-        if model["state"] != "ready":
-            raise InitError(f"the agent's pull failed: {model.get('error')}")
-        return "agent"
-
-
-async def warm_node(ref: Reference, args: argparse.Namespace, token: str | None) -> None:
-    """Download mode: ask the agent to warm the node for the next pod; do not wait."""
-    try:
-        async with AgentClient(args.agent_url, token, timeout=args.connect_timeout) as client:
-            await client.ensure(ref.uri, list(ref.include) or None,
-                                credentials=args.credentials)
-    except AgentError as e:
-        log.info("could not ask the agent to warm the node", extra={"error": str(e)})
-
-
-async def from_source(ref: Reference, args: argparse.Namespace) -> None:
-    """Pull with the fetch engine into ``<mount>/.modelcache``, then move the files into
-    place (hard links within the emptyDir), then remove the work directory."""
-    mount: Path = args.mount_path
-    work = mount / WORK_DIR
-    credentials = await asyncio.to_thread(read_secret_dir, args.credentials_dir) \
-        if args.credentials_dir else None
-    # the pod's own identity: every host it can reach is allowed (see the module docstring)
-    ca_file = await asyncio.to_thread(_ca_file)
-    try:
-        egress = Egress(EgressSettings(allow_hosts=("0.0.0.0/0", "::/0"),
-                                       allow_schemes=("hf", "s3", "oci", "http", "https",
-                                                      "model-registry"),
-                                       ca_file=ca_file))
-    except ssl.SSLError as e:
-        raise InitError(f"the CA bundle the webhook passed (--init-ca-file) is not valid: "
-                        f"{e}") from e
-    finally:  # loaded into the TLS context by now
-        if ca_file is not None:
-            ca_file.unlink(missing_ok=True)
-    settings = AgentSettings(
-        node_name=os.environ.get("MODELCACHE_NODE_NAME", ""),
-        store=StoreSettings(path=work), egress=egress.settings,
-        sources=SourceSettings.from_config({}, os.environ))
-    store = Store(work)
-    await asyncio.to_thread(recover, store)  # resume what a previous attempt left
-    from agent.sources.catalog import build_sources
-
-    fetcher = Fetcher(store, egress, settings.fetch, settings.archive)
-    sources = build_sources(egress, settings)
-    puller = Puller(store=store, fetcher=fetcher, sources=sources, index=Index(),
-                    egress=egress, settings=settings, reserver=_EmptyDirSpace())
-    try:
-        model = await puller.ensure(ref, credentials=credentials, count=False)
-        if model.task is not None:
-            await model.task
-        if model.state != "ready" or model.manifest is None:
-            raise InitError(f"download from the source failed: {model.error}")
-        manifest = model.manifest
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(60.0)  # connected: the agent may take a while to answer
+        conn.request("POST", url.path.rstrip("/") + "/api/v1/models",
+                     body=json.dumps(body), headers=headers)
+        resp = conn.getresponse()
+        status, raw = resp.status, resp.read()
+    except (OSError, http.client.HTTPException) as e:
+        return Asked(error=f"cannot reach the agent at {args.agent_url}: "
+                           f"{str(e) or type(e).__name__}")
     finally:
-        await fetcher.close()
-        for source in {id(s): s for s in sources.values()}.values():
-            await source.close()
-    await asyncio.to_thread(place, store, manifest, mount)
-    log.info("downloaded from the source", extra={"files": len(manifest.files),
-                                                  "bytes": manifest.size_bytes})
-
-
-class _EmptyDirSpace:
-    """The fallback writes into the pod's own emptyDir: its size limit, set by the webhook
-    from the model's size, is the only budget; nothing there can be evicted."""
-
-    @contextlib.asynccontextmanager
-    async def reserve(self, key: str, nbytes: int) -> AsyncIterator[None]:
-        yield
-
-    async def relieve(self, key: str, error: NoSpace) -> None:
-        raise error
+        conn.close()
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        reply = None
+    if status >= 400 or not isinstance(reply, dict):
+        message = reply.get("error") if isinstance(reply, dict) else None
+        return Asked(error=message or f"HTTP {status}")
+    return Asked(model=reply)
 
 
 def prepare(args: argparse.Namespace) -> str | None:
@@ -255,17 +186,6 @@ def link_side(args: argparse.Namespace, key: str) -> bool:
     link_tree(side, manifest, args.mount_path)
     shutil.rmtree(args.mount_path / WORK_DIR, ignore_errors=True)
     return True
-
-
-def place(store: Provider, manifest: Manifest, mount: Path) -> None:
-    """Hard-link the downloaded tree's files into the mount path (the same emptyDir),
-    then remove the work directory."""
-    tree = store.tree_path(manifest)
-    for f in manifest.files:
-        dst = join_inside(mount, f.path)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.link(join_inside(tree, f.path), dst)
-    shutil.rmtree(mount / WORK_DIR, ignore_errors=True)
 
 
 def link_tree(side: Provider, manifest: Manifest, mount: Path) -> None:
@@ -298,16 +218,3 @@ def _read_token(path: Path | None) -> str | None:
         return path.read_text().strip() if path else None
     except OSError:
         return None
-
-
-def _ca_file() -> Path | None:
-    """The CA bundle the webhook passed (``--init-ca-file``, in :data:`CA_ENV`), written to
-    a temporary file (the init container's /tmp is an emptyDir) for the download to load;
-    None without one."""
-    pem = os.environ.get(CA_ENV, "")
-    if not pem.strip():
-        return None
-    fd, name = tempfile.mkstemp(prefix="modelcache-ca-", suffix=".pem")
-    with os.fdopen(fd, "w") as f:
-        f.write(pem)
-    return Path(name)

@@ -20,11 +20,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent.cluster.nodelabels import NodeLabels
-from agent.cluster.pods import PodDirectory, holder, models_of, pod_key, running
+from agent.cluster.pods import PodDirectory, holder, models_of, pending, pod_key, running
 from agent.cluster.status import StatusWriter
 from agent.cluster.warm import Warm
 from agent.eviction.usage import Usage
 from agent.index import Index
+from agent.pagecache.warmer import PageCacheWarmer
 from agent.pull.credentials import CredentialsProvider
 from agent.pull.puller import Puller
 from agent.settings import AgentSettings
@@ -48,12 +49,14 @@ def startup_delay(node: str, limit: float) -> float:
 
 class Controller:
     def __init__(self, kube: KubeClient, settings: AgentSettings, index: Index, puller: Puller,
-                 credentials: CredentialsProvider, pods: PodDirectory, usage: Usage) -> None:
+                 credentials: CredentialsProvider, pods: PodDirectory, usage: Usage,
+                 warmer: PageCacheWarmer | None = None) -> None:
         self.kube = kube
         self.node = settings.node_name
         self.settings = settings.cluster
         self.pods = pods
         self.usage = usage
+        self.warmer = warmer
         self.labels = NodeLabels(kube, self.node, index)
         self.status = StatusWriter(kube, self.node, index, self.settings.status_interval)
         fixed = [parse(m.uri, m.include).key for m in settings.warm if m.pin]
@@ -109,8 +112,14 @@ class Controller:
             self.pods.remove(key)
             self.usage.drop(holder(key))
             return
+        known = self.pods.get(key)
+        new = known is None or _uid(known) != _uid(pod)
         await self.pods.put(pod)
-        self.usage.set(holder(key), models_of(pod))
+        models = models_of(pod)
+        self.usage.set(holder(key), models)
+        if new and pending(pod) and self.warmer is not None:
+            for model in models:  # its images are being pulled: read the model meanwhile
+                self.warmer.want(model, pod=key, trigger="pod")
 
     async def _on_cached_model(self, event: WatchEvent) -> None:
         self.warm.cached_model(object_key(event.object),
@@ -129,6 +138,11 @@ class Controller:
             "apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node}}
         await self.kube.emit_event(node, "DiskPressure", message, "Warning",
                                    action="Evict")
+
+
+def _uid(obj: Obj) -> str | None:
+    uid = (obj.get("metadata") or {}).get("uid")
+    return uid if isinstance(uid, str) else None
 
 
 async def _supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from common.errors import ModelcacheError
@@ -25,6 +26,7 @@ MODEL = "modelcache.io/model"
 INCLUDE = "modelcache.io/include"
 CREDENTIALS = "modelcache.io/credentials"
 INJECTED = "modelcache.io/injected"
+WARM_MEMORY = "modelcache.io/warm-memory"
 FINISHED = ("Succeeded", "Failed")
 
 
@@ -65,6 +67,25 @@ def models_of(pod: Obj) -> frozenset[str]:
     return frozenset(keys)
 
 
+def pending(pod: Obj) -> bool:
+    """Bound but not started: its images are being pulled, its init containers run."""
+    return bool((pod.get("status") or {}).get("phase", "Pending") == "Pending")
+
+
+def warm_refusal(pod: Obj | None) -> str | None:
+    """Why the page cache must not be warmed for this pod's model (a metric reason), or
+    None: ``opted_out`` (annotation ``modelcache.io/warm-memory: "false"``),
+    ``download_mode`` (the webhook gave it a copy of its own, not the node's files)."""
+    notes = ((pod or {}).get("metadata") or {}).get("annotations") or {}
+    if str(notes.get(WARM_MEMORY, "")).strip() == "false":
+        return "opted_out"
+    with contextlib.suppress(ValueError, TypeError):
+        doc = json.loads(notes.get(INJECTED) or "null")
+        if isinstance(doc, dict) and doc.get("mode") == "download":
+            return "download_mode"
+    return None
+
+
 def credentials_of(pod: Obj) -> str | None:
     """The Secret the pod's annotations name for its model, if any."""
     name = ((pod.get("metadata") or {}).get("annotations") or {}).get(CREDENTIALS)
@@ -102,8 +123,13 @@ class PodDirectory:
             pod = self._pods.get(key)
             return pod is not None and (pod.get("metadata") or {}).get("uid") == uid
 
+        return self._pods.get(key) if await self.until(found, wait) else None
+
+    async def until(self, predicate: Callable[[], bool], wait: float) -> bool:
+        """Wait up to ``wait`` seconds for ``predicate()`` to hold, looking again after every
+        pod the informer puts; whether it holds."""
         async with self._changed:
             with contextlib.suppress(TimeoutError):  # (not wait_for: see agent/warm.py)
                 async with asyncio.timeout(wait):
-                    await self._changed.wait_for(found)
-        return self._pods.get(key) if found() else None
+                    await self._changed.wait_for(predicate)
+        return predicate()

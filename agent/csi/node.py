@@ -34,6 +34,7 @@ from agent.csi.requests import Publish, Unpublish
 from agent.eviction.usage import Usage
 from agent.index import PULLING, READY, Index, Model
 from agent.metrics import Metrics
+from agent.pagecache.warmer import PageCacheWarmer
 from agent.pull.credentials import CredentialsProvider
 from agent.pull.puller import Puller
 from agent.settings import CsiSettings
@@ -47,8 +48,9 @@ MAX_ATTEMPTS_REMEMBERED = 10_000
 class CsiNode:
     def __init__(self, *, settings: CsiSettings, store: Store, index: Index, puller: Puller,
                  usage: Usage, credentials: CredentialsProvider, access: Access,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, warmer: PageCacheWarmer | None = None) -> None:
         self.settings = settings
+        self.warmer = warmer
         self.store = store
         self.index = index
         self.puller = puller
@@ -121,6 +123,9 @@ class CsiNode:
         model = await self.puller.ensure(req.ref, credentials=credentials,
                                          credentials_name=req.credentials,
                                          namespace=pod.namespace, count=not attempts.counted)
+        if not attempts.counted and self.warmer is not None:
+            # the pod's image is being pulled meanwhile: read its model into the page cache
+            self.warmer.want(model.key, pod=pod.key or req.pod.key, trigger="csi")
         attempts.counted = True
         watch = Watch(model)
         if model.state == PULLING:

@@ -11,6 +11,7 @@ from agent.csi.service import CsiService
 from agent.eviction.usage import Usage
 from agent.index import Index
 from agent.metrics import Metrics
+from agent.pagecache.warmer import PageCacheWarmer
 from agent.pull.credentials import CredentialsProvider
 from agent.pull.puller import Puller
 from agent.settings import AgentSettings
@@ -25,14 +26,16 @@ class CsiPlugin:
     @classmethod
     def create(cls, settings: AgentSettings, *, store: Store, index: Index, puller: Puller,
                usage: Usage, credentials: CredentialsProvider, metrics: Metrics,
-               ready: Callable[[], bool], reviewer: TokenReviewer | None) -> CsiPlugin:
+               ready: Callable[[], bool], reviewer: TokenReviewer | None,
+               warmer: PageCacheWarmer | None = None) -> CsiPlugin:
         """``reviewer``: the cluster's TokenReview (None standalone: pods not authenticated)."""
         socket = settings.csi.socket
         assert socket is not None, "no --csi-endpoint"
         access: Access = StandaloneAccess() if reviewer is None else \
             ClusterAccess(reviewer, settings.node_name, settings.cluster.audiences)
         node = CsiNode(settings=settings.csi, store=store, index=index, puller=puller,
-                       usage=usage, credentials=credentials, access=access, metrics=metrics)
+                       usage=usage, credentials=credentials, access=access, metrics=metrics,
+                       warmer=warmer)
         service = CsiService(node, node_id=settings.node_name, ready=ready, metrics=metrics)
         return cls(node, CsiServer(socket, service))
 

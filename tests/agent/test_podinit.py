@@ -238,3 +238,30 @@ def test_download_mode_uses_the_mirror_the_webhook_passes(
                             "--mode", "download", env=env)
     assert code == 0, err
     assert mounted(tmp_path / "mnt") == hf_hub.files("org/m")
+
+
+def test_the_warm_path_imports_no_event_loop_nor_http_framework(
+        tmp_path: Path, model_server: tuple[FaultyServer, dict[str, bytes], str]) -> None:
+    """A warm node's init container asks the agent with the standard library's HTTP client
+    and links the tree: neither asyncio nor aiohttp (nor the fetch engine) is imported, and
+    the agent still counts the hit."""
+    _, files, uri = model_server
+    store = tmp_path / "store"
+    with AgentProcess(store, log_dir=tmp_path) as agent:
+        key = agent.ensure(uri)["key"]
+        assert agent.wait_ready(key)["state"] == "ready"
+        mount = tmp_path / "mnt"
+        argv = [sys.executable, "-X", "importtime", "-m", "agent", "init", "--uri", uri,
+                "--mount-path", str(mount), "--side-path", str(store / "models" / key),
+                "--agent-url", agent.url, "--token-file", str(store / "admin-token")]
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 0, proc.stderr
+        assert mounted(mount) == files
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "agent.cli.podinit" in imported and "http.client" in imported
+        assert not imported & {"asyncio", "aiohttp", "agent.cli.podpull", "agent.fetch.engine"}
+        status, metrics = agent.call("GET", "/metrics")
+        assert status == 200
+        assert 'modelcache_cache_requests_total{result="hit"} 1.0' in metrics

@@ -22,6 +22,7 @@ from tests.csi.kubelet import Kubelet, Pod, PublishFailed
 from tests.csi.pod import UID, read_as_pod
 from tests.servers.agent import AgentProcess
 from tests.servers.faulty import Fault, FaultyServer
+from tests.servers.net import wait_until
 
 FILES = {"config.json": b'{"model_type": "demo"}', "model.safetensors": os.urandom(300_000),
          "tokenizer/vocab.txt": b"a\nb\nc\n"}
@@ -147,6 +148,12 @@ async def test_a_cold_model_is_published_after_retries_once_pulled(
     # one cache request for the volume, however often kubelet asked
     assert metric(csi_agent, 'modelcache_cache_requests_total{result="miss"}') == 1
     assert metric(csi_agent, 'modelcache_cache_requests_total{result="hit"}') == 0
+    # the publish also had the model read into the page cache, once it was pulled, while
+    # kubelet went on with the pod (its image pull)
+    await asyncio.to_thread(
+        wait_until, lambda: metric(csi_agent, "modelcache_pagecache_warmings_total") >= 1,
+        what="the page-cache warming the publish started")
+    assert metric(csi_agent, "modelcache_pagecache_warmings_total") == 1
     await kubelet.unpublish(published)
 
 

@@ -68,7 +68,7 @@ def test_a_denial_names_the_annotation_at_fault() -> None:
         (ask(model=HF, mode="x"), "mode"), (ask(model=HF, containers="A"), "containers"),
         (ask(model=HF, containers="a,,b"), "containers"),
         (ask(model=HF, placement="x"), "placement"), (ask(model=HF, size="0"), "size"),
-        (ask(model=HF, size="x" * 5000), "size"),
+        (ask(model=HF, size="x" * 5000), "size"), (ask(model=HF, warm_memory="no"), "warm-memory"),
     ]
     for given, key in cases:
         with pytest.raises(AnnotationError) as e:
@@ -83,6 +83,15 @@ def test_values_are_trimmed_and_globs_canonical() -> None:
     assert request.reference.include == ("*.json", "a/*.bin")
     assert request.containers == ("a", "b")
     assert request.reference.key == parse(HF, ["a/*.bin", "*.json"]).key
+
+
+def test_warm_memory_opts_out_of_page_cache_warming() -> None:
+    """The agent reads it from the pod (its pod watch); the webhook checks it and passes it
+    through unchanged, without calling it unknown."""
+    assert read(ask(model=HF)).warm_memory
+    assert read(ask(model=HF, warm_memory="true")).warm_memory
+    request = read(ask(model=HF, warm_memory=" false "))
+    assert not request.warm_memory and request.unknown == ()
 
 
 def test_unknown_annotation_keys_are_reported() -> None:
