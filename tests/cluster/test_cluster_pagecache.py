@@ -13,10 +13,11 @@ from agent.index import READY
 from agent.pagecache.resident import resident_bytes
 from agent.pagecache.warmer import WARMED, Warming
 from common.reference import parse
-from tests.cluster.conftest import Agent, eventually
+from tests.cluster.conftest import eventually
 from tests.cluster.test_cluster_auth import init_pod
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.objects import cached_model, pod
+from tests.servers.agent import InProcessAgent
 from tests.servers.nginx import ServedDir
 
 CM = "cachedmodels"
@@ -26,7 +27,7 @@ MiB = 1024 * 1024
 class Outcomes:
     """The warmings the agent finishes, as they finish."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: InProcessAgent) -> None:
         self.agent = agent
         self.queue: asyncio.Queue[Warming] = asyncio.Queue()
         agent.deps.warmer.on_done(self.queue.put_nowait)
@@ -41,7 +42,7 @@ def serve(served: ServedDir, name: str, size: int = 12 * MiB) -> str:
     return f"{served.base_url}/{name}"
 
 
-def tree(agent: Agent, key: str) -> list[Path]:
+def tree(agent: InProcessAgent, key: str) -> list[Path]:
     model = agent.index.get(key)
     root = agent.deps.store.models / key / model.manifest.tree
     return [root / f.path for f in model.manifest.files]
@@ -57,12 +58,12 @@ def make_cold(files: list[Path]) -> None:
         assert resident_bytes(f)[0] < f.stat().st_size
 
 
-def skipped(agent: Agent, reason: str) -> float:
+def skipped(agent: InProcessAgent, reason: str) -> float:
     return float(agent.deps.metrics.registry.get_sample_value(
         "modelcache_pagecache_warmings_skipped_total", {"reason": reason}) or 0)
 
 
-async def prefetched(api: FakeKubeApi, agent: Agent, uri: str) -> str:
+async def prefetched(api: FakeKubeApi, agent: InProcessAgent, uri: str) -> str:
     """Pull ``uri`` through a CachedModel (a prefetch warms the disk, not the page cache)
     and drop its files from the page cache; its key."""
     key = parse(uri).key
@@ -79,7 +80,7 @@ def using(name: str, uri: str, node_name: str = "n1", **notes: str) -> dict:
 
 
 async def test_a_pod_bound_to_the_node_warms_its_model(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir) -> None:
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir) -> None:
     uri = serve(nginx_dir, "model.safetensors")
     key = await prefetched(api, agent, uri)
     outcomes = Outcomes(agent)
@@ -103,7 +104,7 @@ async def test_a_pod_bound_to_the_node_warms_its_model(
 
 
 async def test_pods_that_opt_out_or_download_are_not_warmed_for(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir) -> None:
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir) -> None:
     uri = serve(nginx_dir, "model.safetensors")
     key = await prefetched(api, agent, uri)
     c = api.cluster
@@ -121,14 +122,14 @@ async def test_pods_that_opt_out_or_download_are_not_warmed_for(
     # the opted-out pod's init container asks through the API: still not warmed
     token = init_pod(api, "no-warm-1", "team-a", uri, **{"modelcache.io/warm-memory": "false"})
     assert await pods.until(lambda: pods.get("team-a/no-warm-1") is not None, 10)
-    status, model = await agent.call("POST", "/api/v1/models", token, {"uri": uri})
+    status, model = await agent.call("POST", "/api/v1/models", {"uri": uri}, token=token)
     assert (status, model["state"]) == (202, "ready")
     assert skipped(agent, "opted_out") >= 2  # its binding, then its ensure
     assert agent.deps.warmer.current(key) is None
 
 
 async def test_a_pod_bound_before_its_model_is_pulled_is_warmed_for_once_pulled(
-        api: FakeKubeApi, agent: Agent, nginx_dir: ServedDir) -> None:
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir) -> None:
     uri = serve(nginx_dir, "cold.safetensors")
     key = parse(uri).key
     outcomes = Outcomes(agent)
@@ -138,7 +139,7 @@ async def test_a_pod_bound_before_its_model_is_pulled_is_warmed_for_once_pulled(
     waiting = agent.deps.warmer.current(key)
     assert waiting is not None and waiting.trigger == "pod" and waiting.outcome is None
 
-    status, model = await agent.call("POST", "/api/v1/models", token, {"uri": uri})
+    status, model = await agent.call("POST", "/api/v1/models", {"uri": uri}, token=token)
     assert status == 202 and model["state"] == "pulling"  # its init container: joined
     assert agent.deps.warmer.current(key) is waiting
     done = await outcomes.next()

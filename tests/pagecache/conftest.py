@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from agent.pagecache.resident import resident_bytes
-from tests.kubeapi.fixtures import no_leaked_tasks  # noqa: F401
 
 MiB = 1024 * 1024
 
