@@ -205,6 +205,12 @@ class KubeClient:
                 raise InvalidInput(f"{what}: key {key!r} is not base64 UTF-8 text") from None
         return out
 
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, str]:
+        """A ConfigMap's ``data`` (a signature policy; ``binaryData`` is not read)."""
+        obj = await self._json(f"read configmap {namespace}/{name}",
+                               self._core.read_namespaced_config_map, name, namespace)
+        return {str(k): str(v) for k, v in (obj.get("data") or {}).items()}
+
     # --- writes --------------------------------------------------------------------------
 
     async def patch_node_labels(

@@ -37,6 +37,7 @@ from agent.settings import AgentSettings
 from agent.sources.catalog import build_sources
 from agent.store.local import Store
 from agent.store.recovery import recover
+from agent.verify.policy import ConfigMapPolicies, ConfigPolicies, PolicyProvider
 from common.errors import ModelcacheError
 from common.reference import parse, split_host_port
 
@@ -46,8 +47,13 @@ REFRESH_CHECK_SECONDS = 60.0
 
 async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
                 credentials: CredentialsProvider | None = None,
-                credentials_dir: Path | None = None) -> Deps:
+                credentials_dir: Path | None = None,
+                policies: PolicyProvider | None = None) -> Deps:
     """Recover the store and wire the agent's parts together (nothing is served yet)."""
+    if policies is None:  # standalone: the config file's, each checked now
+        configured = ConfigPolicies(settings.verify_policies)
+        await asyncio.to_thread(configured.check_all)
+        policies = configured
     store = Store(settings.store.path)
     report = await asyncio.to_thread(recover, store)
     log.info("store recovered", extra={
@@ -67,7 +73,7 @@ async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
     sharing = None if settings.standalone else SharedAccess(settings.cluster.access_ttl)
     puller = Puller(store=store, fetcher=fetcher, sources=build_sources(egress, settings),
                     index=index, egress=egress, settings=settings, metrics=metrics,
-                    reserver=evictor, sharing=sharing)
+                    reserver=evictor, sharing=sharing, policies=policies)
     await evictor.leases.load()  # before the models load, so each gets its leases
     puller.load()
     if settings.standalone:
@@ -90,7 +96,8 @@ async def build_in_cluster(settings: AgentSettings, kube: KubeClient
     Secrets, and the controller that watches CachedModels, pods and the node."""
     pods = PodDirectory()
     auth = KubeAuth(kube, pods, settings.node_name, settings.cluster)
-    deps = await build(settings, auth=auth, credentials=SecretCredentials(kube))
+    deps = await build(settings, auth=auth, credentials=SecretCredentials(kube),
+                       policies=ConfigMapPolicies(kube))
     controller = Controller(kube, settings, deps.index, deps.puller, deps.credentials, pods,
                             deps.usage)
     deps.evictor.on_evicting(controller.evicting)  # the status and Event say why
@@ -116,7 +123,8 @@ async def _start_work(deps: Deps) -> None:
         log.info("resumed interrupted pulls", extra={"keys": resumed})
     for warm in deps.settings.warm:
         try:
-            await deps.puller.ensure(parse(warm.uri, warm.include), pin=warm.pin, count=False)
+            await deps.puller.ensure(parse(warm.uri, warm.include, warm.verify), pin=warm.pin,
+                                     count=False)
         except ModelcacheError as e:
             log.error("cannot keep a configured model warm",
                       extra={"uri": warm.uri, "error": str(e)})

@@ -18,6 +18,9 @@ MODEL_STATES = ("pulling", "ready", "failed")
 STORE_KINDS = ("used", "capacity", "cached", "dedup_saved", "reserved")
 SERVED_TO = ("pod", "peer")
 WATERMARK_LEVELS = ("high", "low")
+#: passed; failed (the signature or the files do not verify); unsigned (no signature file);
+#: policy (the policy named is missing or malformed)
+VERIFY_RESULTS = ("passed", "failed", "unsigned", "policy")
 
 PULL_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
@@ -93,6 +96,14 @@ class Metrics:
             "Files not downloaded because identical content was already stored.",
             registry=r,
         )
+        self.verifications = Counter(
+            "modelcache_verifications_total",
+            "Signature checks of models under a verify policy, by result (passed, failed, "
+            "unsigned, policy).",
+            ["result"], registry=r,
+        )
+        for result in VERIFY_RESULTS:
+            self.verifications.labels(result=result)
         for result in CACHE_RESULTS:
             self.cache_requests.labels(result=result)
         for state in MODEL_STATES:

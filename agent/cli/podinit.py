@@ -15,6 +15,11 @@ never see an empty or partial model:
 3. download mode: no side path at all; the agent is asked (without waiting) to warm the
    node, and the files come from the source as in 2.
 
+With a signature policy (``--verify``, the pod's ``modelcache.io/verify``) the model is linked
+only if the manifest the side mount shows carries a passing check under that policy (the
+pod's namespace and the policy name: ``agent.verify.require_verified``), and there is no
+fallback: a download from the source could not be checked here, so it is never used.
+
 The fallback runs as the pod itself, with the pod's own network identity and the pod's
 credentials Secret: it is not the node agent's egress allowlist that guards it, the pod's
 network policy is.
@@ -49,12 +54,15 @@ from agent.store.local import Store
 from agent.store.names import join_inside
 from agent.store.recovery import recover
 from agent.store.trees import MANIFEST, Manifest
+from agent.verify import require_verified
 from common.errors import ModelcacheError, NoSpace
-from common.reference import Reference, parse
+from common.reference import Reference, parse, policy_scope
 
 log = logging.getLogger("modelcache.init")
 #: a PEM bundle of CAs the download trusts, set by the webhook (``--init-ca-file``)
 CA_ENV = "MODELCACHE_CA_PEM"
+#: the pod's namespace (downward API): a policy is the ConfigMap of that name there
+NAMESPACE_ENV = "MODELCACHE_NAMESPACE"
 WORK_DIR = ".modelcache"
 #: give up on an agent pull that makes no progress for this long, and fall back
 STALL_SECONDS = 300.0
@@ -80,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--credentials", help="name of the pod's credentials Secret (the agent "
                    "reads it in the pod's namespace)")
     p.add_argument("--credentials-dir", type=Path, help="the same Secret, mounted (fallback)")
+    p.add_argument("--verify", metavar="POLICY",
+                   help="serve the model only if it passed this signature policy (a ConfigMap "
+                   "in the pod's namespace); no fallback download")
     p.add_argument("--connect-timeout", type=float, default=5.0,
                    help="seconds to reach the agent before falling back")
     p.add_argument("--log-level", default="info")
@@ -103,7 +114,9 @@ def main(argv: list[str]) -> int:
 
 async def run(args: argparse.Namespace) -> str:
     """Fill the mount path; return how (``warm``, ``agent``, ``source``)."""
-    ref = parse(args.uri, args.include or None)
+    scope = policy_scope(os.environ.get(NAMESPACE_ENV) or None, args.verify) \
+        if args.verify else ""
+    ref = parse(args.uri, args.include or None, scope)
     if not ref.cached:
         raise InitError(f"{ref.scheme}:// models are mounted directly; no init container needed")
     token = await asyncio.to_thread(prepare, args)
@@ -111,21 +124,28 @@ async def run(args: argparse.Namespace) -> str:
     if args.mode == "cache":
         try:
             how = await via_agent(ref, args, token)
-            if not await asyncio.to_thread(link_side, args, ref.key):
+            if not await asyncio.to_thread(link_side, args, ref.key, ref.verify):
                 raise InitError("the agent reports the model ready but the side mount "
                                 f"{args.side_path} shows no manifest")
             return how
         except ModelcacheError as e:
             agent_error = str(e)
-            if await asyncio.to_thread(link_side, args, ref.key):
+            if await asyncio.to_thread(link_side, args, ref.key, ref.verify):
                 # warm on this node even though the agent is not answering
                 log.warning("agent not usable, but the model is on the node",
                             extra={"error": agent_error})
                 return "warm"
+        if ref.verify:
+            raise InitError(f"verify policy {args.verify!r}: the node's agent cannot provide "
+                            f"a verified {ref.display} ({agent_error}); a download from the "
+                            "source cannot be verified here and is not used")
         if args.fallback == "none":
             raise InitError(f"the node's agent cannot provide {ref.display} ({agent_error}) "
                             "and modelcache.io/fallback is none")
         log.warning("falling back to the source", extra={"error": agent_error})
+    elif ref.verify:
+        raise InitError(f"verify policy {args.verify!r}: mode download fetches from the "
+                        "source, which cannot be verified here; use mode cache or csi")
     else:
         await warm_node(ref, args, token)
     await from_source(ref, args)
@@ -147,7 +167,10 @@ async def via_agent(ref: Reference, args: argparse.Namespace, token: str | None)
     """Ensure the model through the node's agent; return ``warm`` or ``agent``."""
     async with AgentClient(args.agent_url, token, timeout=args.connect_timeout) as client:
         model = await client.ensure(ref.uri, list(ref.include) or None,
-                                    credentials=args.credentials)
+                                    credentials=args.credentials, verify=args.verify)
+        if model["key"] != ref.key:
+            raise InitError(f"the agent names the model {model['key']}, this pod expects "
+                            f"{ref.key}: not the same reference and policy")
         if model["state"] == "ready":
             return "warm"
         last_done, last_change = -1, time.monotonic()
@@ -245,11 +268,13 @@ def prepare(args: argparse.Namespace) -> str | None:
     return _read_token(args.token_file)
 
 
-def link_side(args: argparse.Namespace, key: str) -> bool:
-    """Link the tree the side mount shows; False if it shows none."""
+def link_side(args: argparse.Namespace, key: str, policy: str = "") -> bool:
+    """Link the tree the side mount shows; False if it shows none. With a policy, a tree
+    without a passing check under it is refused (:class:`VerificationFailed`)."""
     manifest = read_side_manifest(args.side_path, key)
     if manifest is None:
         return False
+    require_verified(manifest, policy)
     link_tree(manifest, args.side_path, args.mount_path)
     shutil.rmtree(args.mount_path / WORK_DIR, ignore_errors=True)
     return True
