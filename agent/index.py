@@ -28,6 +28,8 @@ class Model:
     bytes_total: int = 0
     bytes_done: int = 0
     error: str | None = None
+    error_reason: str | None = None
+    """The failure's reason (``ModelcacheError.reason``: ``verification``, ...)."""
     pinned: bool = False
     last_used: float = 0.0
     started: float = field(default_factory=time.time)

@@ -67,7 +67,7 @@ PLURAL = "cachedmodels"
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MERGE_PATCH = "application/merge-patch+json"
 #: the fields of a ``status.nodes.<node>`` entry (see the CRD)
-NODE_ENTRY_FIELDS = ("state", "revision", "bytes", "lastTransitionTime", "message")
+NODE_ENTRY_FIELDS = ("state", "revision", "bytes", "lastTransitionTime", "message", "verified")
 COUNTED_STATES = ("ready", "pulling", "failed")
 _LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _NOTE_BYTES = 1024

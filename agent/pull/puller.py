@@ -223,7 +223,7 @@ class Puller:
             self._verified(_outcome(e))
             model.manifest = replace(manifest, verified=None)
             await asyncio.to_thread(self.store.update_manifest, model.manifest)
-            model.state, model.error = FAILED, str(e)
+            model.state, model.error, model.error_reason = FAILED, str(e), e.reason
             self.index.notify(model)
             log.warning("model no longer verifies under its policy", extra={
                 "key": model.key, "error": str(e)})
@@ -333,7 +333,7 @@ class Puller:
                 log.warning("refresh failed; keeping the current revision",
                             extra={"key": ref.key, "error": message})
             else:
-                model.state, model.error = FAILED, message
+                model.state, model.error, model.error_reason = FAILED, message, reason
                 log.warning("pull failed", extra={"key": ref.key, "uri": ref.display,
                                                   "error": message})
         finally:

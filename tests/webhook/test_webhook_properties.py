@@ -45,6 +45,7 @@ GOOD = {
     "modelcache.io/mode": st.sampled_from(["cache", "download"]),
     "modelcache.io/placement": st.sampled_from(["prefer-warm", "require-warm"]),
     "modelcache.io/size": st.sampled_from(["15Gi", "1", "1.5e9", "500M", "0.5Ki", "2T"]),
+    "modelcache.io/verify": st.sampled_from(["release-key", "corp.ca"]),
 }
 BAD = {
     "modelcache.io/model": st.sampled_from([
@@ -61,6 +62,7 @@ BAD = {
     "modelcache.io/containers": st.sampled_from(["nope", "", "Server", "a,,b"]),
     "modelcache.io/placement": st.sampled_from(["always", ""]),
     "modelcache.io/size": st.sampled_from(["0", "-1", "lots", "1e99", "15 Gi", "1m"]),
+    "modelcache.io/verify": st.sampled_from(["Release_Key", "", "a/b", "a" * 300, "-x"]),
     "modelcache.io/injected": st.sampled_from(["{}", "x", '{"key":"0","mode":"cache"}', "[]"]),
 }
 
