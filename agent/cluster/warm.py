@@ -3,8 +3,8 @@
 Each one is ensured once (``spec.uri`` + ``spec.include`` + ``spec.verify``, credentials from
 the Secret ``spec.credentialsSecret`` in its own namespace) and pinned while any matching
 CachedModel says ``spec.pin``. A CachedModel deleted, no longer matching, or no longer pinning
-leaves its model unpinned and evictable; nothing is deleted at once. Its status entry is removed when it
-still exists but no longer selects this node.
+leaves its model unpinned and evictable; nothing is deleted at once. Its status entry is
+removed when it still exists but no longer selects this node.
 
 A failed pull is tried again after a backoff (doubling up to ``retry_max``); an unpinned
 model evicted under pressure is pulled again at the next resync, not at once (which would
