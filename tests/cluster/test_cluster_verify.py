@@ -15,8 +15,9 @@ import pytest
 
 from common.reference import parse, policy_scope
 from tests.cluster.conftest import AgentFactory, entry, reasons
+from tests.cluster.test_cluster_auth import MODELS, init_pod
 from tests.kubeapi import FakeKubeApi
-from tests.kubeapi.objects import cached_model
+from tests.kubeapi.objects import cached_model, namespace
 from tests.servers.hfhub import HubServer
 from tests.verify.signing import KeyPair, Signer
 
@@ -77,3 +78,39 @@ async def test_cachedmodel_verified_under_its_namespaces_configmap(
         assert not (agent.deps.store.root / "models" / key / "manifest.json").exists()
         verified = parse("hf://org/good", verify=policy_scope("default", "release")).key
         assert agent.index.get(verified).to_json()["verified"]["policy"] == "default/release"
+
+
+async def test_an_init_container_gets_its_model_verified_under_its_namespaces_policy(
+        api: FakeKubeApi, agent_factory: AgentFactory, hf_hub: HubServer,
+        keys: dict[str, KeyPair], tmp_path: Path) -> None:
+    """The pod names the policy; its init container's token asks with it (the scope is the
+    pod's namespace), may not ask for the same model unverified (another key), and the
+    policy is the ConfigMap of its own namespace, not another's of the same name."""
+    signer = Signer(tmp_path / "signing")
+    hf_hub.create_repo("org/m")
+    hf_hub.commit("org/m", signer.with_key({"config.json": b"{}"}, keys["release"]))
+    api.cluster.create("namespaces", namespace("team-a"))
+    api.cluster.create("configmaps", policy("release", keys["release"]), "team-a")
+    api.cluster.create("configmaps", policy("release", keys["stranger"]), "default")
+    token = init_pod(api, "web-0", "team-a", "hf://org/m",
+                     **{"modelcache.io/verify": "release"})
+    other = init_pod(api, "web-1", "default", "hf://org/m",
+                     **{"modelcache.io/verify": "release"})
+    async with agent_factory("n1", hf_endpoint=hf_hub.base_url) as agent:
+        status, model = await agent.call("POST", MODELS, token,
+                                         {"uri": "hf://org/m", "verify": "release"})
+        assert status == 202, model
+        assert model["key"] == parse("hf://org/m", verify="team-a/release").key
+        status, model = await agent.call("GET", f"{MODELS}/{model['key']}?wait=20", token)
+        assert model["state"] == "ready" and model["verified"]["policy"] == "team-a/release"
+
+        status, reply = await agent.call("POST", MODELS, token, {"uri": "hf://org/m"})
+        assert status == 403 and "pod team-a/web-0" in reply["error"]
+
+        status, theirs = await agent.call("POST", MODELS, other,
+                                          {"uri": "hf://org/m", "verify": "release"})
+        assert status == 202 and theirs["key"] != model["key"]
+        status, theirs = await agent.call("GET", f"{MODELS}/{theirs['key']}?wait=20", other)
+        assert theirs["state"] == "failed" and theirs["verified"] is None
+        assert theirs["error"].startswith("verify policy 'default/release': the signature "
+                                          "does not verify: Key mismatch")
