@@ -22,6 +22,12 @@ the field. Flags override the file; ``--allow-host`` and ``--allow-path`` add to
       - uri: hf://Qwen/Qwen2.5-0.5B@main
         include: ["*.json", "*.safetensors"]
         pin: true
+        verify: release-key
+    verifyPolicies:
+      release-key: {publicKey: /etc/modelcache/keys/release.pub}
+      corp-ca: {certificateChain: /etc/modelcache/ca/signing-chain.pem, signature: sig/model.sig}
+      ci: {sigstore: {identity: ci@example.com, issuer: "https://issuer.example.com",
+                      trustRoot: /etc/modelcache/sigstore/trust_config.json}}
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from agent.settings import (
     EgressSettings,
     FetchSettings,
     PageCacheSettings,
+    PolicyFiles,
     SourceSettings,
     StoreSettings,
     WarmModel,
@@ -53,10 +60,12 @@ from agent.settings import (
 from common.errors import InvalidInput
 from common.hosts import AllowList
 from common.kube.settings import KubeSettings
-from common.reference import parse
+from common.reference import check_policy_name, parse
 
 _POSITIVE_INT = {"type": "integer", "minimum": 1}
 _RATIO = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+_ABSOLUTE = {"type": "string", "pattern": "^/"}
+POLICY_METHODS = ("publicKey", "certificateChain", "sigstore")
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -125,6 +134,29 @@ SCHEMA: dict[str, Any] = {
                     "uri": {"type": "string", "minLength": 1},
                     "include": {"type": "array", "items": {"type": "string"}},
                     "pin": {"type": "boolean"},
+                    "verify": {"type": "string", "minLength": 1},
+                },
+            },
+        },
+        "verifyPolicies": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "publicKey": _ABSOLUTE,
+                    "certificateChain": _ABSOLUTE,
+                    "sigstore": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["identity", "issuer", "trustRoot"],
+                        "properties": {
+                            "identity": {"type": "string", "minLength": 1},
+                            "issuer": {"type": "string", "minLength": 1},
+                            "trustRoot": _ABSOLUTE,
+                        },
+                    },
+                    "signature": {"type": "string", "minLength": 1},
                 },
             },
         },
@@ -145,11 +177,25 @@ def load_config(path: Path) -> dict[str, Any]:
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
         raise InvalidInput(f"config file {path}: {where}: {e.message}") from e
+    policies = data.get("verifyPolicies", {})
+    for name, policy in policies.items():
+        try:
+            check_policy_name(name)
+        except InvalidInput as e:
+            raise InvalidInput(f"config file {path}: verifyPolicies: {e}") from e
+        methods = [m for m in POLICY_METHODS if m in policy]
+        if len(methods) != 1:
+            raise InvalidInput(f"config file {path}: verifyPolicies/{name}: needs exactly one "
+                               f"of {', '.join(POLICY_METHODS)} (has "
+                               f"{', '.join(methods) or 'none'})")
     for i, model in enumerate(data.get("models", [])):
         try:
             parse(model["uri"], model.get("include"))
         except InvalidInput as e:
             raise InvalidInput(f"config file {path}: models/{i}/uri: {e}") from e
+        if "verify" in model and model["verify"] not in policies:
+            raise InvalidInput(f"config file {path}: models/{i}/verify: no policy "
+                               f"{model['verify']!r} in verifyPolicies")
     return data
 
 
@@ -189,7 +235,8 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
     )
     token_file = Path(args.token_file) if args.token_file else store.path / "admin-token"
     api = ApiSettings(listen=args.listen, token_file=token_file)
-    warm = tuple(WarmModel(m["uri"], tuple(m.get("include", ())), bool(m.get("pin", False)))
+    warm = tuple(WarmModel(m["uri"], tuple(m.get("include", ())), bool(m.get("pin", False)),
+                           m.get("verify", ""))
                  for m in cfg.get("models", ()))
     node = args.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
     sources = SourceSettings.from_config(cfg.get("sources", {}), os.environ,
@@ -216,6 +263,7 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
         refresh_interval=float(cfg.get("refreshInterval", AgentSettings.refresh_interval)),
         store=store, fetch=fetch, egress=egress, api=api, warm=warm, sources=sources,
         kube=kube, cluster=cluster, csi=_csi(args), page_cache=page_cache,
+        verify_policies=policy_files(cfg.get("verifyPolicies", {})),
     )
 
 
@@ -228,6 +276,22 @@ def _csi(args: argparse.Namespace) -> CsiSettings:
         raise InvalidInput("--csi-publish-wait must be between 0 and 110 seconds")
     return CsiSettings(endpoint=endpoint, publish_wait=wait,
                        kubelet_dir=Path(args.csi_kubelet_dir or CsiSettings.kubelet_dir))
+
+
+def policy_files(policies: dict[str, Any]) -> tuple[PolicyFiles, ...]:
+    """The config file's ``verifyPolicies`` (validated) as settings."""
+    out = []
+    for name, p in sorted(policies.items()):
+        sigstore = p.get("sigstore") or {}
+        out.append(PolicyFiles(
+            name=name,
+            public_key=Path(p["publicKey"]) if "publicKey" in p else None,
+            certificate_chain=Path(p["certificateChain"]) if "certificateChain" in p else None,
+            sigstore_identity=sigstore.get("identity", ""),
+            sigstore_issuer=sigstore.get("issuer", ""),
+            trust_root=Path(sigstore["trustRoot"]) if sigstore else None,
+            signature=p.get("signature", PolicyFiles.signature)))
+    return tuple(out)
 
 
 def add_agent_flags(p: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.store.trees import Manifest, iso
+from agent.verify.gate import verified_under
 from common.reference import Reference
 
 PULLING, READY, FAILED = "pulling", "ready", "failed"
@@ -27,6 +28,8 @@ class Model:
     bytes_total: int = 0
     bytes_done: int = 0
     error: str | None = None
+    error_reason: str | None = None
+    """The failure's reason (``ModelcacheError.reason``: ``verification``, ...)."""
     pinned: bool = False
     last_used: float = 0.0
     started: float = field(default_factory=time.time)
@@ -56,6 +59,12 @@ class Model:
                   **({"sha256": f.sha256} if f.sha256 else {}),
                   **({"git_oid": f.git_oid} if f.git_oid else {})} for f in m.files] if m else []
         size = m.size_bytes if m and self.state == READY else self.bytes_total
+        verified = None
+        if m is not None and m.verified is not None and self.state == READY \
+                and self.ref.verify and verified_under(m, self.ref.verify):
+            check = m.verified
+            verified = {"policy": check.policy, "signer": check.signer,
+                        "time": iso(check.time), "method": check.method}
         return {
             "key": self.key,
             "uri": self.ref.display,
@@ -68,6 +77,7 @@ class Model:
             "pinned": self.pinned,
             "in_use": self.in_use,
             "error": self.error,
+            "verified": verified,
         }
 
 

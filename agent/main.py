@@ -42,6 +42,7 @@ from agent.settings import AgentSettings
 from agent.sources.catalog import build_sources
 from agent.store.local import Store
 from agent.store.recovery import recover
+from agent.verify.policy import ConfigMapPolicies, ConfigPolicies, PolicyProvider
 from common.errors import ModelcacheError
 from common.kube.client import KubeClient, connect
 from common.reference import parse, split_host_port
@@ -53,9 +54,14 @@ REFRESH_CHECK_SECONDS = 60.0
 async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
                 credentials: CredentialsProvider | None = None,
                 credentials_dir: Path | None = None,
-                pod_refusal: Callable[[str], str | None] | None = None) -> Deps:
+                pod_refusal: Callable[[str], str | None] | None = None,
+                policies: PolicyProvider | None = None) -> Deps:
     """Recover the store and wire the agent's parts together (nothing is served yet).
     ``pod_refusal``: why a pod's model must not be warmed in the page cache (cluster)."""
+    if policies is None:  # standalone: the config file's, each checked now
+        configured = ConfigPolicies(settings.verify_policies)
+        await asyncio.to_thread(configured.check_all)
+        policies = configured
     store = Store(settings.store.path)
     report = await asyncio.to_thread(recover, store)
     log.info("store recovered", extra={
@@ -78,7 +84,7 @@ async def build(settings: AgentSettings, *, auth: Authenticator | None = None,
     sharing = None if settings.standalone else SharedAccess(settings.cluster.access_ttl)
     puller = Puller(store=store, fetcher=fetcher, sources=build_sources(egress, settings),
                     index=index, egress=egress, settings=settings, metrics=metrics,
-                    reserver=reservations, sharing=sharing)
+                    reserver=reservations, sharing=sharing, policies=policies)
     await leases.load()  # before the models load, so each gets its leases
     puller.load()
     if settings.standalone:
@@ -105,7 +111,8 @@ async def build_in_cluster(settings: AgentSettings, kube: KubeClient
     pods = PodDirectory()
     auth = KubeAuth(kube, pods, settings.node_name, settings.cluster)
     deps = await build(settings, auth=auth, credentials=SecretCredentials(kube),
-                       pod_refusal=lambda key: warm_refusal(pods.get(key)))
+                       pod_refusal=lambda key: warm_refusal(pods.get(key)),
+                       policies=ConfigMapPolicies(kube))
     controller = Controller(kube, settings, deps.index, deps.puller, deps.credentials, pods,
                             deps.usage, deps.warmer)
     deps.evictor.on_evicting(controller.evicting)  # the status and Event say why
@@ -131,7 +138,8 @@ async def _start_work(deps: Deps) -> None:
         log.info("resumed interrupted pulls", extra={"keys": resumed})
     for warm in deps.settings.warm:
         try:
-            await deps.puller.ensure(parse(warm.uri, warm.include), pin=warm.pin, count=False)
+            await deps.puller.ensure(parse(warm.uri, warm.include, warm.verify), pin=warm.pin,
+                                     count=False)
         except ModelcacheError as e:
             log.error("cannot keep a configured model warm",
                       extra={"uri": warm.uri, "error": str(e)})

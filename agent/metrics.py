@@ -26,6 +26,10 @@ PUBLISH_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1
 PAGECACHE_SKIPS = ("disabled", "opted_out", "download_mode", "resident", "memory", "budget",
                    "unavailable", "error")
 
+#: passed; failed (the signature or the files do not verify); unsigned (no signature file);
+#: policy (the policy named is missing or malformed)
+VERIFY_RESULTS = ("passed", "failed", "unsigned", "policy")
+
 PULL_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 
@@ -136,6 +140,14 @@ class Metrics:
         )
         for reason in PAGECACHE_SKIPS:
             self.pagecache_skipped.labels(reason=reason)
+        self.verifications = Counter(
+            "modelcache_verifications_total",
+            "Signature checks of models under a verify policy, by result (passed, failed, "
+            "unsigned, policy).",
+            ["result"], registry=r,
+        )
+        for result in VERIFY_RESULTS:
+            self.verifications.labels(result=result)
         for result in CACHE_RESULTS:
             self.cache_requests.labels(result=result)
         for state in MODEL_STATES:

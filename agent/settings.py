@@ -200,6 +200,36 @@ class WarmModel:
     pin: bool = False
     """Never evict it."""
 
+    verify: str = ""
+    """The signature policy it must pass (a ``verifyPolicies`` name), if any."""
+
+
+@dataclass(frozen=True)
+class PolicyFiles:
+    """One ``verifyPolicies`` entry of the config file (standalone): a signature policy and
+    where its trust material lies. Exactly one method is set."""
+
+    name: str
+    """What a pull names (``"verify": NAME``)."""
+
+    public_key: Path | None = None
+    """``publicKey``: PEM public key (elliptic curve) of the signer."""
+
+    certificate_chain: Path | None = None
+    """``certificateChain``: PEM CA certificates a signing certificate must chain to."""
+
+    sigstore_identity: str = ""
+    """``sigstore.identity``: the signer's identity in its Sigstore certificate."""
+
+    sigstore_issuer: str = ""
+    """``sigstore.issuer``: the OpenID Connect issuer that vouched for that identity."""
+
+    trust_root: Path | None = None
+    """``sigstore.trustRoot``: the Sigstore client trust config (JSON), offline."""
+
+    signature: str = "model.sig"
+    """``signature``: the signature file's path in the model."""
+
 
 @dataclass(frozen=True)
 class ClusterSettings:
@@ -302,6 +332,9 @@ class AgentSettings:
     api: ApiSettings = field(default_factory=ApiSettings)
     warm: tuple[WarmModel, ...] = ()
     """Models to prefetch at start (and pin, if marked)."""
+
+    verify_policies: tuple[PolicyFiles, ...] = ()
+    """Signature policies a pull may name (standalone; in a cluster, ConfigMaps)."""
 
     kube: KubeSettings = field(default_factory=KubeSettings)
     """The Kubernetes API client (cluster mode)."""

@@ -27,10 +27,16 @@ way (a fresh agent process per source; its store emptied after every rep):
   ``agent`` pulls ``s3://`` (and verifies those checksums) against boto3's transfer manager
   downloading every object at once, as ``aws s3 cp --recursive`` does (timed in its process).
 
+And the cost of a signature policy (``verify``): the model signed once with ``model_signing
+sign key`` (sha256 over files, its default), pulled by one agent with ``"verify"`` and
+without, alternated, from two sources: the hub (LFS: every sha256 stated by the source and
+checked in the ingest's pass, so the check needs no read) and a tar of the model on nginx
+(members have no stated digest: the check hashes each blob once more, off the event loop).
+
 Prints each rep, the medians and the ratios. Not a test: run it by hand.
 
     python bench/pull.py [--reps 5] [--shards 4] [--shard-mib 512]
-                         [--rows http,hf,hf-cdn,oci,s3] [--cdn-mb-per-conn 40]
+                         [--rows http,hf,hf-cdn,oci,s3,verify] [--cdn-mb-per-conn 40]
 """
 
 from __future__ import annotations
@@ -164,18 +170,20 @@ def run_kserve(urls: list[str], out: Path) -> float:
     return time.perf_counter() - t
 
 
-async def run_agent(agent_url: str, token: str, urls: list[str], pid: int
-                    ) -> tuple[float, float]:
+async def run_agent(agent_url: str, token: str, urls: list[str], pid: int,
+                    verify: str | None = None) -> tuple[float, float]:
     async with AgentClient(agent_url, token) as client:
         cpu0 = cpu_seconds(pid)
         t = time.perf_counter()
-        models = await asyncio.gather(*(client.ensure(u) for u in urls))
+        models = await asyncio.gather(*(client.ensure(u, verify=verify) for u in urls))
         results = await asyncio.gather(*(client.model(m["key"], wait=600) for m in models))
         elapsed = time.perf_counter() - t
         cpu = cpu_seconds(pid) - cpu0
         bad = [r for r in results if r["state"] != "ready"]
         if bad:
             raise RuntimeError(f"agent pull failed: {bad[0]['error']}")
+        if verify and not all(r["verified"] for r in results):
+            raise RuntimeError("a pull under a policy ended without a passing check")
         for m in results:
             await client.remove(m["key"])
         await client.gc()
@@ -189,8 +197,8 @@ def main() -> int:
     p.add_argument("--shard-mib", type=int, default=512)
     p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "modelcache-bench"))
     p.add_argument("--skip-kserve", action="store_true")
-    p.add_argument("--rows", default=",".join(("http", *SOURCE_ROWS)),
-                   help="comma-separated sections to run: http, hf, hf-cdn, oci, s3")
+    p.add_argument("--rows", default=",".join(("http", *SOURCE_ROWS, "verify")),
+                   help="comma-separated sections to run: http, hf, hf-cdn, oci, s3, verify")
     p.add_argument("--cdn-mb-per-conn", type=float, default=40.0,
                    help="hf-cdn: the CDN's cap per connection, in MB/s")
     args = p.parse_args()
@@ -204,6 +212,8 @@ def main() -> int:
     for row in SOURCE_ROWS:
         if row in rows:
             bench_source(row, args, base, model_dir, names)
+    if "verify" in rows:
+        bench_verify(args, base, model_dir, names)
     return 0
 
 
@@ -423,13 +433,14 @@ SERVERS: dict[str, Callable[[contextlib.ExitStack, argparse.Namespace, Path, Pat
 }
 
 
-def start_agent(store: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_agent(store: Path, env: dict[str, str], *extra: str
+                ) -> tuple[subprocess.Popen[bytes], str, str]:
     shutil.rmtree(store, ignore_errors=True)
     port = free_port()
     agent = subprocess.Popen(
         [sys.executable, "-m", "agent", "agent", "--standalone", "--store", str(store),
-         "--listen", f"127.0.0.1:{port}", "--allow-host", "127.0.0.1", "--log-level", "warning"],
-        cwd=ROOT, env=clean_env(PYTHONPATH=str(ROOT), **env))
+         "--listen", f"127.0.0.1:{port}", "--allow-host", "127.0.0.1", "--log-level", "warning",
+         *extra], cwd=ROOT, env=clean_env(PYTHONPATH=str(ROOT), **env))
     try:
         wait_port(port)
     except BaseException:
@@ -480,6 +491,89 @@ def bench_source(row: str, args: argparse.Namespace, base: Path, model_dir: Path
         ratio = med[served.peer_name] / med["agent"]
         print(f"  {served.peer_name} / agent {ratio:8.2f}x  [{served.target}]")
         print(f"  agent CPU per GB {statistics.median(cpu) / (total / 1e9):11.2f} s")
+
+
+
+# --- a signature policy's cost -------------------------------------------------------------
+
+
+def sign_model(base: Path, model_dir: Path, names: list[str]) -> tuple[Path, Path]:
+    """Sign the model (untimed) as its owner would; return the signature and public key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    work = base / "verify"
+    shutil.rmtree(work, ignore_errors=True)
+    signed = work / "model"
+    signed.mkdir(parents=True)
+    for n in names:
+        os.link(model_dir / n, signed / n)
+    key = ec.generate_private_key(ec.SECP256R1())
+    (work / "k.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (work / "k.pub").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    subprocess.run([str(Path(sys.executable).parent / "model_signing"), "sign", "key",
+                    str(signed), "--private_key", str(work / "k.pem"),
+                    "--signature", str(signed / "model.sig")], check=True,
+                   capture_output=True)
+    return signed / "model.sig", work / "k.pub"
+
+
+def bench_verify(args: argparse.Namespace, base: Path, model_dir: Path,
+                 names: list[str]) -> None:
+    import tarfile
+
+    from tests.servers.aioserver import AppThread
+    from tests.servers.hfhub import HubServer
+
+    total = sum((model_dir / n).stat().st_size for n in names)
+    signature, public_key = sign_model(base, model_dir, names)
+    config = base / "verify" / "agent.yaml"
+    config.write_text(f"verifyPolicies: {{bench: {{publicKey: {public_key}}}}}\n")
+    with contextlib.ExitStack() as stack:
+        hub = HubServer()
+        hub.create_repo("bench/signed", gitattributes=False)
+        hub.commit("bench/signed", {**{n: mapped(model_dir / n, stack) for n in names},
+                                    "model.sig": signature.read_bytes()},
+                   lfs=[n for n in names if n.endswith(".safetensors")])
+        hub.base_url = stack.enter_context(AppThread(hub.make_app(), name="hf-hub")).url
+        www = base / "verify" / "www"
+        www.mkdir()
+        with tarfile.open(www / "model.tar", "w") as tar:
+            for path in (*(model_dir / n for n in names), signature):
+                tar.add(path, arcname=path.name)
+        port = free_port()
+        stack.callback(stop, start_nginx(www, base / "verify" / "nginx", port))
+        agent, url, token = start_agent(base / "store-verify", {"HF_ENDPOINT": hub.base_url},
+                                        "--config", str(config))
+        stack.callback(stop, agent)
+        for source, uri in (("hf (LFS sha256 stated)", "hf://bench/signed"),
+                            ("nginx tar (no digest stated)", f"http://127.0.0.1:{port}/model.tar")):
+            times: dict[str, list[float]] = {"plain": [], "verified": []}
+            cpu: dict[str, list[float]] = {"plain": [], "verified": []}
+            asyncio.run(run_agent(url, token, [uri], agent.pid))  # warm the page cache
+            print(f"\nverify, {source}: {uri} ({len(names) + 1} files, {total / 1e9:.2f} GB); "
+                  f"{args.reps} reps, order alternated each rep")
+            for rep in range(args.reps):
+                order = ["plain", "verified"][rep % 2:] + ["plain", "verified"][:rep % 2]
+                line = []
+                for c in order:
+                    t, used = asyncio.run(run_agent(url, token, [uri], agent.pid,
+                                                    "bench" if c == "verified" else None))
+                    os.sync()
+                    times[c].append(t)
+                    cpu[c].append(used)
+                    line.append(f"{c} {t:6.3f}s cpu {used:6.2f}s")
+                print(f"rep {rep + 1}: " + " | ".join(line))
+            med = {c: statistics.median(v) for c, v in times.items()}
+            med_cpu = {c: statistics.median(v) for c, v in cpu.items()}
+            for c in med:
+                print(f"  median {c:9} {med[c]:7.3f} s  {total / med[c] / 1e9:5.2f} GB/s  "
+                      f"CPU {med_cpu[c]:6.2f} s ({med_cpu[c] / (total / 1e9):4.2f} s/GB)")
+            print(f"  verified / plain: time {med['verified'] / med['plain']:5.2f}x, "
+                  f"CPU {med_cpu['verified'] / med_cpu['plain']:5.2f}x")
 
 
 if __name__ == "__main__":

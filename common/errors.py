@@ -38,6 +38,13 @@ class UnsafeName(InvalidInput):
     reason = "unsafe_name"
 
 
+class PolicyError(InvalidInput):
+    """A signature-verification policy that is missing, malformed or unusable (its key,
+    certificate chain or trust root); the message names the policy."""
+
+    reason = "verify_policy"
+
+
 class ArchiveRejected(InvalidInput):
     """An archive that is malformed, too large, too compressed or holds forbidden members."""
 
@@ -108,6 +115,19 @@ class IntegrityError(SourceError):
     """Downloaded bytes do not match the size or digest the source stated."""
 
     reason = "integrity"
+
+
+class VerificationFailed(ModelcacheError):
+    """A model whose signature does not verify under the policy its pull named (no
+    signature, a signature by another signer, files that differ from the signed ones)."""
+
+    reason = "verification"
+
+
+class Unsigned(VerificationFailed):
+    """A model that a policy requires to be signed and that holds no signature file."""
+
+    reason = "unsigned"
 
 
 # --- store ---------------------------------------------------------------------------------

@@ -76,6 +76,10 @@ class Reference:
     revision: str = ""
     #: include globs, stripped, deduplicated and sorted
     include: tuple[str, ...] = field(default=())
+    #: the signature policy a pull must pass, as :func:`policy_scope` names it (``NAME``
+    #: standalone, ``NAMESPACE/NAME`` in a cluster); empty: none. Part of the key: a model
+    #: verified under one policy is never handed to a pull that names another.
+    verify: str = ""
 
     # --- derived -------------------------------------------------------------------------
 
@@ -99,8 +103,10 @@ class Reference:
 
     @property
     def canonical(self) -> str:
-        """What the key is computed from: the canonical URI and the include globs."""
-        return "\n".join((self.uri, *self.include))
+        """What the key is computed from: the canonical URI, the include globs and the
+        signature policy (on a line starting with NUL, which no glob can hold)."""
+        policy = (f"\0verify={self.verify}",) if self.verify else ()
+        return "\n".join((self.uri, *self.include, *policy))
 
     @functools.cached_property
     def key(self) -> str:
@@ -159,7 +165,8 @@ class Reference:
 
     def with_revision(self, revision: str) -> Reference:
         """The same reference at another revision (used to pin a resolved revision)."""
-        return Reference(self.scheme, self.host, self.path, revision, self.include)
+        return Reference(self.scheme, self.host, self.path, revision, self.include,
+                         self.verify)
 
     def __str__(self) -> str:
         return self.display
@@ -168,8 +175,9 @@ class Reference:
 # --- parsing ---------------------------------------------------------------------------
 
 
-def parse(uri: str, include: Iterable[str] | str | None = None) -> Reference:
-    """Parse a reference; raise :class:`InvalidReference` naming what is wrong."""
+def parse(uri: str, include: Iterable[str] | str | None = None, verify: str = "") -> Reference:
+    """Parse a reference; raise :class:`InvalidReference` naming what is wrong. ``verify``
+    is a policy scope (:func:`policy_scope`), checked here too."""
     if not isinstance(uri, str):
         raise InvalidReference("model URI must be a string")
     uri = uri.strip()
@@ -189,7 +197,35 @@ def parse(uri: str, include: Iterable[str] | str | None = None) -> Reference:
     globs = parse_include(include)
     parser = _PARSERS[scheme]
     host, path, revision = parser(scheme, rest)
-    return Reference(scheme, host, path, revision, globs)
+    if verify:
+        namespace, _, name = verify.rpartition("/")
+        verify = policy_scope(namespace or None, name)
+    return Reference(scheme, host, path, revision, globs, verify)
+
+
+def check_policy_name(name: object) -> str:
+    """A signature policy's name (a ConfigMap's in a cluster, a ``verifyPolicies`` key
+    standalone): a lowercase DNS-1123 subdomain; raise :class:`InvalidReference` if not."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidReference("verify policy name is empty")
+    name = name.strip()
+    if len(name) > 253 or not _K8S_NAME.match(name):
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise InvalidReference(
+            f"verify policy name {shown!r} is not a ConfigMap name (lowercase DNS-1123 "
+            "subdomain: a-z, 0-9, '-' and '.')")
+    return name
+
+
+def policy_scope(namespace: str | None, name: str) -> str:
+    """How a key names a signature policy: ``NAMESPACE/NAME`` in a cluster (a ConfigMap of
+    that namespace: one name in two namespaces is two policies), ``NAME`` standalone."""
+    name = check_policy_name(name)
+    if namespace:
+        if not _K8S_NAME.match(namespace) or "." in namespace or len(namespace) > 63:
+            raise InvalidReference(f"namespace {namespace[:64]!r} is not a valid namespace name")
+        return f"{namespace}/{name}"
+    return name
 
 
 def parse_include(include: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -444,5 +480,6 @@ def split_host_port(host: str, default_port: int) -> tuple[str, int]:
 
 __all__ = [
     "CACHED_SCHEMES", "KEY_HEX", "LABEL_PREFIX", "SCHEMES", "InvalidInput", "InvalidReference",
-    "ModelcacheError", "Reference", "key_of", "parse", "parse_include", "split_host_port",
+    "ModelcacheError", "Reference", "check_policy_name", "key_of", "parse", "parse_include",
+    "policy_scope", "split_host_port",
 ]

@@ -42,7 +42,7 @@ OUTCOMES = ("mutated", "skipped", "denied", "error")
 class Planner(Protocol):
     def __call__(
         self, pod: Mapping[str, Any], namespace_labels: Mapping[str, str] | None,
-        settings: PlanSettings,
+        settings: PlanSettings, namespace: str | None = None,
     ) -> Plan | Denial: ...
 
 
@@ -141,7 +141,8 @@ def _decide(request: dict[str, Any], ctx: Context, answer: _Answer) -> Outcome:
     annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
     if isinstance(annotations, dict) and MIRROR in annotations:
         return answer.skipped("mirror pod")
-    result = ctx.planner(pod, ctx.namespace_labels(str(namespace)), ctx.settings)
+    result = ctx.planner(pod, ctx.namespace_labels(str(namespace)), ctx.settings,
+                         str(namespace))
     if isinstance(result, Denial):
         answer.fields["annotation"] = result.annotation
         return answer.denied(result.message)

@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Literal, cast
 
-from common.reference import InvalidInput, InvalidReference, Reference, parse
+from common.reference import (
+    InvalidInput,
+    InvalidReference,
+    Reference,
+    check_policy_name,
+    parse,
+    policy_scope,
+)
 
 from .hosts import refused_host
 
@@ -30,6 +37,7 @@ SIZE = PREFIX + "size"
 #: "false": the node's agent does not read the model into the page cache for this pod (the
 #: agent reads it from the pod itself, through its pod watch)
 WARM_MEMORY = PREFIX + "warm-memory"
+VERIFY = PREFIX + "verify"
 #: written by the webhook: what it injected (DESIGN.md fixes the name)
 INJECTED = PREFIX + "injected"
 #: the opt-in label (the webhook's objectSelector)
@@ -39,7 +47,7 @@ MIRROR = "kubernetes.io/config.mirror"
 
 KNOWN = frozenset(
     {MODEL, MOUNT_PATH, INCLUDE, CREDENTIALS, FALLBACK, MODE, CONTAINERS, PLACEMENT, SIZE,
-     WARM_MEMORY, INJECTED}
+     WARM_MEMORY, VERIFY, INJECTED}
 )
 
 DEFAULT_MOUNT_PATH = "/mnt/models"
@@ -106,6 +114,9 @@ class ModelRequest:
     size_bytes: int | None = None
     warm_memory: bool = True
     """Whether the node's agent may read the model into the page cache ahead of the pod."""
+    verify: str | None = None
+    """The signature policy the model must pass (a ConfigMap of the pod's namespace); its
+    scope is in ``reference.verify`` and so in the key."""
     explicit: frozenset[str] = field(default=frozenset())
     """The annotations that were set (so the planner can warn about ones without effect)."""
     unknown: tuple[str, ...] = ()
@@ -119,8 +130,10 @@ def wants_model(annotations: Mapping[str, object], labels: Mapping[str, object])
     return any(key in KNOWN and key != INJECTED for key in annotations)
 
 
-def read(annotations: Mapping[str, object], allow_hosts: tuple[str, ...] = ()) -> ModelRequest:
-    """Validate the pod's annotations; raise :class:`AnnotationError` on the first problem."""
+def read(annotations: Mapping[str, object], allow_hosts: tuple[str, ...] = (),
+         namespace: str = "") -> ModelRequest:
+    """Validate the pod's annotations; raise :class:`AnnotationError` on the first problem.
+    ``namespace``: the pod's (a signature policy is a ConfigMap there, so it scopes the key)."""
     values = {key: _string(key, value) for key, value in annotations.items()
               if key.startswith(PREFIX)}
     uri = values.get(MODEL)
@@ -128,8 +141,13 @@ def read(annotations: Mapping[str, object], allow_hosts: tuple[str, ...] = ()) -
         raise AnnotationError(MODEL, "is required (the model's URI, e.g. hf://org/name)")
     uri = uri.strip()
     include = values.get(INCLUDE)
+    verify = _verify(values.get(VERIFY))
     try:
-        reference = parse(uri, include)
+        scope = policy_scope(namespace or None, verify) if verify else ""
+    except InvalidReference as e:
+        raise AnnotationError(VERIFY, str(e)) from e
+    try:
+        reference = parse(uri, include, scope)
     except InvalidReference as e:
         where = INCLUDE if include is not None and _only_include_wrong(uri) else MODEL
         raise AnnotationError(where, str(e)) from e
@@ -149,6 +167,7 @@ def read(annotations: Mapping[str, object], allow_hosts: tuple[str, ...] = ()) -
         ),
         size_bytes=_size(values.get(SIZE)),
         warm_memory=_choice(WARM_MEMORY, values, ("true", "false")) != "false",
+        verify=verify,
         explicit=frozenset(k for k in values if k in KNOWN),
         unknown=tuple(sorted(k for k in values if k not in KNOWN)),
     )
@@ -229,6 +248,15 @@ def _credentials(value: str | None) -> str | None:
             CREDENTIALS, f"{_show(name)} is not a Secret name (lowercase DNS-1123 subdomain)"
         )
     return name
+
+
+def _verify(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_policy_name(value)
+    except InvalidReference as e:
+        raise AnnotationError(VERIFY, f"{e}; it names the ConfigMap holding the policy") from None
 
 
 def _containers(value: str | None) -> tuple[str, ...] | None:

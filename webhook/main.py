@@ -95,6 +95,9 @@ def serve_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         f"(repeatable; NAME one of {', '.join(INIT_ENV_NAMES)})")
     p.add_argument("--init-ca-file", metavar="FILE",
                    help="PEM bundle of CAs that download trusts (a private CA's mirror)")
+    p.add_argument("--require-verify", action="append", default=[], metavar="NAMESPACE",
+                   help="pods in this namespace (a name or a glob such as 'prod-*'; "
+                   "repeatable) must name a signature policy (modelcache.io/verify)")
     p.add_argument("--cert-poll-seconds", type=float, default=ServerSettings.cert_poll_seconds)
     p.add_argument("--shutdown-delay", type=float,
                    default=ServerSettings.shutdown_delay_seconds, metavar="SECONDS")
@@ -127,8 +130,17 @@ def settings_from(args: argparse.Namespace) -> tuple[ServerSettings, PlanSetting
         image=image, allow_hosts=tuple(args.allow_host),
         init_env=tuple(_init_env(item) for item in args.init_env),
         init_ca_pem=_init_ca_pem(args.init_ca_file) if args.init_ca_file else "",
+        require_verify=tuple(_namespace_glob(g) for g in args.require_verify),
     )
     return server, planning
+
+
+def _namespace_glob(glob: str) -> str:
+    glob = glob.strip()
+    if not glob or not all(c in "abcdefghijklmnopqrstuvwxyz0123456789-*?[]"
+                           for c in glob):
+        _fail(f"--require-verify {glob!r} is not a namespace name or glob")
+    return glob
 
 
 def _init_env(item: str) -> tuple[str, str]:

@@ -19,6 +19,7 @@ mechanism (issue 6, "Constraints"; DESIGN.md, "Handing a model to a pod"):
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import math
 import posixpath
@@ -37,6 +38,7 @@ from .annotations import (
     PLACEMENT,
     SIDE_PATH,
     SIZE,
+    VERIFY,
     WARM_MEMORY,
     AnnotationError,
     ModelRequest,
@@ -96,9 +98,13 @@ def plan(
     pod: Mapping[str, Any],
     namespace_labels: Mapping[str, str] | None,
     settings: PlanSettings,
+    namespace: str | None = None,
 ) -> Plan | Denial:
-    """Plan the mutation of ``pod``; ``namespace_labels`` None means they are unknown."""
+    """Plan the mutation of ``pod``; ``namespace_labels`` None means they are unknown;
+    ``namespace``: the review's (default: the pod's own ``metadata.namespace``)."""
     meta = _mapping(pod.get("metadata"), "metadata")
+    if namespace is None:
+        namespace = meta.get("namespace") if isinstance(meta.get("namespace"), str) else ""
     annotations = _mapping(meta.get("annotations"), "metadata.annotations")
     labels = _mapping(meta.get("labels"), "metadata.labels")
     spec = _mapping(pod.get("spec"), "spec")
@@ -110,9 +116,12 @@ def plan(
     if _mapping(spec.get("os"), "spec.os").get("name") == "windows":
         return Denial("modelcache mounts models into Linux pods only (spec.os.name is windows)")
     try:
-        request = read(annotations, settings.allow_hosts)
+        request = read(annotations, settings.allow_hosts, namespace or "")
     except AnnotationError as e:
         return Denial(str(e), e.annotation)
+    refusal = _verify_refusal(request, namespace or "", namespace_labels, settings)
+    if refusal is not None:
+        return refusal
     mode = _mode(request, namespace_labels, settings)
     if mode == "csi" and not settings.csi:
         return Denial(
@@ -157,6 +166,26 @@ def _mode(request: ModelRequest, labels: Mapping[str, str] | None,
     if labels is not None and labels.get(PSA_ENFORCE) in NO_HOSTPATH_LEVELS:
         return "download"
     return "cache"
+
+
+def _verify_refusal(request: ModelRequest, namespace: str,
+                    labels: Mapping[str, str] | None, settings: PlanSettings) -> Denial | None:
+    """A pod the signature rules do not let in: none named where the admin requires one, or
+    one named where it cannot be checked (a claim, a download by the pod itself)."""
+    if request.verify is None:
+        if any(fnmatch.fnmatchcase(namespace, p) for p in settings.require_verify):
+            return Denial(
+                f"namespace {namespace} requires models to be signed: set {VERIFY} to the "
+                "name of a ConfigMap here that holds the signature policy", VERIFY)
+        return None
+    if not request.reference.cached:
+        return Denial(f"annotation {VERIFY}: a pvc:// model is mounted as it is and cannot "
+                      "be verified", VERIFY)
+    if _mode(request, labels, settings) == "download":
+        return Denial(
+            f"annotation {VERIFY}: the signature is checked by the node's agent, and mode "
+            "download bypasses it " + _mode_origin(request, labels), VERIFY)
+    return None
 
 
 def _mode_origin(request: ModelRequest, labels: Mapping[str, str] | None) -> str:
@@ -320,6 +349,8 @@ def _attributes(request: ModelRequest) -> dict[str, str]:
         attributes["include"] = ",".join(request.reference.include)
     if request.credentials is not None:
         attributes["credentials"] = request.credentials  # read in the pod's namespace
+    if request.verify is not None:
+        attributes["verify"] = request.verify  # the policy, a ConfigMap of the pod's namespace
     return attributes
 
 
@@ -359,6 +390,8 @@ def init_command(request: ModelRequest, mode: str, settings: PlanSettings) -> li
         # the name lets the agent read the Secret in the pod's namespace itself; the
         # mounted copy serves the fallback download
         command += ["--credentials", request.credentials, "--credentials-dir", CREDENTIALS_DIR]
+    if request.verify is not None:
+        command += ["--verify", request.verify]
     return command
 
 
@@ -380,6 +413,9 @@ def _init_container(request: ModelRequest, mode: str, settings: PlanSettings) ->
         "command": init_command(request, mode, settings),
         "env": [{"name": "MODELCACHE_NODE_NAME",
                  "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                *([{"name": "MODELCACHE_NAMESPACE",
+                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
+                  if request.verify is not None else []),
                 *({"name": name, "value": value} for name, value in settings.init_env),
                 *([{"name": INIT_CA_ENV, "value": settings.init_ca_pem}]
                   if settings.init_ca_pem else [])],
@@ -452,7 +488,11 @@ def _init_warnings(
         warnings.append(
             f"mode cache mounts a hostPath, which Pod Security level {level!r} here rejects"
         )
-    if request.fallback == "source" and request.size_bytes is None:
+    if request.verify is not None:
+        if FALLBACK in request.explicit and request.fallback == "source":
+            warnings.append(f"{FALLBACK} source has no effect with {VERIFY}: only the agent's "
+                            "verified copy is used")
+    elif request.fallback == "source" and request.size_bytes is None:
         warnings.append(
             f"{SIZE} not set: a fallback download counts against ephemeral storage, no limit known"
         )

@@ -61,6 +61,10 @@ class PlanSettings:
     """PEM bundle of CAs the init container's download trusts on top of the image's
     (``--init-ca-file``; a mirror signed by a private CA)."""
 
+    require_verify: tuple[str, ...] = ()
+    """Namespaces (names or globs, ``--require-verify``) whose pods must name a signature
+    policy (``modelcache.io/verify``); a pod there without one is denied."""
+
 
 @dataclass(frozen=True)
 class ServerSettings:

@@ -31,7 +31,7 @@ from agent.store.blobs import valid_digest
 from agent.store.local import Store
 from agent.store.trees import iso
 from common import errors
-from common.reference import KEY_HEX, parse
+from common.reference import KEY_HEX, parse, policy_scope
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
@@ -76,6 +76,7 @@ STATUS: list[tuple[type[errors.ModelcacheError], int]] = [
     (errors.NotAllowed, 403),
     (errors.InvalidInput, 400),
     (errors.NotFound, 404),
+    (errors.VerificationFailed, 422),
     (errors.SourceNotFound, 404),
     (errors.Conflict, 409),
     (errors.Locked, 409),
@@ -195,10 +196,14 @@ async def ensure_model(request: web.Request) -> web.Response:
     cred_name = body.get("credentials")
     if cred_name is not None and not isinstance(cred_name, str):
         raise errors.InvalidInput('"credentials" must be the name of a Secret')
-    unknown = set(body) - {"uri", "include", "pin", "credentials"}
+    verify = body.get("verify")
+    if verify is not None and not isinstance(verify, str):
+        raise errors.InvalidInput('"verify" must be the name of a signature policy')
+    unknown = set(body) - {"uri", "include", "pin", "credentials", "verify"}
     if unknown:
         raise errors.InvalidInput(f"unknown field(s) in body: {', '.join(sorted(unknown))}")
-    ref = parse(uri, include)
+    scope = policy_scope(caller.namespace, verify) if verify is not None else ""
+    ref = parse(uri, include, scope)
     await deps.auth.admit(caller, ref, cred_name, pin)
     credentials = None
     if cred_name:

@@ -66,8 +66,11 @@ class AgentClient:
                                 f"{str(e) or type(e).__name__}") from e
 
     async def ensure(self, uri: str, include: list[str] | None = None, pin: bool = False,
-                     credentials: str | None = None) -> dict[str, Any]:
+                     credentials: str | None = None, verify: str | None = None
+                     ) -> dict[str, Any]:
         body: dict[str, Any] = {"uri": uri}
+        if verify:
+            body["verify"] = verify
         if include:
             body["include"] = include
         if pin:

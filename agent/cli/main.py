@@ -81,6 +81,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--include", action="append", metavar="GLOB", help="select files (repeatable)")
     c.add_argument("--pin", action="store_true", help="never evict it")
     c.add_argument("--credentials", help="name of the credentials (a Secret) to use")
+    c.add_argument("--verify", metavar="POLICY",
+                   help="publish it only if its signature passes this policy")
     c.add_argument("--wait", action="store_true", help="follow the pull until it ends")
     client_flags(c)
     c.set_defaults(func=cmd_pull)
@@ -152,7 +154,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     async def go() -> dict[str, Any]:
         async with _client(args) as client:
-            model = await client.ensure(args.uri, args.include, args.pin, args.credentials)
+            model = await client.ensure(args.uri, args.include, args.pin, args.credentials,
+                                        args.verify)
             if not args.wait or model["state"] != "pulling":
                 return model
             bar = ProgressBar(model["key"] if args.json else args.uri,
@@ -167,6 +170,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     model = asyncio.run(go())
     text = f"{model['key']}  {model['state']}  {human_bytes(model['size_bytes'])}  {model['uri']}"
+    if model.get("verified"):
+        text += "\n" + _verified(model["verified"])
     if model.get("error"):
         text += f"\nerror: {model['error']}"
     _print(args, model, text)
@@ -183,13 +188,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
             return await client.models()
 
     models = asyncio.run(go())
-    rows = [f"{'KEY':24}  {'STATE':7}  {'SIZE':>10}  {'PIN':3}  {'USE':3}  URI"]
+    rows = [f"{'KEY':24}  {'STATE':7}  {'SIZE':>10}  {'PIN':3}  {'USE':3}  {'VERIFIED':12}  URI"]
     for m in models:
+        verified = (m.get("verified") or {}).get("policy") or "-"
         rows.append(f"{m['key']:24}  {m['state']:7}  {human_bytes(m['size_bytes']):>10}  "
                     f"{'yes' if m['pinned'] else '-':3}  {'yes' if m['in_use'] else '-':3}  "
-                    f"{m['uri']}")
+                    f"{verified:12}  {m['uri']}")
     _print(args, {"models": models}, "\n".join(rows))
     return 0
+
+
+def _verified(check: dict[str, Any]) -> str:
+    return (f"verified: policy {check['policy']} ({check['method']}), signed by "
+            f"{check['signer']}, checked {check['time']}")
 
 
 def cmd_rm(args: argparse.Namespace) -> int:

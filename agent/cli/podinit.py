@@ -17,6 +17,11 @@ never see an empty or partial model:
 3. download mode: no side path at all; the agent is asked (without waiting) to warm the
    node, and the files come from the source as in 2.
 
+With a signature policy (``--verify``, the pod's ``modelcache.io/verify``) the model is linked
+only if the manifest the side mount shows carries a passing check under that policy (the
+pod's namespace and the policy name: ``agent.verify.require_verified``), and there is no
+fallback: a download from the source could not be checked here, so it is never used.
+
 The fallback runs as the pod itself, with the pod's own network identity and the pod's
 credentials Secret: it is not the node agent's egress allowlist that guards it, the pod's
 network policy is.
@@ -40,9 +45,10 @@ from agent.store.modeldir import ModelDir
 from agent.store.names import join_inside
 from agent.store.roles import Provider
 from agent.store.trees import Manifest
+from agent.verify import require_verified
 from common import logs
 from common.errors import ModelcacheError
-from common.reference import Reference, parse
+from common.reference import Reference, parse, policy_scope
 
 # A warm node's path (ask the agent, link the tree) imports only the above and the
 # standard library's HTTP client; agent/cli/podpull.py (asyncio, aiohttp, the fetch engine,
@@ -50,6 +56,8 @@ from common.reference import Reference, parse
 
 log = logging.getLogger("modelcache.init")
 WORK_DIR = ".modelcache"
+#: the pod's namespace (downward API): a policy is the ConfigMap of that name there
+NAMESPACE_ENV = "MODELCACHE_NAMESPACE"
 
 
 class InitError(ModelcacheError):
@@ -72,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--credentials", help="name of the pod's credentials Secret (the agent "
                    "reads it in the pod's namespace)")
     p.add_argument("--credentials-dir", type=Path, help="the same Secret, mounted (fallback)")
+    p.add_argument("--verify", metavar="POLICY",
+                   help="serve the model only if it passed this signature policy (a ConfigMap "
+                   "in the pod's namespace); no fallback download")
     p.add_argument("--connect-timeout", type=float, default=5.0,
                    help="seconds to reach the agent before falling back")
     p.add_argument("--log-level", default="info")
@@ -96,12 +107,14 @@ def main(argv: list[str]) -> int:
 def provide(args: argparse.Namespace) -> str:
     """Fill the mount path; return how (``warm``, ``agent``, ``source``). A warm node is
     served here, without an event loop; everything else by :func:`run`."""
-    ref = parse(args.uri, args.include or None)
+    scope = policy_scope(os.environ.get(NAMESPACE_ENV) or None, args.verify) \
+        if args.verify else ""
+    ref = parse(args.uri, args.include or None, scope)
     if not ref.cached:
         raise InitError(f"{ref.scheme}:// models are mounted directly; no init container needed")
     token = prepare(args)
     asked = ask_agent(args, ref, token) if args.mode == "cache" else None
-    if asked is not None and asked.ready and link_side(args, ref.key):
+    if asked is not None and asked.ready and link_side(args, ref.key, ref.verify):
         return "warm"
     import asyncio
 
@@ -133,6 +146,8 @@ def ask_agent(args: argparse.Namespace, ref: Reference, token: str | None) -> As
         body["include"] = list(ref.include)
     if args.credentials:
         body["credentials"] = args.credentials
+    if args.verify:
+        body["verify"] = args.verify
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -166,6 +181,9 @@ def ask_agent(args: argparse.Namespace, ref: Reference, token: str | None) -> As
     if status >= 400 or not isinstance(reply, dict):
         message = reply.get("error") if isinstance(reply, dict) else None
         return Asked(error=message or f"HTTP {status}")
+    if reply.get("key") != ref.key:
+        return Asked(error=f"the agent names the model {reply.get('key')}, this pod expects "
+                           f"{ref.key}: not the same reference and policy")
     return Asked(model=reply)
 
 
@@ -177,12 +195,14 @@ def prepare(args: argparse.Namespace) -> str | None:
     return _read_token(args.token_file)
 
 
-def link_side(args: argparse.Namespace, key: str) -> bool:
-    """Link the tree the side mount shows; False if it shows none."""
+def link_side(args: argparse.Namespace, key: str, policy: str = "") -> bool:
+    """Link the tree the side mount shows; False if it shows none. With a policy, a tree
+    without a passing check under it is refused (:class:`VerificationFailed`)."""
     side = ModelDir(args.side_path, key)
     manifest = side.manifest(key)
     if manifest is None:
         return False
+    require_verified(manifest, policy)
     link_tree(side, manifest, args.mount_path)
     shutil.rmtree(args.mount_path / WORK_DIR, ignore_errors=True)
     return True

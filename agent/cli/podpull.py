@@ -47,21 +47,28 @@ async def run(args: argparse.Namespace, ref: Reference, token: str | None,
         assert asked is not None
         try:
             how = await follow_agent(args, token, asked)
-            if not await asyncio.to_thread(link_side, args, ref.key):
+            if not await asyncio.to_thread(link_side, args, ref.key, ref.verify):
                 raise InitError("the agent reports the model ready but the side mount "
                                 f"{args.side_path} shows no manifest")
             return how
         except ModelcacheError as e:
             agent_error = str(e)
-            if await asyncio.to_thread(link_side, args, ref.key):
+            if await asyncio.to_thread(link_side, args, ref.key, ref.verify):
                 # warm on this node even though the agent is not answering
                 log.warning("agent not usable, but the model is on the node",
                             extra={"error": agent_error})
                 return "warm"
+        if ref.verify:
+            raise InitError(f"verify policy {args.verify!r}: the node's agent cannot provide "
+                            f"a verified {ref.display} ({agent_error}); a download from the "
+                            "source cannot be verified here and is not used")
         if args.fallback == "none":
             raise InitError(f"the node's agent cannot provide {ref.display} ({agent_error}) "
                             "and modelcache.io/fallback is none")
         log.warning("falling back to the source", extra={"error": agent_error})
+    elif ref.verify:
+        raise InitError(f"verify policy {args.verify!r}: mode download fetches from the "
+                        "source, which cannot be verified here; use mode cache or csi")
     else:
         await warm_node(ref, args, token)
     await from_source(ref, args)

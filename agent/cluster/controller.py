@@ -59,7 +59,7 @@ class Controller:
         self.warmer = warmer
         self.labels = NodeLabels(kube, self.node, index)
         self.status = StatusWriter(kube, self.node, index, self.settings.status_interval)
-        fixed = [parse(m.uri, m.include).key for m in settings.warm if m.pin]
+        fixed = [parse(m.uri, m.include, m.verify).key for m in settings.warm if m.pin]
         self.warm = Warm(puller, index, credentials, self.status, self.settings, fixed)
         self.node_informer = kube.watch_node(self.node)
         self.pod_informer = kube.watch_pods_on_node(self.node)

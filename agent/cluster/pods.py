@@ -1,10 +1,10 @@
 """The pods running on this node, and the models each one uses.
 
 Fed by the pod informer (``spec.nodeName`` field selector). A pod uses the model its
-``modelcache.io/model`` (+ ``modelcache.io/include``) annotation names, and the one the
-webhook recorded in ``modelcache.io/injected``; a pending or running pod holds them, a pod
-that has terminated or is gone releases them. The same directory tells the admin API which
-pod a bound service-account token belongs to.
+``modelcache.io/model`` (+ ``modelcache.io/include``, ``modelcache.io/verify``) annotations
+name, and the one the webhook recorded in ``modelcache.io/injected``; a pending or running
+pod holds them, a pod that has terminated or is gone releases them. The same directory tells
+the admin API which pod a bound service-account token belongs to.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from common.errors import ModelcacheError
-from common.reference import parse
+from common.reference import parse, policy_scope
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ Obj = dict[str, Any]
 MODEL = "modelcache.io/model"
 INCLUDE = "modelcache.io/include"
 CREDENTIALS = "modelcache.io/credentials"
+VERIFY = "modelcache.io/verify"
 INJECTED = "modelcache.io/injected"
 WARM_MEMORY = "modelcache.io/warm-memory"
 FINISHED = ("Succeeded", "Failed")
@@ -48,12 +49,16 @@ def running(pod: Obj) -> bool:
 def models_of(pod: Obj) -> frozenset[str]:
     """Keys of the models a pod asks for by annotation (invalid annotations name none: the
     webhook denies those pods, and nothing else may make them valid)."""
-    notes = (pod.get("metadata") or {}).get("annotations") or {}
+    meta = pod.get("metadata") or {}
+    notes = meta.get("annotations") or {}
     keys: set[str] = set()
     uri = notes.get(MODEL)
     if isinstance(uri, str):
         try:
-            ref = parse(uri, notes.get(INCLUDE))
+            verify = notes.get(VERIFY)
+            scope = policy_scope(meta.get("namespace") or None, verify) \
+                if isinstance(verify, str) else ""
+            ref = parse(uri, notes.get(INCLUDE), scope)
         except ModelcacheError:
             ref = None
         if ref is not None and ref.cached:

@@ -12,7 +12,9 @@ and its managed fields): N agents writing progress every 30 s would have the api
 interval to the number of nodes in the status divided by :data:`PROGRESS_WRITES_PER_SECOND`,
 which bounds a CachedModel's progress writes across the cluster to about that rate (at 1000
 nodes: one write per node every 1000 s; state changes still go at once). A state change
-also records an Event on the CachedModel: ``Pulled``, ``PullFailed`` or ``Evicted``.
+also records an Event on the CachedModel: ``Pulled`` (saying who signed it, under a verify
+policy), ``PullFailed``, ``VerificationFailed`` (the signature, or the policy, failed; the
+model is not published) or ``Evicted``.
 
 The last entry written starts as what the CachedModel already shows, so a restart rewrites
 nothing that has not changed.
@@ -42,9 +44,11 @@ RETRY_SECONDS = 5.0
 Obj = dict[str, Any]
 Entry = dict[str, Any]
 #: the fields compared to decide whether an entry changed (not the transition time)
-CONTENT = ("state", "revision", "bytes", "message")
+CONTENT = ("state", "revision", "bytes", "message", "verified")
 #: progress writes of one CachedModel per second, all nodes together (state changes aside)
 PROGRESS_WRITES_PER_SECOND = 1.0
+#: failure reasons that make a ``VerificationFailed`` Event rather than ``PullFailed``
+VERIFY_REASONS = ("verification", "unsigned", "verify_policy")
 
 
 @dataclass
@@ -61,7 +65,9 @@ class Target:
     obj: Obj
     model_key: str
     error: str | None = None
-    """Why this node cannot even start its pull (reference, Secret, access), if so."""
+    """Why this node cannot even start its pull (reference, Secret, access, policy), if so."""
+    reason: str | None = None
+    """The error's reason (``ModelcacheError.reason``)."""
 
 
 def now_iso() -> str:
@@ -123,11 +129,11 @@ class StatusWriter:
             self._clear[cm_key] = target.obj
         self._dirty.set()
 
-    def fail(self, cm_key: str, message: str | None) -> None:
+    def fail(self, cm_key: str, message: str | None, reason: str | None = None) -> None:
         """Report (or, with ``None``, stop reporting) a failure that precedes any pull."""
         target = self.targets.get(cm_key)
         if target is not None and target.error != message:
-            target.error = message
+            target.error, target.reason = message, reason
             self._dirty.set()
 
     def evicted(self, model_key: str, reason: str) -> None:
@@ -192,6 +198,7 @@ class StatusWriter:
     def entry(self, target: Target, model: Model | None, last: Written | None) -> Entry | None:
         """This node's entry for ``target`` now (``None``: nothing to report yet)."""
         message: str | None
+        verified = None
         if target.error is not None:
             state, revision, size, message = FAILED, None, None, target.error
         elif model is None:
@@ -205,11 +212,16 @@ class StatusWriter:
             size = model.manifest.size_bytes if model.state == READY and model.manifest \
                 else model.bytes_done
             message = model.error if model.state == FAILED else None
+            check = model.to_json()["verified"] if model.state == READY else None
+            if check is not None:
+                verified = {"policy": check["policy"], "signer": _cut(check["signer"], 1024),
+                            "time": check["time"]}
         transition = now_iso()
         if last is not None and last.entry.get("state") == state:
             transition = last.entry.get("lastTransitionTime") or transition
         return {"state": state, "revision": _cut(revision, MAX_REVISION), "bytes": size,
-                "lastTransitionTime": transition, "message": _cut(message, MAX_MESSAGE)}
+                "lastTransitionTime": transition, "message": _cut(message, MAX_MESSAGE),
+                "verified": verified}
 
     async def _write(self, cm_key: str, obj: Obj, entry: Entry | None) -> bool:
         namespace, _, name = cm_key.partition("/")
@@ -233,8 +245,16 @@ class StatusWriter:
             reason = "Pulled"
             note = (f"ready on node {self.node}: revision {entry['revision']}, "
                     f"{entry['bytes']} bytes")
+            if entry.get("verified"):
+                check = entry["verified"]
+                note += f"; signature verified under {check['policy']}, by {check['signer']}"
         elif state == FAILED:
             reason, kind = "PullFailed", "Warning"
+            model = self.index.get(target.model_key)
+            why = target.reason if target.error is not None else (
+                model.error_reason if model is not None else None)
+            if why in VERIFY_REASONS:
+                reason = "VerificationFailed"
             note = f"pull failed on node {self.node}: {entry['message']}"
         elif state == EVICTED:
             reason = "Evicted"

@@ -1,10 +1,10 @@
 """What this node keeps warm: the CachedModels whose ``spec.nodeSelector`` its labels match.
 
-Each one is ensured once (``spec.uri`` + ``spec.include``, credentials from the Secret
-``spec.credentialsSecret`` in its own namespace) and pinned while any matching CachedModel
-says ``spec.pin``. A CachedModel deleted, no longer matching, or no longer pinning leaves its
-model unpinned and evictable; nothing is deleted at once. Its status entry is removed when it
-still exists but no longer selects this node.
+Each one is ensured once (``spec.uri`` + ``spec.include`` + ``spec.verify``, credentials from
+the Secret ``spec.credentialsSecret`` in its own namespace) and pinned while any matching
+CachedModel says ``spec.pin``. A CachedModel deleted, no longer matching, or no longer pinning
+leaves its model unpinned and evictable; nothing is deleted at once. Its status entry is
+removed when it still exists but no longer selects this node.
 
 A failed pull is tried again after the shared backoff (full jitter over a window from
 ``retry_base`` doubling up to ``retry_max``); an unpinned
@@ -32,7 +32,7 @@ from agent.pull.puller import Puller
 from agent.settings import ClusterSettings
 from common import backoff
 from common.errors import ModelcacheError
-from common.reference import Reference, parse
+from common.reference import Reference, parse, policy_scope
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -152,14 +152,18 @@ class Warm:
             spec = obj.get("spec") or {}
             if not selects(spec.get("nodeSelector"), self.policy.labels):
                 continue
+            namespace = (obj.get("metadata") or {}).get("namespace", "")
             try:
-                ref = parse(spec.get("uri", ""), spec.get("include"))
+                verify = spec.get("verify")
+                field = "spec.verify"
+                scope = policy_scope(namespace or None, verify) if verify else ""
+                field = "spec.uri"
+                ref = parse(spec.get("uri", ""), spec.get("include"), scope)
             except ModelcacheError as e:
                 self.status.track(cm_key, obj, "")
-                self.status.fail(cm_key, f"spec.uri: {e}")
+                self.status.fail(cm_key, f"{field}: {e}", e.reason)
                 invalid.add(cm_key)
                 continue
-            namespace = (obj.get("metadata") or {}).get("namespace", "")
             out[cm_key] = _Want(ref, namespace, spec.get("credentialsSecret") or None,
                                 bool(spec.get("pin")))
         return out, invalid
@@ -207,7 +211,7 @@ class Warm:
         except ModelcacheError as e:
             want.failures += 1
             want.retry_at = now + self._backoff(want.failures)
-            self.status.fail(cm_key, str(e))
+            self.status.fail(cm_key, str(e), e.reason)
             log.warning("cannot keep a CachedModel warm", extra={
                 "cachedmodel": cm_key, "key": want.ref.key, "error": str(e)})
             return want.retry_at

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from agent.csi.requests import PodInfo
 from agent.index import READY, Model
+from agent.verify import require_verified
 from common.errors import Forbidden, InvalidInput, NotReady, Unauthorized
 from common.kube.client import TokenReview
 
@@ -109,13 +110,15 @@ class ClusterAccess:
         return Pod(info.namespace, info.name, info.uid, authenticated=True)
 
 
-def admit(pod: Pod, model: Model) -> None:
+def admit(pod: Pod, model: Model, policy: str = "") -> None:
     """Decide whether ``pod`` may be handed ``model`` (ready, as ``Puller.ensure`` gave it
-    for the pod's namespace and credentials) now: raise :class:`Forbidden` if not.
+    for the pod's namespace and credentials) now: raise if not.
 
     The one place of that decision for CSI volumes: the credentials scope was applied by the
-    puller for this pod's namespace; a check that a model carries what the pod's policy
-    requires (a verified signature) belongs here too.
+    puller for this pod's namespace; with the pod's signature policy (``policy``, its scope)
+    the manifest must carry a passing check under it (fail closed:
+    :func:`agent.verify.require_verified` raises :class:`VerificationFailed`).
     """
     if model.state != READY or model.manifest is None:
         raise NotReady(f"model {model.key} is {model.state}, not ready")
+    require_verified(model.manifest, policy)

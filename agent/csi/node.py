@@ -40,6 +40,7 @@ from agent.pull.puller import Puller
 from agent.settings import CsiSettings
 from agent.store.local import Store
 from common.errors import Conflict, InvalidInput, NotReady, StoreError
+from common.reference import Reference
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS_REMEMBERED = 10_000
@@ -89,8 +90,9 @@ class CsiNode:
         async with self._volume(req.volume_id):
             if await self._already_published(req):
                 return
-            model = await self._ready(req, pod, attempts)
-            admit(pod, model)
+            ref = req.reference(pod.namespace)
+            model = await self._ready(req, ref, pod, attempts)
+            admit(pod, model, ref.verify)
             await self._mount(req, pod, model)
         if self._attempts.pop(req.volume_id, None) is attempts:
             self.metrics.csi_publish_wait.observe(time.monotonic() - attempts.started)
@@ -108,19 +110,20 @@ class CsiNode:
         if record.target != str(req.target):
             raise Conflict(f"volume {req.volume_id} is already published at {record.target}")
         asked = Record(req.volume_id, str(req.target), record.key, record.tree, req.uri,
-                       req.ref.include, req.credentials)
+                       req.ref.include, req.credentials, req.verify)
         if not record.same_request(asked):
             raise Conflict(f"volume {req.volume_id} is already published at {record.target} "
                            "with other volume attributes")
         return True
 
-    async def _ready(self, req: Publish, pod: Pod, attempts: _Attempts) -> Model:
+    async def _ready(self, req: Publish, ref: Reference, pod: Pod, attempts: _Attempts
+                     ) -> Model:
         """The model, ready, for the pod's namespace and credentials; or NotReady."""
         credentials = None
         if req.credentials is not None:
             credentials = await self.credentials.get(pod.namespace, req.credentials)
         # one cache request per volume (a hit, or a miss), however often kubelet asks
-        model = await self.puller.ensure(req.ref, credentials=credentials,
+        model = await self.puller.ensure(ref, credentials=credentials,
                                          credentials_name=req.credentials,
                                          namespace=pod.namespace, count=not attempts.counted)
         if not attempts.counted and self.warmer is not None:
@@ -139,8 +142,8 @@ class CsiNode:
         record = Record(
             volume_id=req.volume_id, target=str(req.target), key=model.key,
             tree=model.manifest.tree, uri=req.uri, include=req.ref.include,
-            credentials=req.credentials, namespace=pod.namespace, pod=req.pod.key,
-            pod_uid=req.pod.uid, published=time.time())
+            credentials=req.credentials, verify=req.verify, namespace=pod.namespace,
+            pod=req.pod.key, pod_uid=req.pod.uid, published=time.time())
         # in use from now on, in the same step as the check that it is still there: an
         # eviction takes a model out of the index before it touches the disk
         self.usage.hold(record.holder, model.key)

@@ -41,6 +41,8 @@ class Record:
     uri: str
     include: tuple[str, ...] = ()
     credentials: str | None = None
+    verify: str | None = None
+    """The signature policy asked for (``volumeAttributes.verify``)."""
     namespace: str | None = None
     pod: str | None = None
     """``namespace/name`` of the pod, as kubelet named it."""
@@ -54,8 +56,8 @@ class Record:
 
     def same_request(self, other: Record) -> bool:
         """Whether ``other`` asks for what this record published, at the same place."""
-        return (self.target, self.uri, self.include, self.credentials) == \
-            (other.target, other.uri, other.include, other.credentials)
+        return (self.target, self.uri, self.include, self.credentials, self.verify) == \
+            (other.target, other.uri, other.include, other.credentials, other.verify)
 
 
 class Records:
@@ -153,5 +155,6 @@ def _from_json(data: Any) -> Record:
     return Record(
         volume_id=str(text("volume_id")), target=str(text("target")), key=str(text("key")),
         tree=str(text("tree")), uri=str(text("uri")), include=tuple(include),
-        credentials=text("credentials", False), namespace=text("namespace", False),
+        credentials=text("credentials", False), verify=text("verify", False),
+        namespace=text("namespace", False),
         pod=text("pod", False), pod_uid=text("pod_uid", False), published=float(published))

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from agent.csi.proto import csi_pb2 as pb
 from common.errors import InvalidInput, InvalidReference
-from common.reference import Reference, parse
+from common.reference import Reference, check_policy_name, parse, policy_scope
 
 MODEL = "model"
 INCLUDE = "include"
 CREDENTIALS = "credentials"
-ATTRIBUTES = (MODEL, INCLUDE, CREDENTIALS)
+VERIFY = "verify"
+ATTRIBUTES = (MODEL, INCLUDE, CREDENTIALS, VERIFY)
 #: keys kubelet adds to the volume context (podInfoOnMount, tokenRequests, inline volumes)
 KUBELET_PREFIX = "csi.storage.k8s.io/"
 POD_NAME = KUBELET_PREFIX + "pod.name"
@@ -66,6 +67,15 @@ class Publish:
     """``model`` as written."""
     credentials: str | None
     pod: PodInfo
+    verify: str | None = None
+    """The signature policy the model must pass (a ConfigMap of the pod's namespace)."""
+
+    def reference(self, namespace: str | None) -> Reference:
+        """The model's reference for the pod in ``namespace``: its policy in the key's scope,
+        as the webhook and the init container name it."""
+        if self.verify is None:
+            return self.ref
+        return parse(self.uri, self.ref.include or None, policy_scope(namespace, self.verify))
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,13 @@ def publish_request(req: pb.NodePublishVolumeRequest, pods_dir: Path) -> Publish
     if credentials is not None and not _SECRET.match(credentials):
         raise InvalidInput(f"volumeAttributes.credentials: {credentials[:64]!r} is not a "
                            "Secret name (lowercase DNS-1123 subdomain)")
-    return Publish(volume_id, target, ref, uri, credentials, _pod(context))
+    verify = context.get(VERIFY, "").strip() or None
+    if verify is not None:
+        try:
+            check_policy_name(verify)
+        except InvalidInput as e:
+            raise InvalidInput(f"volumeAttributes.verify: {e}") from None
+    return Publish(volume_id, target, ref, uri, credentials, _pod(context), verify)
 
 
 def unpublish_request(req: pb.NodeUnpublishVolumeRequest, pods_dir: Path) -> Unpublish:

@@ -35,6 +35,7 @@ CODES: list[tuple[type[errors.ModelcacheError], grpc.StatusCode, str]] = [
     (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
     (errors.Unauthorized, grpc.StatusCode.PERMISSION_DENIED, "denied"),
     (errors.Forbidden, grpc.StatusCode.PERMISSION_DENIED, "denied"),
+    (errors.VerificationFailed, grpc.StatusCode.PERMISSION_DENIED, "denied"),
     (errors.NotAllowed, grpc.StatusCode.PERMISSION_DENIED, "denied"),
     (errors.NotReady, grpc.StatusCode.UNAVAILABLE, "pending"),
     (errors.ShuttingDown, grpc.StatusCode.UNAVAILABLE, "pending"),

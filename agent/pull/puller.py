@@ -29,12 +29,17 @@ from agent.sources.base import Credentials, RemoteFile, Resolved, Source
 from agent.store.names import check_unique, safe_relpath
 from agent.store.roles import Publisher
 from agent.store.trees import FileEntry, Manifest, apply_whiteout
+from agent.verify.policy import Policy, PolicyProvider
+from agent.verify.signature import verify_files
 from common.errors import (
     ModelcacheError,
     NoSpace,
     NotAllowed,
     NotFound,
+    PolicyError,
     ShuttingDown,
+    Unsigned,
+    VerificationFailed,
 )
 from common.reference import Reference, parse
 
@@ -76,7 +81,8 @@ class Puller:
     def __init__(self, *, store: Publisher, fetcher: Fetcher, sources: Mapping[str, Source],
                  index: Index, egress: Egress, settings: AgentSettings,
                  reserver: Reserver, metrics: Metrics | None = None,
-                 sharing: SharedAccess | None = None) -> None:
+                 sharing: SharedAccess | None = None,
+                 policies: PolicyProvider | None = None) -> None:
         self.store = store
         self.fetcher = fetcher
         self.sources = dict(sources)
@@ -87,6 +93,9 @@ class Puller:
         self.reserver = reserver
         #: the cross-namespace rule (cluster mode); ``None``: one tenant (standalone)
         self.sharing = sharing
+        #: signature policies a reference may name (``None``: none can be checked here, so
+        #: a reference that names one fails)
+        self.policies = policies
         self._stopping = False
         self._last_flush: dict[str, float] = {}
 
@@ -96,7 +105,7 @@ class Puller:
         """Fill the index from the store's manifests (after recovery)."""
         for manifest in self.store.manifests():
             try:
-                ref = parse(manifest.uri, manifest.include)
+                ref = parse(manifest.uri, manifest.include, manifest.verify)
             except ModelcacheError:
                 log.warning("manifest has an unparsable URI", extra={"key": manifest.key})
                 continue
@@ -109,7 +118,7 @@ class Puller:
         resumed = []
         for key, intent in (await asyncio.to_thread(self.store.intents)).items():
             try:
-                ref = parse(intent["uri"], intent.get("include"))
+                ref = parse(intent["uri"], intent.get("include"), intent.get("verify") or "")
             except (ModelcacheError, KeyError):
                 await asyncio.to_thread(self.store.remove_intent, key)
                 continue
@@ -120,9 +129,14 @@ class Puller:
             if intent.get("credentials") and credentials is not None:
                 with contextlib.suppress(ModelcacheError):
                     creds = await credentials.get(intent.get("namespace"), intent["credentials"])
-            await self.ensure(ref, credentials=creds, pin=bool(intent.get("pin")),
-                              credentials_name=intent.get("credentials"),
-                              namespace=intent.get("namespace"), count=False)
+            try:
+                await self.ensure(ref, credentials=creds, pin=bool(intent.get("pin")),
+                                  credentials_name=intent.get("credentials"),
+                                  namespace=intent.get("namespace"), count=False)
+            except PolicyError as e:  # gone or broken since: the pull cannot be checked
+                await asyncio.to_thread(self.store.remove_intent, key)
+                log.warning("interrupted pull not resumed", extra={"key": key, "error": str(e)})
+                continue
             resumed.append(key)
         return resumed
 
@@ -139,8 +153,12 @@ class Puller:
         self.egress.check_scheme(ref.scheme)
         if ref.scheme == "file":
             self.egress.check_path(ref.path)  # refuse at once, not after a failed pull
+        policy = await self.policy(ref)  # a missing or broken policy: refused at once
         model = self.index.get(ref.key)
         now = time.time()
+        if policy is not None and model is not None and model.state == READY \
+                and not self._checked_under(model, policy):
+            await self._recheck(model, policy)
         if model is not None and model.state in (READY, PULLING):
             if self.sharing is not None:
                 await self.sharing.check(model, self._source(ref.scheme), namespace,
@@ -164,14 +182,61 @@ class Puller:
             model.state, model.error, model.bytes_done, model.started = PULLING, None, 0, now
             model.pinned = model.pinned or pin
             self.index.notify(model)
-        intent = {"uri": ref.uri, "include": list(ref.include), "pin": model.pinned,
-                  "credentials": credentials_name, "namespace": namespace,
+        intent = {"uri": ref.uri, "include": list(ref.include), "verify": ref.verify,
+                  "pin": model.pinned, "credentials": credentials_name, "namespace": namespace,
                   "started": now, "refs": [], "blobs": [], "requested": count}
         model.intent = intent
         model.pulled_with = (namespace, credentials_name)
-        model.task = asyncio.create_task(self._pull(model, credentials, intent),
+        model.task = asyncio.create_task(self._pull(model, credentials, intent, policy=policy),
                                          name=f"pull-{ref.key}")
         return model
+
+    async def policy(self, ref: Reference) -> Policy | None:
+        """The signature policy ``ref`` names, loaded now; None if it names none. A policy
+        that is missing or malformed raises :class:`PolicyError` (and is counted)."""
+        if not ref.verify:
+            return None
+        try:
+            if self.policies is None:
+                raise PolicyError(f"verify policy {ref.verify!r}: this agent checks no "
+                                  "signatures (no policies configured)")
+            return await self.policies.get(ref.verify)
+        except PolicyError:
+            self._verified("policy")
+            raise
+
+    def _checked_under(self, model: Model, policy: Policy) -> bool:
+        m = model.manifest
+        return m is not None and m.verified is not None \
+            and m.verified.policy_digest == policy.digest and m.verified.tree == m.tree
+
+    async def _recheck(self, model: Model, policy: Policy) -> None:
+        """The policy changed since the model passed (a rotated key): check the published
+        files again, from the store. A failure leaves the model failed and its manifest
+        without a passing check, so no pod is handed it from now on."""
+        manifest = model.manifest
+        assert manifest is not None
+        try:
+            verification, files = await asyncio.to_thread(
+                verify_files, policy, manifest.files, self.store.blobs.path, self.store.tmp,
+                model.ref.matches if model.ref.include else None)
+        except VerificationFailed as e:
+            self._verified(_outcome(e))
+            model.manifest = replace(manifest, verified=None)
+            await asyncio.to_thread(self.store.update_manifest, model.manifest)
+            model.state, model.error, model.error_reason = FAILED, str(e), e.reason
+            self.index.notify(model)
+            log.warning("model no longer verifies under its policy", extra={
+                "key": model.key, "error": str(e)})
+            return
+        self._verified("passed")
+        model.manifest = replace(manifest, files=files, verified=verification)
+        await asyncio.to_thread(self.store.update_manifest, model.manifest)
+        self.index.notify(model)
+
+    def _verified(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.verifications.labels(result=result).inc()
 
     async def set_pinned(self, model: Model, pinned: bool) -> None:
         model.pinned = pinned
@@ -191,11 +256,14 @@ class Puller:
     # --- the pull ------------------------------------------------------------------------
 
     async def _pull(self, model: Model, credentials: Credentials | None,
-                    intent: dict[str, Any], refresh: bool = False) -> None:
+                    intent: dict[str, Any], refresh: bool = False,
+                    policy: Policy | None = None) -> None:
         ref = model.ref
         started = time.monotonic()
         held: list[str] = []  # blobs fetched for this pull, held until it is published
         try:
+            if policy is None:
+                policy = await self.policy(ref)  # refresh: the policy as it is now
             source = self._source(ref.scheme)
             resolved = await source.resolve(ref, credentials)
             if refresh and model.manifest is not None \
@@ -205,7 +273,7 @@ class Puller:
                 return
             locator = self._source(parse(resolved.source_uri).scheme) \
                 if resolved.source_uri else source
-            files = self._select(resolved)
+            files = self._select(resolved, policy)
             intent["refs"] = [ref_id(f) for f in files]
             await asyncio.to_thread(self.store.write_intent, ref.key, intent)
             if not refresh:
@@ -219,17 +287,24 @@ class Puller:
             async with self.reserver.reserve(ref.key, needed):
                 try:
                     entries = await self._fetch_all(model, locator, files, credentials, intent,
-                                                    refresh, fetched, held)
+                                                    refresh, fetched, held, policy)
                 except NoSpace as e:  # out of space mid-write: evict, then one more try
                     await self.reserver.relieve(ref.key, e)
                     entries = await self._fetch_all(model, locator, files, credentials, intent,
-                                                    refresh, fetched, held)
+                                                    refresh, fetched, held, policy)
+            verification = None
+            if policy is not None:  # every file verified against the source by now
+                verification, checked = await asyncio.to_thread(
+                    verify_files, policy, entries, self.store.blobs.path, self.store.tmp,
+                    ref.matches if ref.include else None)
+                entries = list(checked)
+                self._verified("passed")
             now = time.time()
             manifest = Manifest(
                 key=ref.key, uri=ref.uri, revision=resolved.revision, tree="",
                 files=tuple(entries), include=ref.include, source_uri=resolved.source_uri,
                 created=now, last_used=model.last_used or now, resolved_at=now,
-                pinned=model.pinned)
+                pinned=model.pinned, verify=ref.verify, verified=verification)
             model.manifest = await asyncio.to_thread(self.store.publish, manifest)
             model.state, model.error = READY, None
             model.bytes_total = model.bytes_done = model.manifest.size_bytes
@@ -241,13 +316,16 @@ class Puller:
             log.info("model ready", extra={
                 "key": ref.key, "uri": ref.display, "revision": resolved.revision,
                 "files": len(entries), "bytes": model.manifest.size_bytes,
-                "seconds": round(time.monotonic() - started, 3)})
+                "seconds": round(time.monotonic() - started, 3),
+                **({"verified": verification.signer} if verification else {})})
         except asyncio.CancelledError:
             raise  # shutdown or removal: the intent stays, so the pull resumes later
         except Exception as e:
             error = e if isinstance(e, ModelcacheError) else None
             if error is None:
                 log.exception("pull crashed", extra={"key": ref.key})
+            if isinstance(e, VerificationFailed):
+                self._verified(_outcome(e))
             message = str(e) if error is not None else f"internal error: {type(e).__name__}"
             reason = error.reason if error is not None else "internal"
             await asyncio.to_thread(self.store.remove_intent, ref.key)
@@ -256,7 +334,7 @@ class Puller:
                 log.warning("refresh failed; keeping the current revision",
                             extra={"key": ref.key, "error": message})
             else:
-                model.state, model.error = FAILED, message
+                model.state, model.error, model.error_reason = FAILED, message, reason
                 log.warning("pull failed", extra={"key": ref.key, "uri": ref.display,
                                                   "error": message})
         finally:
@@ -272,9 +350,10 @@ class Puller:
             raise NotAllowed(f"no source for {scheme}:// is configured on this agent")
         return source
 
-    def _select(self, resolved: Resolved) -> list[RemoteFile]:
+    def _select(self, resolved: Resolved, policy: Policy | None) -> list[RemoteFile]:
         ref = resolved.ref
-        files = [f for f in resolved.files if f.unpack or ref.matches(f.path)]
+        files = [f for f in resolved.files
+                 if f.unpack or ref.matches(f.path) or _is_signature(f.path, policy)]
         if not files:
             raise NotFound(f"include globs {list(ref.include)} select no file of {ref.display}")
         for f in files:
@@ -285,7 +364,7 @@ class Puller:
     async def _fetch_all(self, model: Model, source: Source, files: list[RemoteFile],
                          credentials: Credentials | None, intent: dict[str, Any],
                          refresh: bool, results: dict[int, list[FileEntry]],
-                         held: list[str]) -> list[FileEntry]:
+                         held: list[str], policy: Policy | None = None) -> list[FileEntry]:
         """Fetch the files not in ``results`` yet (by index), filling it in; every blob
         fetched is added to ``held`` (held until the pull publishes)."""
         progress = _Progress(model, self.metrics, model.ref.scheme)
@@ -321,10 +400,11 @@ class Puller:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self.metrics and stats.files_deduplicated:
             self.metrics.dedup_hits.inc(stats.files_deduplicated)
-        return self._merge(model.ref, files, results)
+        return self._merge(model.ref, files, results, policy)
 
     def _merge(self, ref: Reference, files: list[RemoteFile],
-               results: dict[int, list[FileEntry]]) -> list[FileEntry]:
+               results: dict[int, list[FileEntry]],
+               policy: Policy | None = None) -> list[FileEntry]:
         """One entry per path. Members of successive archives (image layers) overlay
         earlier ones, after the layer's whiteouts deleted from them; a plain file listed
         twice is an error."""
@@ -334,7 +414,8 @@ class Puller:
                 if e.whiteout:
                     apply_whiteout(merged, e.path)
             for e in results[i]:
-                if e.whiteout or (f.unpack and not ref.matches(e.path)):
+                if e.whiteout or (f.unpack and not ref.matches(e.path)
+                                  and not _is_signature(e.path, policy)):
                     continue
                 merged[e.path] = e
         if not merged:
@@ -353,7 +434,8 @@ class Puller:
             return
         model.refreshing = True
         model.intent = intent = {"uri": model.ref.uri, "include": list(model.ref.include),
-                  "pin": model.pinned, "started": time.time(), "refs": [], "blobs": []}
+                                 "verify": model.ref.verify, "pin": model.pinned,
+                                 "started": time.time(), "refs": [], "blobs": []}
         model.task = asyncio.create_task(self._pull(model, credentials, intent, refresh=True),
                                          name=f"refresh-{model.key}")
 
@@ -385,3 +467,13 @@ class Puller:
 
 def _ignore(n: int) -> None:
     return None
+
+
+def _is_signature(path: str, policy: Policy | None) -> bool:
+    """The policy's signature file is fetched whatever the include globs select."""
+    return policy is not None and path.removeprefix("./") == policy.signature
+
+
+def _outcome(e: VerificationFailed) -> str:
+    """The verifications metric's result for a failed check."""
+    return "unsigned" if isinstance(e, Unsigned) else "failed"

@@ -94,6 +94,17 @@ class Ingester(Protocol):
 class Publisher(Provider, Protocol):
     """Publishes model trees and their manifests; records pulls in flight."""
 
+    @property
+    def blobs(self) -> BlobStore:
+        """The committed blobs a tree is published from (a signature is checked against
+        them before the tree is published)."""
+        ...
+
+    @property
+    def tmp(self) -> Path:
+        """Scratch space on the store's own filesystem (the signature check's work)."""
+        ...
+
     def publish(self, manifest: Manifest) -> Manifest:
         """Make the manifest's tree of committed blobs visible, then switch the model to it
         (older trees stay, listed in ``previous``); returns the manifest as published.

@@ -72,6 +72,43 @@ def apply_whiteout(tree: dict[str, FileEntry], whiteout: str) -> None:
 
 
 @dataclass(frozen=True)
+class Verification:
+    """A passing signature check of a model's files (``agent.verify``), as its manifest
+    records it: only a model that passed is ever published under a policy."""
+
+    policy: str
+    """The policy's scope (``NAME``, or ``NAMESPACE/NAME`` in a cluster): the key's."""
+    signer: str
+    """Who signed: the key's id, the certificate's subject, or the Sigstore identity."""
+    time: float
+    """When the check passed."""
+    method: str
+    """``publicKey``, ``certificateChain`` or ``sigstore``."""
+    policy_digest: str
+    """sha256 over the policy's trust material when it passed: a policy changed since
+    (a rotated key) is checked again."""
+    tree: str
+    """The tree whose files passed (a manifest's check holds for its current tree only)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"policy": self.policy, "signer": self.signer, "time": iso(self.time),
+                "method": self.method, "policy_digest": self.policy_digest,
+                "tree": self.tree}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Verification | None:
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise StoreError("manifest has an invalid 'verified' record")
+        try:
+            return cls(str(data["policy"]), str(data["signer"]), parse_iso(data.get("time")),
+                       str(data["method"]), str(data["policy_digest"]), str(data["tree"]))
+        except KeyError as e:
+            raise StoreError(f"manifest's 'verified' record has no {e}") from None
+
+
+@dataclass(frozen=True)
 class Manifest:
     key: str
     uri: str
@@ -86,6 +123,10 @@ class Manifest:
     pinned: bool = False
     previous: tuple[str, ...] = field(default=())
     """Older trees still on disk (kept while a pod may use them)."""
+    verify: str = ""
+    """The signature policy the model's reference names (part of its key); empty: none."""
+    verified: Verification | None = None
+    """The passing signature check of the current tree, if a policy asked for one."""
 
     @property
     def size_bytes(self) -> int:
@@ -98,6 +139,7 @@ class Manifest:
         data["created"] = iso(self.created)
         data["last_used"] = iso(self.last_used)
         data["resolved_at"] = iso(self.resolved_at)
+        data["verified"] = self.verified.to_json() if self.verified else None
         return data
 
     @classmethod
@@ -114,6 +156,8 @@ class Manifest:
             last_used=parse_iso(data.get("last_used")),
             resolved_at=parse_iso(data.get("resolved_at")),
             pinned=bool(data.get("pinned", False)), previous=tuple(data.get("previous", ())),
+            verify=str(data.get("verify") or ""),
+            verified=Verification.from_json(data.get("verified")),
         )
 
 

@@ -76,7 +76,7 @@ SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 #: the fields of a ``status.nodes.<node>`` entry (see the CRD)
-NODE_ENTRY_FIELDS = ("state", "revision", "bytes", "lastTransitionTime", "message")
+NODE_ENTRY_FIELDS = ("state", "revision", "bytes", "lastTransitionTime", "message", "verified")
 COUNTED_STATES = ("ready", "pulling", "failed")
 _LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _NOTE_BYTES = 1024
@@ -266,6 +266,12 @@ class KubeClient:
         return await self.call_json(
             f"get mutatingwebhookconfiguration {name}",
             self._admission.read_mutating_webhook_configuration, name)
+
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, str]:
+        """A ConfigMap's ``data`` (a signature policy; ``binaryData`` is not read)."""
+        obj = await self.call_json(f"read configmap {namespace}/{name}",
+                                   self._core.read_namespaced_config_map, name, namespace)
+        return {str(k): str(v) for k, v in (obj.get("data") or {}).items()}
 
     # --- writes --------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from tests.servers.net import fetch, wait_until
 
 MiB = 1024 * 1024
 MODEL_KEYS = {"key", "uri", "revision", "state", "files", "size_bytes", "bytes_done",
-              "last_used", "pinned", "in_use", "error"}
+              "last_used", "pinned", "in_use", "error", "verified"}
 STORE_KEYS = {"path", "capacity_bytes", "used_bytes", "cache_bytes", "blobs",
               "dedup_saved_bytes", "high_watermark", "low_watermark"}
 

@@ -50,7 +50,7 @@ def test_pull_ls_status_rm_gc(agent: AgentProcess, faulty: FaultyServer) -> None
     models = json.loads(listed.stdout)["models"]
     assert [(m["key"], m["state"], m["pinned"]) for m in models] == [(key, "ready", True)]
     table = cli("ls", agent=agent).stdout.splitlines()
-    assert table[0].split() == ["KEY", "STATE", "SIZE", "PIN", "USE", "URI"]
+    assert table[0].split() == ["KEY", "STATE", "SIZE", "PIN", "USE", "VERIFIED", "URI"]
     assert table[1].split()[:2] == [key, "ready"] and "2.0 MiB" in table[1]
 
     status = cli("status", agent=agent)

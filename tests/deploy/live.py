@@ -3,7 +3,8 @@
 - a Hugging Face-compatible hub on loopback (``tests/servers/hfhub.py``) holding small
   models, two of which share a weights file;
 - two real agent processes (``python -m agent agent --standalone``), one per "node"
-  (``--node-name``), each with its own store, pulling from the hub;
+  (``--node-name``), each with its own store, pulling from the hub, and a signature policy
+  trusting the key that signs one model a round (``model_signing sign key``);
 - a plain HTTP server on 127.0.0.2, which pods may reach but the agents' egress policy
   refuses (loopback is allowed only as 127.0.0.1): a real init container
   (``python -m agent init``) asks its node's agent, whose pull fails, falls back to the
@@ -50,6 +51,7 @@ from tests.servers.faulty import FaultyServer, faulty_server
 from tests.servers.hfhub import HubServer, hub_server
 from tests.servers.net import free_port, wait_until
 from tests.servers.proc import ManagedProcess
+from tests.verify.signing import KeyPair, Signer
 
 NAMESPACE = "modelcache"
 SERVICE = "modelcache-webhook"
@@ -187,6 +189,8 @@ class Cluster:
     agents: dict[str, AgentProcess]
     webhook: Webhook
     workdir: Path
+    key: KeyPair
+    """The signer's key; the agents' policy ``release`` trusts it."""
     rounds: int = 0
     expected: Counter[tuple[str, ...]] = field(default_factory=Counter)
     """(metric, node or "", label value) -> how many times the rounds made it happen."""
@@ -196,10 +200,10 @@ class Cluster:
         self.hub.commit(repo, files)
         return f"hf://{repo}@main"
 
-    def _pull(self, node: str, uri: str) -> dict[str, Any]:
+    def _pull(self, node: str, uri: str, **fields: Any) -> dict[str, Any]:
         """A miss: the agent pulls, and the caller then has the model from the cache."""
         agent = self.agents[node]
-        model = agent.wait_ready(agent.ensure(uri)["key"], timeout=30)
+        model = agent.wait_ready(agent.ensure(uri, **fields)["key"], timeout=30)
         assert model["state"] == "ready", model
         self.expected["cache_requests", node, "miss"] += 1
         self.expected["served_bytes", node, "pod"] += model["size_bytes"]
@@ -300,6 +304,15 @@ class Cluster:
         if r > 1:  # its .gitattributes, which the last round's third model holds
             self.expected["dedup_hits", "node-b", ""] += 1
         self._hit("node-b", third)
+        # a signed model pulled under the policy that trusts its key
+        files = Signer(self.workdir / f"signing-{r}").with_key(
+            {"config.json": b'{"signed": %d}' % r,
+             "model.safetensors": _weights(f"v{r}", 24 * KiB)}, self.key)
+        self.hub.create_repo(f"org/signed-{r}", gitattributes=False)
+        self.hub.commit(f"org/signed-{r}", files)
+        signed = self._pull("node-b", f"hf://org/signed-{r}@main", verify="release")
+        assert signed["verified"]["policy"] == "release", signed
+        self.expected["verifications", "node-b", "passed"] += 1
         self._fallback("node-b", r)
         self._admit()
 
@@ -347,6 +360,7 @@ def cluster(workdir: Path) -> Iterator[Cluster]:
             contextlib.ExitStack() as stack:
         stack.callback(unmount_under, workdir)  # the last step: every publish kept
         agents = {}
+        key = KeyPair.make(workdir / "keys", "release")
         for node in NODES:
             high, low = WATERMARKS[node]
             agent = AgentProcess(
@@ -354,10 +368,11 @@ def cluster(workdir: Path) -> Iterator[Cluster]:
                 env={"HF_ENDPOINT": hub.base_url, "HF_HUB_DISABLE_XET": "1"},
                 extra_args=["--node-name", node, "--high-watermark", str(high),
                             "--low-watermark", str(low), "--log-level", "info",
-                            *(csi_flags(workdir / node) if node == CSI_NODE else [])])
+                            *(csi_flags(workdir / node) if node == CSI_NODE else [])],
+                config=f"verifyPolicies: {{release: {{publicKey: {key.public}}}}}\n")
             stack.callback(agent.stop)
             agents[node] = agent.start()
         webhook = Webhook(workdir / "webhook")
         webhook.workdir.mkdir(parents=True)
         stack.callback(webhook.stop)
-        yield Cluster(hub, outside, agents, webhook.start(), workdir)
+        yield Cluster(hub, outside, agents, webhook.start(), workdir, key)

@@ -122,6 +122,7 @@ def test_prometheus_holds_what_happened(scene: Live) -> None:
         "pull_failures": _by(scene, "modelcache_pull_failures_total", "node", "reason"),
         "evictions": _by(scene, "modelcache_evictions_total", "node", "reason"),
         "served_bytes": _by(scene, "modelcache_served_bytes_total", "node", "to"),
+        "verifications": _by(scene, "modelcache_verifications_total", "node", "result"),
         "dedup_hits": {(n, ""): v for (n,), v in
                        _by(scene, "modelcache_dedup_hits_total", "node").items()},
         "admissions": {("", o): v for (o,), v in
@@ -144,9 +145,9 @@ def test_prometheus_holds_what_happened(scene: Live) -> None:
     (expiry,) = _values(scene.prometheus.query(
         "modelcache_webhook_cert_expiry_timestamp_seconds"))
     assert expiry == not_after(scene.cluster.webhook.cert_file.read_bytes())
-    # pulls by source and their time: two rounds of three good pulls and two failures
+    # pulls by source and their time: two rounds of four good pulls and two failures
     assert _by(scene, "sum by (scheme, result) (modelcache_pull_duration_seconds_count)",
-               "scheme", "result") == {("hf", "ok"): 6, ("hf", "error"): 2,
+               "scheme", "result") == {("hf", "ok"): 8, ("hf", "error"): 2,
                                        ("http", "error"): 2}
 
 

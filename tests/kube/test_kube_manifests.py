@@ -75,10 +75,13 @@ VALID = [
     example(include=["*.safetensors", "config.json"], nodeSelector={"gpu": "a100"},
             credentialsSecret="hf-token", pin=True),
     example(uri="oci://registry:5000/models/granite:1.0"),
+    example(verify="release-key"),
     {**example(), "status": {
         "nodes": {
             "node-1": {"state": "ready", "revision": "a" * 40, "bytes": 16 * 2**30,
-                               "lastTransitionTime": "2025-05-01T12:00:00Z"},
+                               "lastTransitionTime": "2025-05-01T12:00:00Z",
+                       "verified": {"policy": "default/release-key", "signer": "key sha256:00",
+                                    "time": "2025-05-01T12:00:00Z"}},
             "node-2": {"state": "failed", "message": "401 from the hub",
                        "lastTransitionTime": "2025-05-01T12:00:00Z"},
             "node-3": {"state": "pulling", "bytes": 0},
@@ -95,7 +98,7 @@ def test_examples_validate_against_the_crd_schema(obj: dict[str, Any]):
 
 
 def _broken(path: str, value: Any) -> dict[str, Any]:
-    obj = copy.deepcopy(VALID[3])
+    obj = copy.deepcopy(VALID[4])
     *parents, last = path.split(".")
     cur = obj
     for p in parents:
@@ -124,6 +127,9 @@ INVALID = {
     "negative bytes": _broken("status.nodes.node-3.bytes", -1),
     "bad time": _broken("status.nodes.node-1.lastTransitionTime", "yesterday"),
     "negative count": _broken("status.ready", -1),
+    "verify policy name": _broken("spec.verify", "Release_Key"),
+    "verified without signer": _broken("status.nodes.node-1.verified",
+                                       {"policy": "p", "time": "2025-05-01T12:00:00Z"}),
 }
 
 

@@ -55,6 +55,9 @@ async def test_the_agent_needs_exactly_its_rbac(api: FakeKubeApi, kube: KubeClie
     assert (await kube.token_review("caller", ["modelcache"])).authenticated
     await kube.subject_access_review("x", [], "get", CM, "default", group="modelcache.io")
     assert await kube.read_secret("default", "creds") == {"token": "t"}
+    c.create("configmaps", {"metadata": {"name": "signed"}, "data": {"publicKey": "PEM"}},
+             "default")
+    assert await kube.read_config_map("default", "signed") == {"publicKey": "PEM"}
 
     mine = [r for r in api.requests if r.user == AGENT_USER]
     assert [r for r in mine if r.status == 403] == []
@@ -77,6 +80,7 @@ async def test_the_agent_cannot_do_more(api: FakeKubeApi, tmp_path: Path):
         merge = "application/merge-patch+json"
         attempts = [
             v1.list_namespaced_secret("default"),
+            v1.list_namespaced_config_map("default"),
             v1.delete_namespaced_pod("p", "default"),
             v1.read_namespaced_pod("p", "default"),
             v1.replace_node("n1", node("n1")),

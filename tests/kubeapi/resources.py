@@ -1,7 +1,7 @@
 """The resource types the fake serves: where they live, what they accept, how they differ.
 
-Built-in types (namespaces, nodes, pods, secrets, core and events.k8s.io events, mutating
-webhook configurations) carry the per-type behaviour of their registry strategies that a
+Built-in types (namespaces, nodes, pods, secrets, configmaps, core and events.k8s.io events,
+mutating webhook configurations) carry the per-type behaviour of their registry strategies that a
 client can observe; custom resources come from a CRD manifest (``crd.py``).
 """
 
@@ -200,6 +200,30 @@ def _validate_secret(obj: JSON, old: JSON | None) -> list[Cause]:
     return causes
 
 
+_CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+MAX_CONFIG_MAP_BYTES = 1024 * 1024
+
+
+def _validate_config_map(obj: JSON, old: JSON | None) -> list[Cause]:
+    """ValidateConfigMap: keys are config keys, string values, 1 MiB in all."""
+    causes: list[Cause] = []
+    data = obj.get("data") or {}
+    size = 0
+    for key, value in data.items():
+        if not _CONFIG_KEY.match(key) or len(key) > 253:
+            causes.append((f"data[{key}]", "FieldValueInvalid",
+                           f'Invalid value: "{key}": a valid config key must consist of '
+                           "alphanumeric characters, '-', '_' or '.'"))
+        if not isinstance(value, str):
+            causes.append((f"data[{key}]", "FieldValueInvalid", "Invalid value: not a string"))
+        else:
+            size += len(key) + len(value.encode())
+    if size > MAX_CONFIG_MAP_BYTES:
+        causes.append(("data", "FieldValueTooLong",
+                       f"Too long: must have at most {MAX_CONFIG_MAP_BYTES} bytes"))
+    return causes
+
+
 def _webhook_config_to_storage(obj: JSON) -> JSON:
     """``caBundle`` is a []byte: JSON carries it base64-encoded, or the decoding fails."""
     for i, hook in enumerate(obj.get("webhooks") or []):
@@ -299,6 +323,7 @@ BUILTINS: tuple[ResourceType, ...] = (
                          "status.podIP", "status.nominatedNodeName")),
     ResourceType("", "v1", "secrets", "Secret", True, fields=("type",),
                  to_storage=_secret_to_storage, validate=_validate_secret),
+    ResourceType("", "v1", "configmaps", "ConfigMap", True, validate=_validate_config_map),
     ResourceType("", "v1", "events", "Event", True, bucket="events", create_on_update=True,
                  fields=_EVENT_FIELD_LABELS, validate=_validate_core_event),
     ResourceType("events.k8s.io", "v1", "events", "Event", True, bucket="events",

@@ -46,6 +46,7 @@ GOOD = {
     "modelcache.io/placement": st.sampled_from(["prefer-warm", "require-warm"]),
     "modelcache.io/size": st.sampled_from(["15Gi", "1", "1.5e9", "500M", "0.5Ki", "2T"]),
     "modelcache.io/warm-memory": st.sampled_from(["true", "false", " false "]),
+    "modelcache.io/verify": st.sampled_from(["release-key", "corp.ca"]),
 }
 BAD = {
     "modelcache.io/model": st.sampled_from([
@@ -63,6 +64,7 @@ BAD = {
     "modelcache.io/placement": st.sampled_from(["always", ""]),
     "modelcache.io/size": st.sampled_from(["0", "-1", "lots", "1e99", "15 Gi", "1m"]),
     "modelcache.io/warm-memory": st.sampled_from(["no", "False", "0", ""]),
+    "modelcache.io/verify": st.sampled_from(["Release_Key", "", "a/b", "a" * 300, "-x"]),
     "modelcache.io/injected": st.sampled_from(["{}", "x", '{"key":"0","mode":"cache"}', "[]"]),
 }
 

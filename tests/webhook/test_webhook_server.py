@@ -178,7 +178,8 @@ async def test_crash_is_an_errored_response_with_uid(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     def broken_planner(
-        pod: Mapping[str, Any], labels: Mapping[str, str] | None, settings: PlanSettings
+        pod: Mapping[str, Any], labels: Mapping[str, str] | None, settings: PlanSettings,
+        namespace: str | None = None,
     ) -> Plan | Denial:
         raise RuntimeError("planner bug")
 
