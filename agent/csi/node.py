@@ -110,7 +110,7 @@ class CsiNode:
         if record.target != str(req.target):
             raise Conflict(f"volume {req.volume_id} is already published at {record.target}")
         asked = Record(req.volume_id, str(req.target), record.key, record.tree, req.uri,
-                       req.ref.include, req.credentials, req.verify)
+                       req.ref.include, req.credentials, verify=req.verify)
         if not record.same_request(asked):
             raise Conflict(f"volume {req.volume_id} is already published at {record.target} "
                            "with other volume attributes")

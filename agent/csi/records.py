@@ -41,13 +41,13 @@ class Record:
     uri: str
     include: tuple[str, ...] = ()
     credentials: str | None = None
-    verify: str | None = None
-    """The signature policy asked for (``volumeAttributes.verify``)."""
     namespace: str | None = None
     pod: str | None = None
     """``namespace/name`` of the pod, as kubelet named it."""
     pod_uid: str | None = None
     published: float = 0.0
+    verify: str | None = None
+    """The signature policy asked for (``volumeAttributes.verify``)."""
 
     @property
     def holder(self) -> str:

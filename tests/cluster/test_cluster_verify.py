@@ -97,20 +97,20 @@ async def test_an_init_container_gets_its_model_verified_under_its_namespaces_po
     other = init_pod(api, "web-1", "default", "hf://org/m",
                      **{"modelcache.io/verify": "release"})
     async with agent_factory("n1", hf_endpoint=hf_hub.base_url) as agent:
-        status, model = await agent.call("POST", MODELS, token,
-                                         {"uri": "hf://org/m", "verify": "release"})
+        status, model = await agent.call("POST", MODELS, {"uri": "hf://org/m", "verify": "release"},
+                                         token=token)
         assert status == 202, model
         assert model["key"] == parse("hf://org/m", verify="team-a/release").key
-        status, model = await agent.call("GET", f"{MODELS}/{model['key']}?wait=20", token)
+        status, model = await agent.call("GET", f"{MODELS}/{model['key']}?wait=20", token=token)
         assert model["state"] == "ready" and model["verified"]["policy"] == "team-a/release"
 
-        status, reply = await agent.call("POST", MODELS, token, {"uri": "hf://org/m"})
+        status, reply = await agent.call("POST", MODELS, {"uri": "hf://org/m"}, token=token)
         assert status == 403 and "pod team-a/web-0" in reply["error"]
 
-        status, theirs = await agent.call("POST", MODELS, other,
-                                          {"uri": "hf://org/m", "verify": "release"})
+        status, theirs = await agent.call(
+            "POST", MODELS, {"uri": "hf://org/m", "verify": "release"}, token=other)
         assert status == 202 and theirs["key"] != model["key"]
-        status, theirs = await agent.call("GET", f"{MODELS}/{theirs['key']}?wait=20", other)
+        status, theirs = await agent.call("GET", f"{MODELS}/{theirs['key']}?wait=20", token=other)
         assert theirs["state"] == "failed" and theirs["verified"] is None
         assert theirs["error"].startswith("verify policy 'default/release': the signature "
                                           "does not verify: Key mismatch")
