@@ -66,10 +66,15 @@ class Counts:
     async def run(self) -> None:
         """Until cancelled (while this replica leads)."""
         async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.watch(), name="counts-informers")
+            tasks.create_task(self._writer(), name="counts-writer")
+
+    async def watch(self) -> None:
+        """Keep the sums current (the informers), without writing."""
+        async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.node_caches.run(self._on_node_cache), name="nodecaches")
             tasks.create_task(self.cached_models.run(self._on_cached_model),
                               name="cachedmodels")
-            tasks.create_task(self._writer(), name="counts-writer")
 
     # --- inputs --------------------------------------------------------------------------
 
