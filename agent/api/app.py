@@ -199,7 +199,12 @@ async def ensure_model(request: web.Request) -> web.Response:
     verify = body.get("verify")
     if verify is not None and not isinstance(verify, str):
         raise errors.InvalidInput('"verify" must be the name of a signature policy')
-    unknown = set(body) - {"uri", "include", "pin", "credentials", "verify"}
+    # a pod is about to load the model (its init container asks): read it into the page
+    # cache; an operator's pull or prefetch fills the disk only
+    warm = body.get("warm", caller.pod is not None)
+    if not isinstance(warm, bool):
+        raise errors.InvalidInput('"warm" must be true or false')
+    unknown = set(body) - {"uri", "include", "pin", "credentials", "verify", "warm"}
     if unknown:
         raise errors.InvalidInput(f"unknown field(s) in body: {', '.join(sorted(unknown))}")
     scope = policy_scope(caller.namespace, verify) if verify is not None else ""
@@ -210,7 +215,8 @@ async def ensure_model(request: web.Request) -> web.Response:
         credentials = await deps.credentials.get(caller.namespace, cred_name)
     model = await deps.puller.ensure(ref, credentials=credentials, pin=pin,
                                      credentials_name=cred_name, namespace=caller.namespace)
-    deps.warmer.want(model.key, pod=caller.pod, trigger="ensure")
+    if warm:
+        deps.warmer.want(model.key, pod=caller.pod, trigger="ensure")
     return web.json_response(model.to_json(), status=202)
 
 

@@ -66,9 +66,13 @@ class AgentClient:
                                 f"{str(e) or type(e).__name__}") from e
 
     async def ensure(self, uri: str, include: list[str] | None = None, pin: bool = False,
-                     credentials: str | None = None, verify: str | None = None
-                     ) -> dict[str, Any]:
+                     credentials: str | None = None, verify: str | None = None,
+                     warm: bool = False) -> dict[str, Any]:
+        """``warm``: a pod is about to load the model (the agent reads it into the page
+        cache once it is ready)."""
         body: dict[str, Any] = {"uri": uri}
+        if warm:
+            body["warm"] = True
         if verify:
             body["verify"] = verify
         if include:

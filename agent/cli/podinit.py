@@ -148,6 +148,7 @@ def ask_agent(args: argparse.Namespace, ref: Reference, token: str | None) -> As
         body["credentials"] = args.credentials
     if args.verify:
         body["verify"] = args.verify
+    body["warm"] = True  # this pod loads the model next: the agent warms the page cache
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"

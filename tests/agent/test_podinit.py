@@ -19,7 +19,7 @@ from common.reference import parse
 from tests.servers.agent import REPO, AgentProcess
 from tests.servers.faulty import FaultyServer
 from tests.servers.hfhub import HubServer
-from tests.servers.net import free_port
+from tests.servers.net import free_port, wait_until
 from tests.servers.nginx import NginxServer
 from webhook.plan import Plan, plan
 from webhook.settings import PlanSettings
@@ -79,6 +79,10 @@ def test_warm_node_links_the_tree_without_downloading(
         status, metrics = agent.call("GET", "/metrics")
         assert status == 200
         assert 'modelcache_cache_requests_total{result="hit"} 1.0' in metrics
+        # the operator's pull filled the disk; the pod's init container had the model read
+        # into the page cache for the container about to load it
+        wait_until(lambda: 'modelcache_pagecache_warmings_total 1.0' in
+                   agent.call("GET", "/metrics")[1], what="the warming the init asked for")
     finally:
         agent.stop()
 

@@ -73,7 +73,7 @@ def cold_tree(agent: InProcessAgent, key: str) -> list[Path]:
 
 async def ensure(agent: InProcessAgent, uri: str) -> dict[str, Any]:
     async with agent.client() as client:
-        return dict(await client.ensure(uri))
+        return dict(await client.ensure(uri, warm=True))  # as the init container asks
 
 
 def skipped(agent: InProcessAgent, reason: str) -> float:
@@ -113,6 +113,23 @@ async def test_an_ensure_of_a_ready_model_warms_it(tmp_path: Path) -> None:
         again = await outcomes.next()
         assert again.outcome == "resident" and again.result.warmed_bytes == 0
         assert skipped(agent, "resident") >= 1
+
+
+async def test_an_operators_pull_fills_the_disk_not_the_page_cache(tmp_path: Path) -> None:
+    # `modelcache pull` (no pod is about to load it) must not spend the node's memory or
+    # disk bandwidth beside other pulls: only an ensure that asks for it warms
+    src = model_dir(tmp_path / "src" / "m", {"model.safetensors": 8 * MiB})
+    async with running(tmp_path) as agent:
+        outcomes = Outcomes(agent)
+        async with agent.client() as client:
+            key = (await client.ensure(f"file://{src}"))["key"]
+        assert (await agent.deps.index.wait(key, 30)).state == "ready"
+        assert agent.deps.warmer.current(key) is None
+        await ensure(agent, f"file://{src}")  # now a pod's init container asks
+        assert (await outcomes.next()).key == key
+        status, reply = await agent.call("POST", "/api/v1/models",
+                                         {"uri": f"file://{src}", "warm": "yes"})
+        assert status == 400 and '"warm" must be true or false' in reply["error"]
 
 
 async def test_an_ensure_of_a_model_still_pulling_warms_it_once_ready(
