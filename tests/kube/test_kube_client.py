@@ -4,7 +4,6 @@ plugins), and errors translated at the boundary."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import shutil

@@ -18,12 +18,11 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from common.errors import NotFound
 from common.kube.client import KubeClient, connect
 from common.kube.lease import LeaderElection, LeaseSettings
-from tests.kubeapi.fixtures import FAST
-from webhook.counts import Counts
 from tests.kubeapi import FakeKubeApi
-from tests.kubeapi.fixtures import AGENT_TOKEN, AGENT_USER, Recorder
+from tests.kubeapi.fixtures import AGENT_TOKEN, AGENT_USER, FAST, Recorder
 from tests.kubeapi.objects import cached_model, node, pod, secret
 from tests.kubeapi.server import REPO
+from webhook.counts import Counts
 
 RBAC = REPO / "deploy" / "base" / "rbac-agent.yaml"
 WEBHOOK_RBAC = REPO / "deploy" / "base" / "rbac-webhook.yaml"
