@@ -1,5 +1,6 @@
 """End to end: a real ``modelcache agent`` process (no ``--standalone``) against the fake
-apiserver, pulling from a real nginx with credentials from a Secret, logging at debug level,
+apiserver enforcing the agent's RBAC from deploy/, pulling from a real nginx with
+credentials from a Secret, reporting in its node's NodeCache, logging at debug level,
 stopped with SIGTERM."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from common.reference import parse
 from tests.cluster.conftest import call, entry, node_labels, reasons
@@ -39,6 +41,8 @@ async def test_the_agent_process_in_a_cluster(api: FakeKubeApi, tmp_path: Path,
     c.create("cachedmodels", cached_model("m", uri, nodeSelector={"pool": "gpu"}, pin=True,
                                           credentialsSecret="creds"), "default")
     kubeconfig = api.write_kubeconfig(tmp_path / "agent.kubeconfig", token=AGENT_TOKEN)
+    api.auth.load_rbac(yaml.safe_load_all((REPO / "deploy/base/rbac-agent.yaml").read_text()))
+    api.enforce_rbac = True
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "agent", "agent", "--kubeconfig", kubeconfig,
@@ -65,6 +69,13 @@ async def test_the_agent_process_in_a_cluster(api: FakeKubeApi, tmp_path: Path,
             code = await asyncio.to_thread(proc.stop)
         assert code == 0, proc.log_tail()
     assert api.count("get", "secrets", 200) >= 1, "the agent read the credentials Secret"
+    assert [(r.verb, r.resource) for r in api.requests if r.status == 403] == []
+    cache = c.get("nodecaches", "n1")
+    assert cache["metadata"]["ownerReferences"][0]["uid"] == c.get("nodes", "n1")[
+        "metadata"]["uid"]
+    assert (entry(api, "m", "n1")["key"], cache["status"]["ready"]) == (ref.key, 1)
+    assert [r.query.get("resourceVersion") for r in api.requests if r.verb == "list"] == [
+        "0", "0", "0"], "every informer listed from the watch cache"
     log = proc.log_path.read_text()
     assert '"level": "debug"' in log
     for secret_text in (TOKEN, base64.b64encode(TOKEN.encode()).decode(), token):

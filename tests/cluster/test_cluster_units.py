@@ -95,6 +95,7 @@ class RecordingKube:
         self.found = found
         self.writes: list[dict[str, Any]] = []
         self.events: list[str] = []
+        self.created: dict[str, Any] | None = None
 
     async def get_node_cache(self, node: str) -> dict[str, Any]:
         if self.found is None:
@@ -103,11 +104,14 @@ class RecordingKube:
 
     async def create_node_cache(self, node: dict[str, Any], status: dict[str, Any]
                                 ) -> dict[str, Any]:
-        assert self.found is None and not self.writes, "created once"
+        assert not self.writes, "created once"
+        self.created = node
         self.writes.append(status)
         return {}
 
     async def patch_node_cache(self, node: str, status: dict[str, Any]) -> dict[str, Any]:
+        if self.found is None and not self.writes:
+            raise NotFound(f"nodecache {node}")  # deleted under the agent
         self.writes.append(status)
         return {}
 
@@ -222,6 +226,21 @@ async def test_status_writer_rewrites_nothing_a_restart_finds_unchanged():
     await writer.flush()
     assert [e["name"] for e in kube.entries()] == ["m"] and kube.events == []
     assert kube.entries()[0]["lastTransitionTime"] == "t"
+
+
+async def test_a_node_cache_deleted_under_the_agent_is_created_again():
+    index = Index()
+    ref = parse(URI)
+    index.add(Model(ref, READY, manifest(ref.key, 1000)))
+    kube = RecordingKube({"status": {"models": []}})  # found at start-up...
+    writer = StatusWriter(kube, "n1", index, interval=30.0)  # type: ignore[arg-type]
+    await writer.load()
+    kube.found = None  # ...then deleted by an admin
+    owner = {"metadata": {"name": "n1", "uid": "uid-n1"}}
+    writer.node_seen(owner)
+    writer.track("default/m", cached("m"), ref.key)
+    await writer.flush()
+    assert kube.created == owner and [e["state"] for e in kube.entries()] == ["ready"]
 
 
 # --- usage ---------------------------------------------------------------------------------
