@@ -2,14 +2,17 @@
 
     modelcache webhook [--listen HOST:PORT] --tls-cert FILE --tls-key FILE
                        [--store-path DIR] [--agent-url URL] [--image IMAGE]
-                       [--namespace NS] [--allow-host HOST ...]
+                       [--namespace NS] [--allow-host HOST ...] [--counts-interval S]
     modelcache webhook certs --service NAME --namespace NS
                        [--secret NAME] [--out-dir DIR] [--webhook-config NAME]
                        [--days N] [--renew-before-days N]
 
+With cluster access it also watches namespaces and, while it holds the Lease
+``modelcache-counts`` in its namespace, runs the counts controller (``counts.py``).
+
 Shutdown on SIGTERM: not ready -> keep serving for ``--shutdown-delay`` (endpoints drop the
-pod) -> close the listener -> finish in-flight reviews -> stop background work -> close the
-API client.
+pod) -> close the listener -> finish in-flight reviews -> stop background work (the Lease is
+released) -> close the API client.
 """
 
 from __future__ import annotations
