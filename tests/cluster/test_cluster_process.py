@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from common.reference import parse
+from common.reference import parse, scoped
 from tests.cluster.conftest import call, entry, node_labels, reasons
 from tests.cluster.test_cluster_auth import init_pod
 from tests.cluster.test_cluster_warm import serve_model
@@ -32,7 +32,7 @@ TOKEN = "hf_do-not-log-me-7f3a9c"
 async def test_the_agent_process_in_a_cluster(api: FakeKubeApi, tmp_path: Path,
                                               nginx_dir: ServedDir):
     uri, other = serve_model(nginx_dir), serve_model(nginx_dir, "other.bin")
-    ref = parse(uri)
+    ref = scoped(uri, namespace="default", credentials="creds")  # the CachedModel's scope
     c = api.cluster
     c.patch("nodes", "n1", {"metadata": {"labels": {STALE: "ready"}}})  # an earlier run's
     c.create("secrets", secret("creds", token=TOKEN), "default")

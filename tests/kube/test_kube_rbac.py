@@ -12,10 +12,12 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from agent.pull.credentials import SecretCredentials
+from common.errors import SourceAuthError
 from common.kube.client import KubeClient
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.fixtures import AGENT_TOKEN, AGENT_USER, Recorder
-from tests.kubeapi.objects import cached_model, node, pod, secret
+from tests.kubeapi.objects import cached_model, namespace, node, pod, secret
 from tests.kubeapi.server import REPO
 
 RBAC = REPO / "deploy" / "base" / "rbac-agent.yaml"
@@ -27,13 +29,24 @@ def rbac_docs() -> list[dict]:
 
 
 def granted() -> set[tuple[str, str, str]]:
-    [role] = [d for d in rbac_docs() if d["kind"] == "ClusterRole"]
-    return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+    return {(group, resource, verb) for role in rbac_docs() if role["kind"] == "ClusterRole"
+            for rule in role["rules"] for group in rule["apiGroups"]
             for resource in rule["resources"] for verb in rule["verbs"]}
 
 
+def secrets_binding(namespace: str) -> dict:
+    """What a namespace's admin applies to let the agent read its Secrets (deploy/README.md,
+    "Private models")."""
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "modelcache-agent-secrets", "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "modelcache-agent-secrets"},
+            "subjects": [{"kind": "ServiceAccount", "name": "modelcache-agent",
+                          "namespace": "modelcache"}]}
+
+
 async def test_the_agent_needs_exactly_its_rbac(api: FakeKubeApi, kube: KubeClient):
-    api.auth.load_rbac(rbac_docs())
+    api.auth.load_rbac([*rbac_docs(), secrets_binding("default")])
     api.enforce_rbac = True
     c = api.cluster
     c.create("nodes", node("n1"))
@@ -71,6 +84,7 @@ async def test_the_agent_cannot_do_more(api: FakeKubeApi, tmp_path: Path):
     api.enforce_rbac = True
     api.cluster.create("pods", pod("p", "n1"), "default")
     api.cluster.create("nodes", node("n1"))
+    api.cluster.create("secrets", secret("creds", token="t"), "default")
     cfg = k8s.Configuration()
     await k8s_config.load_kube_config(
         config_file=str(api.write_kubeconfig(tmp_path / "kc", token=AGENT_TOKEN)),
@@ -79,6 +93,7 @@ async def test_the_agent_cannot_do_more(api: FakeKubeApi, tmp_path: Path):
         v1, custom = k8s.CoreV1Api(client), k8s.CustomObjectsApi(client)
         merge = "application/merge-patch+json"
         attempts = [
+            v1.read_namespaced_secret("creds", "default"),  # no namespace granted it
             v1.list_namespaced_secret("default"),
             v1.list_namespaced_config_map("default"),
             v1.delete_namespaced_pod("p", "default"),
@@ -98,3 +113,26 @@ async def test_the_agent_cannot_do_more(api: FakeKubeApi, tmp_path: Path):
             with pytest.raises(ApiException) as e:
                 await attempt
             assert e.value.status == 403
+
+
+async def test_secrets_are_read_only_where_a_namespace_granted_it(api: FakeKubeApi,
+                                                                  kube: KubeClient):
+    """No ClusterRole lets the agent read Secrets: team-a's admin bound the agent's secrets
+    role there, team-b's did not, and the agent's refusal there says what to do."""
+    api.auth.load_rbac([*rbac_docs(), secrets_binding("team-a")])
+    api.enforce_rbac = True
+    for ns in ("team-a", "team-b"):
+        api.cluster.create("namespaces", namespace(ns))
+        api.cluster.create("secrets", secret("hf", ns, token=f"tok-{ns}"), ns)
+    credentials = SecretCredentials(kube)
+    assert await credentials.get("team-a", "hf") == {"token": "tok-team-a"}
+    with pytest.raises(SourceAuthError) as e:
+        await credentials.get("team-b", "hf")
+    assert "namespace team-b" in str(e.value)
+    assert "RoleBinding to ClusterRole modelcache-agent-secrets" in str(e.value)
+    assert "tok-" not in str(e.value)
+    [role] = [d for d in rbac_docs() if d["kind"] == "ClusterRole"
+              and d["metadata"]["name"] == "modelcache-agent"]
+    assert not [r for r in role["rules"] if "secrets" in r["resources"]]
+    assert not [d for d in rbac_docs() if d["kind"] == "ClusterRoleBinding"
+                and d["roleRef"]["name"] == "modelcache-agent-secrets"]
