@@ -114,7 +114,7 @@ async def build_in_cluster(settings: AgentSettings, kube: KubeClient
                        pod_refusal=lambda key: warm_refusal(pods.get(key)),
                        policies=ConfigMapPolicies(kube))
     controller = Controller(kube, settings, deps.index, deps.puller, deps.credentials, pods,
-                            deps.usage, deps.warmer)
+                            deps.usage, deps.warmer, claim=deps.store.claim_model_dir)
     deps.evictor.on_evicting(controller.evicting)  # the status and Event say why
     deps.evictor.on_pressure(controller.pressure)  # a Node Event per forced sweep
     return deps, controller

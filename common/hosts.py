@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from common.errors import InvalidInput
-from common.reference import split_host_port
+from common.reference import ipv4_literal, split_host_port
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -102,9 +102,13 @@ class AllowList:
 
 
 def literal(host: str) -> IPAddress | None:
-    """The address a host names literally (IPv4-mapped IPv6 as IPv4), or None for a name."""
+    """The address a host names literally (IPv4-mapped IPv6 as IPv4; an IPv4 address in any
+    of its number forms, :func:`common.reference.ipv4_literal`), or None for a name."""
+    text = host.split("%", 1)[0]
     try:
-        return unmap(ipaddress.ip_address(host.split("%", 1)[0]))
+        if ":" not in text:  # IPv6 is written one way only
+            text = ipv4_literal(text) or text
+        return unmap(ipaddress.ip_address(text))
     except ValueError:
         return None
 

@@ -80,6 +80,11 @@ class Reference:
     #: standalone, ``NAMESPACE/NAME`` in a cluster); empty: none. Part of the key: a model
     #: verified under one policy is never handed to a pull that names another.
     verify: str = ""
+    #: the credentials scope, as :func:`credentials_scope` names it: empty for a pull
+    #: without credentials (one directory every pod shares), else ``NAMESPACE/SECRET`` in a
+    #: cluster (``NAME`` standalone). Part of the key: a model pulled with one namespace's
+    #: credentials is a directory of its own, published only after a pull with them.
+    credentials: str = ""
 
     # --- derived -------------------------------------------------------------------------
 
@@ -103,10 +108,12 @@ class Reference:
 
     @property
     def canonical(self) -> str:
-        """What the key is computed from: the canonical URI, the include globs and the
-        signature policy (on a line starting with NUL, which no glob can hold)."""
-        policy = (f"\0verify={self.verify}",) if self.verify else ()
-        return "\n".join((self.uri, *self.include, *policy))
+        """What the key is computed from: the canonical URI, the include globs, the
+        credentials scope and the signature policy (each scope on a line starting with NUL,
+        which no glob can hold)."""
+        scopes = ((f"\0credentials={self.credentials}",) if self.credentials else ()) \
+            + ((f"\0verify={self.verify}",) if self.verify else ())
+        return "\n".join((self.uri, *self.include, *scopes))
 
     @functools.cached_property
     def key(self) -> str:
@@ -123,6 +130,17 @@ class Reference:
     def cached(self) -> bool:
         """Whether the agent caches this reference (everything but ``pvc://``)."""
         return self.scheme in CACHED_SCHEMES
+
+    @property
+    def may_unpack(self) -> bool:
+        """Whether a pull may unpack an archive (so that the archive and its members are on
+        disk at once): an OCI image's tar layers (modelcars), whatever a model registry
+        refers to, and an http(s) or file URL that names an archive."""
+        if self.scheme in ("oci", "model-registry"):
+            return True
+        if self.scheme in ("http", "https", "file"):
+            return archive_kind(unquote(self.path.split("?", 1)[0])) is not None
+        return False
 
     @property
     def immutable(self) -> bool:
@@ -166,7 +184,7 @@ class Reference:
     def with_revision(self, revision: str) -> Reference:
         """The same reference at another revision (used to pin a resolved revision)."""
         return Reference(self.scheme, self.host, self.path, revision, self.include,
-                         self.verify)
+                         self.verify, self.credentials)
 
     def __str__(self) -> str:
         return self.display
@@ -175,9 +193,12 @@ class Reference:
 # --- parsing ---------------------------------------------------------------------------
 
 
-def parse(uri: str, include: Iterable[str] | str | None = None, verify: str = "") -> Reference:
+def parse(uri: str, include: Iterable[str] | str | None = None, verify: str = "",
+          credentials: str = "") -> Reference:
     """Parse a reference; raise :class:`InvalidReference` naming what is wrong. ``verify``
-    is a policy scope (:func:`policy_scope`), checked here too."""
+    is a policy scope (:func:`policy_scope`), ``credentials`` a credentials scope
+    (:func:`credentials_scope`), both checked here too. A caller that knows a namespace,
+    a Secret's name and a policy's name uses :func:`scoped`."""
     if not isinstance(uri, str):
         raise InvalidReference("model URI must be a string")
     uri = uri.strip()
@@ -200,8 +221,22 @@ def parse(uri: str, include: Iterable[str] | str | None = None, verify: str = ""
     if verify:
         namespace, _, name = verify.rpartition("/")
         verify = policy_scope(namespace or None, name)
-    return Reference(scheme, host, path, revision, globs, verify)
+    if credentials:
+        namespace, _, name = credentials.rpartition("/")
+        credentials = credentials_scope(namespace or None, name)
+    return Reference(scheme, host, path, revision, globs, verify, credentials)
 
+
+def scoped(uri: str, include: Iterable[str] | str | None = None, *,
+           namespace: str | None = None, credentials: str | None = None,
+           verify: str | None = None) -> Reference:
+    """The reference a caller in ``namespace`` (None standalone) names, with the Secret
+    ``credentials`` and the signature policy ``verify`` (names, or None): the one way the
+    webhook, the init container, the admin API, the CSI node and the CachedModel
+    controller compute a model's key, so that all of them name the same directory."""
+    return parse(uri, include,
+                 policy_scope(namespace, verify) if verify else "",
+                 credentials_scope(namespace, credentials) if credentials else "")
 
 def check_policy_name(name: object) -> str:
     """A signature policy's name (a ConfigMap's in a cluster, a ``verifyPolicies`` key
@@ -221,11 +256,24 @@ def policy_scope(namespace: str | None, name: str) -> str:
     """How a key names a signature policy: ``NAMESPACE/NAME`` in a cluster (a ConfigMap of
     that namespace: one name in two namespaces is two policies), ``NAME`` standalone."""
     name = check_policy_name(name)
-    if namespace:
-        if not _K8S_NAME.match(namespace) or "." in namespace or len(namespace) > 63:
-            raise InvalidReference(f"namespace {namespace[:64]!r} is not a valid namespace name")
-        return f"{namespace}/{name}"
-    return name
+    return f"{_namespace(namespace)}/{name}" if namespace else name
+
+
+def credentials_scope(namespace: str | None, name: str) -> str:
+    """How a key names the credentials of a pull: ``NAMESPACE/SECRET`` in a cluster (a
+    Secret of that namespace: one name in two namespaces is two scopes), ``NAME``
+    standalone (a directory under the agent's ``--credentials-dir``)."""
+    if not isinstance(name, str) or not _K8S_NAME.match(name.strip()) or len(name) > 253:
+        shown = str(name)[:64]
+        raise InvalidReference(f"credentials {shown!r} is not a Secret name (lowercase "
+                               "DNS-1123 subdomain: a-z, 0-9, '-' and '.')")
+    return f"{_namespace(namespace)}/{name.strip()}" if namespace else name.strip()
+
+
+def _namespace(namespace: str) -> str:
+    if not _K8S_NAME.match(namespace) or "." in namespace or len(namespace) > 63:
+        raise InvalidReference(f"namespace {namespace[:64]!r} is not a valid namespace name")
+    return namespace
 
 
 def parse_include(include: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -440,6 +488,11 @@ def _check_host(host: str, what: str) -> str:
         name, _, port = host.partition(":")
     if port and (not port.isdigit() or not 0 < int(port) < 65536):
         raise InvalidReference(f"{what} {host!r} has an invalid port")
+    if not host.startswith("["):
+        try:
+            name = ipv4_literal(name) or name  # 127.1, 2130706433, 0x7f.1: 127.0.0.1
+        except ValueError as e:
+            raise InvalidReference(f"{what} {name!r} {e}") from None
     try:
         addr = ipaddress.ip_address(name)
     except ValueError:
@@ -449,6 +502,43 @@ def _check_host(host: str, what: str) -> str:
     shown = f"[{addr}]" if addr.version == 6 else str(addr)
     return f"{shown}:{port}" if port else shown
 
+
+def ipv4_literal(host: str) -> str | None:
+    """The dotted-quad address a host names in any IPv4 number form that URL parsers and
+    ``inet_aton`` accept (``127.1``, ``2130706433``, ``0x7f.1``, ``0177.0.0.1``: each
+    127.0.0.1), or None for a host name. A host that ends in a number but is no such
+    address (``1.2.3.4.5``, ``10.0.0.256``, ``host.123``) raises ValueError: every client
+    would read it as an address, so it is never a name (the WHATWG URL standard's rule).
+    One rule for the webhook, the agent and the init container (all parse here)."""
+    parts = host.split(".")
+    if len(parts) > 1 and parts[-1] == "":
+        parts.pop()  # one trailing dot, as in a fully qualified name
+    if not parts or not _IPV4_NUMBER.match(parts[-1]):
+        return None
+    if len(parts) > 4:
+        raise ValueError("ends in a number but is not an IPv4 address (more than 4 parts)")
+    numbers = []
+    for part in parts:
+        if not _IPV4_NUMBER.match(part):
+            raise ValueError("ends in a number but is not an IPv4 address")
+        if part[:2].lower() == "0x":
+            numbers.append(int(part[2:] or "0", 16))
+        elif len(part) > 1 and part.startswith("0"):
+            if not all(c in "01234567" for c in part):
+                raise ValueError(f"ends in a number but {part!r} is not an octal number")
+            numbers.append(int(part, 8))
+        else:
+            numbers.append(int(part))
+    *leading, last = numbers
+    if any(n > 255 for n in leading) or last >= 256 ** (5 - len(numbers)):
+        raise ValueError("ends in a number but is out of the IPv4 range")
+    value = last
+    for i, n in enumerate(leading):
+        value += n << (8 * (3 - i))
+    return str(ipaddress.IPv4Address(value))
+
+
+_IPV4_NUMBER = re.compile(r"^(?:0[xX][0-9A-Fa-f]*|[0-9]+)$")
 
 _PARSERS = {
     "hf": _parse_hf,
@@ -460,6 +550,17 @@ _PARSERS = {
     "file": _parse_file,
     "pvc": _parse_pvc,
 }
+
+
+def archive_kind(name: str) -> str | None:
+    """The archive kind a file name announces (``tar``, ``tar.gz``, ``tar.zst``, ``zip``),
+    if any: such a file is unpacked, not kept."""
+    lower = name.lower()
+    for suffix, kind in ((".tar.gz", "tar.gz"), (".tgz", "tar.gz"), (".tar.zst", "tar.zst"),
+                         (".tar", "tar"), (".zip", "zip")):
+        if lower.endswith(suffix):
+            return kind
+    return None
 
 
 def key_of(uri: str, include: Iterable[str] | str | None = None) -> str:
@@ -480,6 +581,6 @@ def split_host_port(host: str, default_port: int) -> tuple[str, int]:
 
 __all__ = [
     "CACHED_SCHEMES", "KEY_HEX", "LABEL_PREFIX", "SCHEMES", "InvalidInput", "InvalidReference",
-    "ModelcacheError", "Reference", "check_policy_name", "key_of", "parse", "parse_include",
-    "policy_scope", "split_host_port",
+    "ModelcacheError", "Reference", "archive_kind", "check_policy_name", "credentials_scope",
+    "ipv4_literal", "key_of", "parse", "parse_include", "policy_scope", "scoped", "split_host_port",
 ]

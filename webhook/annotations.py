@@ -19,7 +19,7 @@ from common.reference import (
     Reference,
     check_policy_name,
     parse,
-    policy_scope,
+    scoped,
 )
 
 from .hosts import refused_host
@@ -66,6 +66,14 @@ FORBIDDEN_TREES = (
     "/proc", "/sys", "/dev", "/etc", "/var/run/secrets", "/run/secrets",
     "/var/run/modelcache", "/run/modelcache",
 )
+#: where the init image's own program lives (Dockerfile: the venv in /opt/modelcache, the
+#: base image's Python in /usr/local, the system's libraries): the init container mounts
+#: the model's emptyDir at the mount path, so a mount path at, under or above one of these
+#: would hide the program that fills it (tests/deploy check it against the Dockerfile)
+IMAGE_TREES = ("/opt/modelcache", "/usr/local", "/usr/bin", "/usr/sbin", "/usr/lib",
+               "/usr/lib64", "/bin", "/sbin", "/lib", "/lib64")
+#: a file name's limit (NAME_MAX): a longer segment cannot be created
+MAX_SEGMENT_BYTES = 255
 #: nor exactly one of these: mounting over them breaks the image
 FORBIDDEN_EXACT = frozenset(
     {"/bin", "/boot", "/lib", "/lib32", "/lib64", "/libx32", "/sbin", "/usr", "/usr/bin",
@@ -142,12 +150,12 @@ def read(annotations: Mapping[str, object], allow_hosts: tuple[str, ...] = (),
     uri = uri.strip()
     include = values.get(INCLUDE)
     verify = _verify(values.get(VERIFY))
+    credentials = _credentials(values.get(CREDENTIALS))
     try:
-        scope = policy_scope(namespace or None, verify) if verify else ""
-    except InvalidReference as e:
-        raise AnnotationError(VERIFY, str(e)) from e
-    try:
-        reference = parse(uri, include, scope)
+        # the key the pod's directory is named by: the reference, its credentials scope
+        # (this namespace's Secret) and its signature policy, as the agent computes it
+        reference = scoped(uri, include, namespace=namespace or None,
+                           credentials=credentials, verify=verify)
     except InvalidReference as e:
         where = INCLUDE if include is not None and _only_include_wrong(uri) else MODEL
         raise AnnotationError(where, str(e)) from e
@@ -158,7 +166,7 @@ def read(annotations: Mapping[str, object], allow_hosts: tuple[str, ...] = (),
         reference=reference,
         uri=uri,
         mount_path=_mount_path(values.get(MOUNT_PATH)),
-        credentials=_credentials(values.get(CREDENTIALS)),
+        credentials=credentials,
         fallback=cast(Fallback, _choice(FALLBACK, values, ("source", "none")) or "source"),
         mode=cast(Mode | None, _choice(MODE, values, ("csi", "cache", "download"))),
         containers=_containers(values.get(CONTAINERS)),
@@ -231,11 +239,20 @@ def _mount_path(value: str | None) -> str:
             raise AnnotationError(
                 MOUNT_PATH, f"{_show(path)} has characters other than letters, digits, ._@+~-"
             )
+        if len(segment.encode()) > MAX_SEGMENT_BYTES:
+            raise AnnotationError(
+                MOUNT_PATH, f"{_show(path)} has a segment longer than {MAX_SEGMENT_BYTES} "
+                "bytes (a file name's limit)")
     for tree in FORBIDDEN_TREES:
         if path == tree or path.startswith(tree + "/"):
             raise AnnotationError(MOUNT_PATH, f"{_show(path)} is under {tree}, which is reserved")
     if path in FORBIDDEN_EXACT or SIDE_PATH.startswith(path + "/"):
         raise AnnotationError(MOUNT_PATH, f"{_show(path)} would hide a system directory")
+    for tree in IMAGE_TREES:
+        if path == tree or path.startswith(tree + "/") or tree.startswith(path + "/"):
+            raise AnnotationError(
+                MOUNT_PATH, f"{_show(path)} would hide {tree}, where the init container's "
+                "program lives")
     return path
 
 

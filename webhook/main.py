@@ -2,7 +2,9 @@
 
     modelcache webhook [--listen HOST:PORT] --tls-cert FILE --tls-key FILE
                        [--store-path DIR] [--agent-url URL] [--image IMAGE]
-                       [--namespace NS] [--allow-host HOST ...] [--counts-interval S]
+                       [--namespace NS] [--allow-host HOST ...]
+                       [--pod-security-default LEVEL] [--pod-security-exempt NS ...]
+                       [--pod-security-config FILE] [--counts-interval S]
     modelcache webhook certs --service NAME --namespace NS
                        [--secret NAME] [--out-dir DIR] [--webhook-config NAME]
                        [--days N] [--renew-before-days N]
@@ -24,13 +26,16 @@ import gc
 import logging
 import os
 import posixpath
+import re
 import signal
 import socket
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
+import yaml
 from aiohttp import web
 
 from common import logs
@@ -44,6 +49,7 @@ from .admission import Context
 from .counts import Counts
 from .metrics import WebhookMetrics
 from .namespaces import NamespaceCache, NamespaceWatch
+from .plan import PSA_LEVELS
 from .server import Deps, make_runner
 from .settings import (
     DEFAULT_IMAGE,
@@ -105,6 +111,18 @@ def serve_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--require-verify", action="append", default=[], metavar="NAMESPACE",
                    help="pods in this namespace (a name or a glob such as 'prod-*'; "
                    "repeatable) must name a signature policy (modelcache.io/verify)")
+    p.add_argument("--pod-security-default", choices=PSA_LEVELS, default=None, metavar="LEVEL",
+                   help="the cluster's default Pod Security enforce level (privileged, "
+                   "baseline, restricted): a namespace without the enforce label gets it")
+    p.add_argument("--pod-security-exempt", action="append", default=[], metavar="NAMESPACE",
+                   help="a namespace the PodSecurity admission configuration exempts "
+                   "(repeatable)")
+    p.add_argument("--pod-security-config", metavar="FILE",
+                   help="the API server's AdmissionConfiguration (or its PodSecurity "
+                   "configuration): defaults.enforce and exemptions.namespaces are read "
+                   "from it; the two flags above add to it")
+    p.add_argument("--init-cpu-limit", default=PlanSettings.init_cpu_limit, metavar="CPU",
+                   help="CPU limit of the injected init container")
     p.add_argument("--cert-poll-seconds", type=float, default=ServerSettings.cert_poll_seconds)
     p.add_argument("--shutdown-delay", type=float,
                    default=ServerSettings.shutdown_delay_seconds, metavar="SECONDS")
@@ -142,8 +160,66 @@ def settings_from(args: argparse.Namespace) -> tuple[ServerSettings, PlanSetting
         init_env=tuple(_init_env(item) for item in args.init_env),
         init_ca_pem=_init_ca_pem(args.init_ca_file) if args.init_ca_file else "",
         require_verify=tuple(_namespace_glob(g) for g in args.require_verify),
+        **_pod_security(args), init_cpu_limit=_cpu(args.init_cpu_limit),
     )
     return server, planning
+
+
+def _pod_security(args: argparse.Namespace) -> dict[str, Any]:
+    """The cluster's default Pod Security level and exempt namespaces: the admission
+    configuration's (``--pod-security-config``), then the flags."""
+    default, exempt = "privileged", list(args.pod_security_exempt)
+    if args.pod_security_config:
+        try:
+            default, listed = read_pod_security_config(Path(args.pod_security_config))
+        except (OSError, ValueError) as e:
+            _fail(f"--pod-security-config {args.pod_security_config}: {e}")
+        exempt = [*listed, *exempt]
+    for name in exempt:
+        if not _NAMESPACE.match(name):
+            _fail(f"--pod-security-exempt {name!r} is not a namespace name")
+    return {"pod_security_default": args.pod_security_default or default,
+            "pod_security_exempt": tuple(dict.fromkeys(exempt))}
+
+
+def read_pod_security_config(path: Path) -> tuple[str, list[str]]:
+    """``defaults.enforce`` and ``exemptions.namespaces`` of a PodSecurity configuration
+    (``pod-security.admission.config.k8s.io``), alone or inside the API server's
+    AdmissionConfiguration (the ``PodSecurity`` plugin's ``configuration``, or its ``path``
+    relative to the file); ValueError naming what is wrong."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"not YAML: {e}") from None
+    if isinstance(doc, dict) and doc.get("kind") == "AdmissionConfiguration":
+        plugin = next((p for p in doc.get("plugins") or [] if isinstance(p, dict)
+                       and p.get("name") == "PodSecurity"), None)
+        if plugin is None:
+            raise ValueError("the AdmissionConfiguration has no PodSecurity plugin")
+        if plugin.get("path"):
+            return read_pod_security_config(path.parent / str(plugin["path"]))
+        doc = plugin.get("configuration")
+    if not isinstance(doc, dict) or doc.get("kind") != "PodSecurityConfiguration":
+        raise ValueError("not a PodSecurityConfiguration (nor an AdmissionConfiguration "
+                         "holding one)")
+    level = (doc.get("defaults") or {}).get("enforce", "privileged")
+    if level not in PSA_LEVELS:
+        raise ValueError(f"defaults.enforce {str(level)[:32]!r} is none of "
+                         f"{', '.join(PSA_LEVELS)}")
+    namespaces = (doc.get("exemptions") or {}).get("namespaces") or []
+    if not isinstance(namespaces, list) or not all(isinstance(n, str) for n in namespaces):
+        raise ValueError("exemptions.namespaces is not a list of names")
+    return level, namespaces
+
+
+_NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_CPU = re.compile(r"^([0-9]+m|[0-9]+(\.[0-9]{1,3})?)$")
+
+
+def _cpu(text: str) -> str:
+    if not _CPU.match(text) or text in ("0", "0m"):
+        _fail(f"--init-cpu-limit {text!r} is not a CPU quantity (e.g. 1, 500m)")
+    return text
 
 
 def _namespace_glob(glob: str) -> str:

@@ -10,7 +10,9 @@ mechanism (issue 6, "Constraints"; DESIGN.md, "Handing a model to a pod"):
 - ``cache``: the model's own store directory ``<store>/models/<key>`` is a read-only
   hostPath at a side path (``/var/run/modelcache/model``); the mount path is an emptyDir that
   the init container fills with symlinks into the side path (warm node or agent-pulled) or
-  with the files it downloads itself (fallback). App containers see both read-only.
+  with the files it downloads itself (fallback). App containers see both read-only. The
+  hostPath's type is ``Directory``: kubelet never creates it (root-owned, the agent could not
+  publish into it); the node's agent makes it as soon as the pod is bound (docs/store.md).
 - ``download``: no hostPath (Pod Security ``baseline``/``restricted`` forbid it); the init
   container downloads into the emptyDir, through the agent's fetch engine semantics.
 - ``pvc://``: the claim itself, read-only at the mount path; no init container.
@@ -65,7 +67,10 @@ TMP_SIZE = "256Mi"
 INIT_UID = 65532
 AFFINITY_WEIGHT = 100
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
+PSA_LEVELS = ("privileged", "baseline", "restricted")
 NO_HOSTPATH_LEVELS = ("baseline", "restricted")
+#: the init container's requests: its logs and /tmp on top of a fallback download
+INIT_EPHEMERAL = 64 * 1024 * 1024
 MiB = 1024 * 1024
 
 JSON = dict[str, Any]
@@ -119,10 +124,12 @@ def plan(
         request = read(annotations, settings.allow_hosts, namespace or "")
     except AnnotationError as e:
         return Denial(str(e), e.annotation)
-    refusal = _verify_refusal(request, namespace or "", namespace_labels, settings)
+    refusal = _verify_refusal(request, namespace or "",
+                              pod_security(namespace or "", namespace_labels, settings), settings)
     if refusal is not None:
         return refusal
-    mode = _mode(request, namespace_labels, settings)
+    security = pod_security(namespace or "", namespace_labels, settings)
+    mode = _mode(request, security, settings)
     if mode == "csi" and not settings.csi:
         return Denial(
             f"annotation {MODE}: csi needs the modelcache CSI driver ({CSI_DRIVER}), and this "
@@ -140,36 +147,70 @@ def plan(
     if mode == "download" and request.fallback == "none":
         return Denial(
             f"annotation {FALLBACK}: none needs mode cache, but mode is download "
-            + _mode_origin(request, namespace_labels),
+            + _mode_origin(request, security),
             FALLBACK,
         )
     if mode == "download" and request.reference.scheme == "file":
         return Denial(
             f"annotation {MODE}: file:// models come only from the node's agent; mode "
-            "download cannot fetch them " + _mode_origin(request, namespace_labels),
+            "download cannot fetch them " + _mode_origin(request, security),
             MODE,
         )
-    return _build(pod, request, mode, targets, namespace_labels, settings)
+    return _build(pod, request, mode, targets, namespace_labels, security, settings)
 
 
 # --- decisions -----------------------------------------------------------------------------
 
 
-def _mode(request: ModelRequest, labels: Mapping[str, str] | None,
-          settings: PlanSettings) -> str:
+@dataclass(frozen=True)
+class PodSecurity:
+    """The Pod Security level enforced on the pod's namespace, and where it comes from."""
+
+    level: str
+    origin: str
+    """``exempt`` (the admission configuration exempts the namespace), ``label`` (the
+    namespace's ``enforce`` label) or ``default`` (the cluster's default level)."""
+
+    @property
+    def forbids_hostpath(self) -> bool:
+        return self.level in NO_HOSTPATH_LEVELS
+
+    def describe(self) -> str:
+        if self.origin == "label":
+            return f"Pod Security level {self.level!r} of this namespace"
+        if self.origin == "default":
+            return f"Pod Security level {self.level!r}, the cluster's default"
+        return "no Pod Security level (the namespace is exempt)"
+
+
+def pod_security(namespace: str, labels: Mapping[str, str] | None,
+                 settings: PlanSettings) -> PodSecurity:
+    """What the PodSecurity admission plugin enforces on a pod of ``namespace``: nothing in
+    an exempt namespace; else the namespace's ``enforce`` label (a value that is no level
+    is taken as ``restricted``, the safe reading); else the cluster's default (also when the
+    labels are unknown)."""
+    if namespace and namespace in settings.pod_security_exempt:
+        return PodSecurity("privileged", "exempt")
+    label = (labels or {}).get(PSA_ENFORCE)
+    if label is not None:
+        return PodSecurity(label if label in PSA_LEVELS else "restricted", "label")
+    return PodSecurity(settings.pod_security_default, "default")
+
+
+def _mode(request: ModelRequest, security: PodSecurity, settings: PlanSettings) -> str:
     if not request.reference.cached:
         return "pvc"
     if request.mode is not None:
         return request.mode
     if settings.csi:
         return "csi"  # allowed by every Pod Security level
-    if labels is not None and labels.get(PSA_ENFORCE) in NO_HOSTPATH_LEVELS:
+    if security.forbids_hostpath:
         return "download"
     return "cache"
 
 
 def _verify_refusal(request: ModelRequest, namespace: str,
-                    labels: Mapping[str, str] | None, settings: PlanSettings) -> Denial | None:
+                    security: PodSecurity, settings: PlanSettings) -> Denial | None:
     """A pod the signature rules do not let in: none named where the admin requires one, or
     one named where it cannot be checked (a claim, a download by the pod itself)."""
     if request.verify is None:
@@ -181,18 +222,17 @@ def _verify_refusal(request: ModelRequest, namespace: str,
     if not request.reference.cached:
         return Denial(f"annotation {VERIFY}: a pvc:// model is mounted as it is and cannot "
                       "be verified", VERIFY)
-    if _mode(request, labels, settings) == "download":
+    if _mode(request, security, settings) == "download":
         return Denial(
             f"annotation {VERIFY}: the signature is checked by the node's agent, and mode "
-            "download bypasses it " + _mode_origin(request, labels), VERIFY)
+            "download bypasses it " + _mode_origin(request, security), VERIFY)
     return None
 
 
-def _mode_origin(request: ModelRequest, labels: Mapping[str, str] | None) -> str:
+def _mode_origin(request: ModelRequest, security: PodSecurity) -> str:
     if request.mode is not None:
         return f"(set by {MODE})"
-    level = (labels or {}).get(PSA_ENFORCE, "")
-    return f"(Pod Security level {level!r} of this namespace forbids hostPath)"
+    return f"({security.describe()} forbids hostPath)"
 
 
 def injected_value(request: ModelRequest, mode: str) -> str:
@@ -287,6 +327,7 @@ def _build(
     mode: str,
     targets: list[JSON],
     namespace_labels: Mapping[str, str] | None,
+    security: PodSecurity,
     settings: PlanSettings,
 ) -> Plan:
     out = copy.deepcopy(dict(pod))
@@ -299,15 +340,35 @@ def _build(
         for container in _list(spec.get(key)):
             if container.get("name") in target_names:
                 _extend(container, "volumeMounts", app_mounts)
+    dns_warning = None
     if mode in ("cache", "download"):
         spec["initContainers"] = [_init_container(request, mode, settings),
                                   *_list(spec.get("initContainers"))]
+        dns_warning = _host_network_dns(spec)
     if mode != "pvc":
         _add_affinity(spec, request)
     meta = _obj(out, "metadata")
     _obj(meta, "annotations")[INJECTED] = injected_value(request, mode)
-    warnings = _warnings(request, mode, spec, namespace_labels)
+    warnings = _warnings(request, mode, spec, namespace_labels, security)
+    if dns_warning is not None:
+        warnings.append(dns_warning)
     return Plan(pod=out, warnings=tuple(warnings), mode=mode)
+
+
+def _host_network_dns(spec: JSON) -> str | None:
+    """A hostNetwork pod resolves names as its node does unless its DNS policy is
+    ``ClusterFirstWithHostNet`` (``ClusterFirst``, the default, falls back to the node's
+    resolver): its init container could not find the agent's Service. The policy is set
+    when it was the default; a pod that chose ``Default`` or ``None`` is told."""
+    if spec.get("hostNetwork") is not True:
+        return None
+    policy = spec.get("dnsPolicy") or "ClusterFirst"
+    if policy == "ClusterFirst":
+        spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+        return "hostNetwork: dnsPolicy set to ClusterFirstWithHostNet to reach the agent"
+    if policy != "ClusterFirstWithHostNet":
+        return f"hostNetwork with dnsPolicy {str(policy)[:16]}: the agent may not resolve"
+    return None
 
 
 def _volumes(request: ModelRequest, mode: str, settings: PlanSettings) -> list[JSON]:
@@ -321,9 +382,9 @@ def _volumes(request: ModelRequest, mode: str, settings: PlanSettings) -> list[J
     volumes: list[JSON] = []
     if mode == "cache":
         host_path = posixpath.join(settings.store_path, "models", ref.key)
-        volumes.append(
-            {"name": STORE_VOLUME, "hostPath": {"path": host_path, "type": "DirectoryOrCreate"}}
-        )
+        # Directory, not DirectoryOrCreate: kubelet waits for the agent to make it (the pod
+        # watch does, as the pod is bound) rather than make one the agent cannot publish into
+        volumes.append({"name": STORE_VOLUME, "hostPath": {"path": host_path, "type": "Directory"}})
     empty: JSON = {}
     limit = _size_limit(request, settings)
     if limit is not None:
@@ -355,11 +416,30 @@ def _attributes(request: ModelRequest) -> dict[str, str]:
 
 
 def _size_limit(request: ModelRequest, settings: PlanSettings) -> str | None:
-    """The fallback emptyDir's limit: the model's size plus headroom, in whole MiB."""
+    """The fallback emptyDir's limit, in whole MiB: what the download holds at its peak, plus
+    headroom. That is the model's size, or twice it where the pull may unpack an archive (a
+    tar layer, an archive URL): the archive and its unpacked files are on disk at once."""
+    needed = _fallback_bytes(request, settings)
+    return None if needed is None else f"{max(math.ceil(needed / MiB), 1)}Mi"
+
+
+def _fallback_bytes(request: ModelRequest, settings: PlanSettings) -> int | None:
     if request.size_bytes is None or request.fallback == "none":
         return None
-    mib = math.ceil(request.size_bytes * (1 + settings.size_headroom) / MiB)
-    return f"{max(mib, 1)}Mi"
+    copies = 2 if request.reference.may_unpack else 1
+    return math.ceil(request.size_bytes * (copies + settings.size_headroom))
+
+
+def _resources(request: ModelRequest, settings: PlanSettings) -> JSON:
+    """Requests and limits every ResourceQuota kind can count: CPU and memory both, and an
+    ephemeral-storage request for what the pod may write through the init container (its
+    logs, and a fallback download of known size). No ephemeral-storage limit: kubelet sums
+    the containers' limits into the pod's and counts the emptyDirs against it, so a limit
+    here would cap the app containers' scratch space too."""
+    ephemeral = INIT_EPHEMERAL + (_fallback_bytes(request, settings) or 0)
+    return {"requests": {"cpu": "100m", "memory": "128Mi",
+                         "ephemeral-storage": f"{math.ceil(ephemeral / MiB)}Mi"},
+            "limits": {"cpu": settings.init_cpu_limit, "memory": "512Mi"}}
 
 
 def _app_mounts(request: ModelRequest, mode: str) -> list[JSON]:
@@ -413,14 +493,14 @@ def _init_container(request: ModelRequest, mode: str, settings: PlanSettings) ->
         "command": init_command(request, mode, settings),
         "env": [{"name": "MODELCACHE_NODE_NAME",
                  "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                # the key's scopes name the namespace (its Secret, its policy)
                 *([{"name": "MODELCACHE_NAMESPACE",
                     "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
-                  if request.verify is not None else []),
+                  if request.verify is not None or request.credentials is not None else []),
                 *({"name": name, "value": value} for name, value in settings.init_env),
                 *([{"name": INIT_CA_ENV, "value": settings.init_ca_pem}]
                   if settings.init_ca_pem else [])],
-        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
-                      "limits": {"memory": "512Mi"}},
+        "resources": _resources(request, settings),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": INIT_UID,
@@ -456,7 +536,7 @@ def _add_affinity(spec: JSON, request: ModelRequest) -> None:
 
 def _warnings(
     request: ModelRequest, mode: str, spec: Mapping[str, Any],
-    namespace_labels: Mapping[str, str] | None,
+    namespace_labels: Mapping[str, str] | None, security: PodSecurity,
 ) -> list[str]:
     warnings = [f"unknown annotation {key} ignored" for key in request.unknown]
     if mode == "pvc":
@@ -468,26 +548,26 @@ def _warnings(
         warnings += [f"{key} has no effect in mode csi (the node's agent pulls)"
                      for key in (FALLBACK, SIZE) if key in request.explicit]
     else:
-        warnings += _init_warnings(request, mode, namespace_labels)
+        warnings += _init_warnings(request, mode, namespace_labels, security)
     if request.placement == "require-warm" and spec.get("nodeName"):
         warnings.append("spec.nodeName is set: kubelet rejects the pod unless that node is warm")
     return warnings
 
 
 def _init_warnings(
-    request: ModelRequest, mode: str, namespace_labels: Mapping[str, str] | None
+    request: ModelRequest, mode: str, namespace_labels: Mapping[str, str] | None,
+    security: PodSecurity,
 ) -> list[str]:
     """What to say about a pod whose init container provides the model."""
     warnings = []
-    if namespace_labels is None and request.mode is None:
+    if namespace_labels is None and request.mode is None and security.origin != "exempt":
         warnings.append(
             f"namespace labels unknown to the webhook: chose mode {mode} (set {MODE} to choose)"
         )
-    level = (namespace_labels or {}).get(PSA_ENFORCE)
-    if mode == "cache" and level in NO_HOSTPATH_LEVELS:
+    if mode == "cache" and security.forbids_hostpath:
         warnings.append(
-            f"mode cache mounts a hostPath, which Pod Security level {level!r} here rejects"
-        )
+            f"mode cache mounts a hostPath, which Pod Security level {security.level!r} here "
+            "rejects")
     if request.verify is not None:
         if FALLBACK in request.explicit and request.fallback == "source":
             warnings.append(f"{FALLBACK} source has no effect with {VERIFY}: only the agent's "

@@ -65,6 +65,20 @@ class PlanSettings:
     """Namespaces (names or globs, ``--require-verify``) whose pods must name a signature
     policy (``modelcache.io/verify``); a pod there without one is denied."""
 
+    pod_security_default: str = "privileged"
+    """The cluster's default Pod Security ``enforce`` level (``--pod-security-default``, or
+    ``defaults.enforce`` of the PodSecurity admission configuration): what a namespace
+    without a ``pod-security.kubernetes.io/enforce`` label gets. ``baseline`` and
+    ``restricted`` forbid hostPath, so mode cache is not chosen there."""
+
+    pod_security_exempt: tuple[str, ...] = ()
+    """Namespaces the PodSecurity admission configuration exempts (``exemptions.namespaces``,
+    ``--pod-security-exempt``): whatever their labels say, nothing is enforced there."""
+
+    init_cpu_limit: str = "1"
+    """CPU limit of the init container (a ``limits.cpu`` ResourceQuota rejects a pod with a
+    container without one); it bounds a fallback download's hashing, not the pod's apps."""
+
 
 @dataclass(frozen=True)
 class ServerSettings:

@@ -31,7 +31,7 @@ from agent.store.blobs import valid_digest
 from agent.store.local import Store
 from agent.store.trees import iso
 from common import errors
-from common.reference import KEY_HEX, parse, policy_scope
+from common.reference import KEY_HEX, scoped
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
@@ -207,8 +207,8 @@ async def ensure_model(request: web.Request) -> web.Response:
     unknown = set(body) - {"uri", "include", "pin", "credentials", "verify", "warm"}
     if unknown:
         raise errors.InvalidInput(f"unknown field(s) in body: {', '.join(sorted(unknown))}")
-    scope = policy_scope(caller.namespace, verify) if verify is not None else ""
-    ref = parse(uri, include, scope)
+    ref = scoped(uri, include, namespace=caller.namespace, credentials=cred_name or None,
+                 verify=verify)
     await deps.auth.admit(caller, ref, cred_name, pin)
     credentials = None
     if cred_name:

@@ -28,8 +28,11 @@ class AgentError(ModelcacheError):
 
 class AgentClient:
     def __init__(self, base_url: str = DEFAULT_AGENT, token: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, reply_timeout: float = 60.0) -> None:
+        """``timeout``: seconds to connect; ``reply_timeout``: seconds a connected agent may
+        stay silent (on top of a ``wait`` the request asks for)."""
         self.base = base_url.rstrip("/")
+        self.reply_timeout = reply_timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout,
                                               sock_read=None)
@@ -45,13 +48,14 @@ class AgentClient:
             await self._session.close()
 
     async def _call(self, method: str, path: str, *, json: Any = None,
-                    params: dict[str, str] | None = None, read_timeout: float = 60.0) -> Any:
+                    params: dict[str, str] | None = None, read_timeout: float | None = None
+                    ) -> Any:
         assert self._session is not None, "use 'async with AgentClient(...)'"
         try:
             async with self._session.request(
                 method, self.base + path, json=json, params=params,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout.sock_connect,
-                                              sock_read=read_timeout),
+                                              sock_read=read_timeout or self.reply_timeout),
             ) as resp:
                 try:
                     body = await resp.json(content_type=None)
@@ -87,7 +91,8 @@ class AgentClient:
     async def model(self, key: str, wait: float | None = None) -> dict[str, Any]:
         params = {"wait": str(wait)} if wait is not None else None
         result: dict[str, Any] = await self._call(
-            "GET", f"/api/v1/models/{key}", params=params, read_timeout=(wait or 0) + 60)
+            "GET", f"/api/v1/models/{key}", params=params,
+            read_timeout=(wait or 0) + self.reply_timeout)
         return result
 
     async def models(self) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from common.errors import ModelcacheError
+from common.errors import ModelcacheError, StoreError
 
 if TYPE_CHECKING:
     from agent.cli.client import AgentClient
@@ -66,6 +66,12 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("agent", help="run the node agent")
     add_agent_flags(a)
     a.set_defaults(func=cmd_agent)
+    o = sub.add_parser("prepare-store", help="hand the store to the agent's user (the "
+                       "DaemonSet's store-owner step: root with CAP_CHOWN alone)")
+    o.add_argument("--store", default="/var/lib/modelcache", help="the store's root")
+    o.add_argument("--owner", default="65532:65532", metavar="UID:GID",
+                   help="the agent's user and group")
+    o.set_defaults(func=cmd_prepare_store)
     sub.add_parser("webhook", help="run the admission webhook (see 'modelcache webhook -h')")
     sub.add_parser("init", help="the injected init container (see 'modelcache init -h')")
 
@@ -124,6 +130,19 @@ def cmd_agent(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
     settings = agent_settings(args)
     asyncio.run(run(settings, Path(args.credentials_dir) if args.credentials_dir else None))
+    return 0
+
+
+def cmd_prepare_store(args: argparse.Namespace) -> int:
+    from agent.store.owner import hand_over, parse_owner
+
+    uid, gid = parse_owner(args.owner)
+    try:
+        changed = hand_over(Path(args.store), uid, gid)
+    except OSError as e:
+        raise StoreError(f"cannot hand {args.store} to {args.owner}: {e}") from e
+    for path in changed:
+        print(f"handed {path} to {uid}:{gid}")
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli.client import AgentClient, AgentError
-from agent.cli.podinit import WORK_DIR, Asked, InitError, link_side, log
+from agent.cli.podinit import WORK_DIR, Asked, InitError, Refused, link_side, log, model_problem
 from agent.egress import Egress
 from agent.fetch.engine import Fetcher
 from agent.index import Index
@@ -49,8 +49,10 @@ async def run(args: argparse.Namespace, ref: Reference, token: str | None,
             how = await follow_agent(args, token, asked)
             if not await asyncio.to_thread(link_side, args, ref.key, ref.verify):
                 raise InitError("the agent reports the model ready but the side mount "
-                                f"{args.side_path} shows no manifest")
+                                f"{args.side_path} shows no usable tree")
             return how
+        except Refused:
+            raise  # the agent will not serve this pod: nothing is linked, nothing fetched
         except ModelcacheError as e:
             agent_error = str(e)
             if await asyncio.to_thread(link_side, args, ref.key, ref.verify):
@@ -78,9 +80,11 @@ async def run(args: argparse.Namespace, ref: Reference, token: str | None,
 
 
 async def report_fallback(ref: Reference, args: argparse.Namespace, token: str | None) -> None:
-    """Tell the agent (if it answers) that this pod fell back, for its metrics."""
+    """Tell the agent (if it answers) that this pod fell back, for its metrics (best effort:
+    an agent that does not answer at once is not waited for)."""
     try:
-        async with AgentClient(args.agent_url, token, timeout=args.connect_timeout) as client:
+        async with AgentClient(args.agent_url, token, timeout=args.connect_timeout,
+                               reply_timeout=min(args.reply_timeout, 2.0)) as client:
             await client.report_fallback(ref.key)
     except AgentError as e:
         log.info("could not report the fallback to the agent", extra={"error": str(e)})
@@ -94,9 +98,13 @@ async def follow_agent(args: argparse.Namespace, token: str | None, asked: Asked
     if asked.ready:
         return "warm"
     last_done, last_change = -1, time.monotonic()
+    key = asked.model["key"]
 
     def show(m: dict[str, Any]) -> None:
         nonlocal last_done, last_change
+        problem = model_problem(m)
+        if problem is not None or m.get("key") != key:
+            raise InitError(f"the agent's reply is not model {key}: {problem or 'another key'}")
         if m["bytes_done"] != last_done:
             last_done, last_change = m["bytes_done"], time.monotonic()
             log.info("agent pulling", extra={"bytes_done": m["bytes_done"],
@@ -104,8 +112,14 @@ async def follow_agent(args: argparse.Namespace, token: str | None, asked: Asked
         if time.monotonic() - last_change > STALL_SECONDS:
             raise InitError(f"the agent's pull made no progress for {STALL_SECONDS:.0f} s")
 
-    async with AgentClient(args.agent_url, token, timeout=args.connect_timeout) as client:
-        model = await client.follow(asked.model["key"], show, interval=2.0)
+    try:
+        async with AgentClient(args.agent_url, token, timeout=args.connect_timeout,
+                               reply_timeout=args.reply_timeout) as client:
+            model = await client.follow(key, show, interval=2.0)
+    except AgentError as e:
+        if e.status in (401, 403):
+            raise Refused(f"the node's agent refuses this pod: HTTP {e.status}: {e}") from e
+        raise
     if model["state"] != "ready":
         raise InitError(f"the agent's pull failed: {model.get('error')}")
     return "agent"
@@ -114,7 +128,8 @@ async def follow_agent(args: argparse.Namespace, token: str | None, asked: Asked
 async def warm_node(ref: Reference, args: argparse.Namespace, token: str | None) -> None:
     """Download mode: ask the agent to warm the node for the next pod; do not wait."""
     try:
-        async with AgentClient(args.agent_url, token, timeout=args.connect_timeout) as client:
+        async with AgentClient(args.agent_url, token, timeout=args.connect_timeout,
+                               reply_timeout=args.reply_timeout) as client:
             await client.ensure(ref.uri, list(ref.include) or None,
                                 credentials=args.credentials)
     except AgentError as e:

@@ -21,7 +21,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent.cluster.nodelabels import NodeLabels
-from agent.cluster.pods import PodDirectory, holder, models_of, pending, pod_key, running
+from agent.cluster.pods import (
+    PodDirectory,
+    holder,
+    hostpath_keys,
+    models_of,
+    pending,
+    pod_key,
+    running,
+)
 from agent.cluster.status import StatusWriter
 from agent.cluster.warm import Warm
 from agent.eviction.usage import Usage
@@ -30,6 +38,7 @@ from agent.pagecache.warmer import PageCacheWarmer
 from agent.pull.credentials import CredentialsProvider
 from agent.pull.puller import Puller
 from agent.settings import AgentSettings
+from common.errors import ModelcacheError
 from common.kube.client import KubeClient
 from common.kube.informer import WatchEvent, object_key
 from common.reference import parse
@@ -51,13 +60,16 @@ def startup_delay(node: str, limit: float) -> float:
 class Controller:
     def __init__(self, kube: KubeClient, settings: AgentSettings, index: Index, puller: Puller,
                  credentials: CredentialsProvider, pods: PodDirectory, usage: Usage,
-                 warmer: PageCacheWarmer | None = None) -> None:
+                 warmer: PageCacheWarmer | None = None,
+                 claim: Callable[[str], None] | None = None) -> None:
         self.kube = kube
         self.node = settings.node_name
         self.settings = settings.cluster
         self.pods = pods
         self.usage = usage
         self.warmer = warmer
+        #: makes ``models/<key>`` the agent's own (``Store.claim_model_dir``)
+        self.claim = claim
         self.labels = NodeLabels(kube, self.node, index)
         self.status = StatusWriter(kube, self.node, index, self.settings.status_interval)
         fixed = [parse(m.uri, m.include, m.verify).key for m in settings.warm if m.pin]
@@ -116,12 +128,25 @@ class Controller:
             return
         known = self.pods.get(key)
         new = known is None or _uid(known) != _uid(pod)
+        if new and self.claim is not None:
+            await self._claim(pod)
         await self.pods.put(pod)
         models = models_of(pod)
         self.usage.set(holder(key), models)
         if new and pending(pod) and self.warmer is not None:
             for model in models:  # its images are being pulled: read the model meanwhile
                 self.warmer.want(model, pod=key, trigger="pod")
+
+    async def _claim(self, pod: Obj) -> None:
+        """Make the model directories the pod's hostPath names, now that it is bound here:
+        kubelet waits for them (type ``Directory``) and never makes them itself."""
+        assert self.claim is not None
+        for key in hostpath_keys(pod):
+            try:
+                await asyncio.to_thread(self.claim, key)
+            except ModelcacheError as e:
+                log.error("cannot make a pod's model directory", extra={
+                    "pod": pod_key(pod), "key": key, "error": str(e)})
 
     async def _on_cached_model(self, event: WatchEvent) -> None:
         self.warm.cached_model(object_key(event.object),

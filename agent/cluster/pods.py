@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
 from common.errors import ModelcacheError
-from common.reference import parse, policy_scope
+from common.reference import KEY_HEX, scoped
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ VERIFY = "modelcache.io/verify"
 INJECTED = "modelcache.io/injected"
 WARM_MEMORY = "modelcache.io/warm-memory"
 FINISHED = ("Succeeded", "Failed")
+_KEY = re.compile(rf"^[0-9a-f]{{{KEY_HEX}}}$")
 
 
 def pod_key(pod: Obj) -> str:
@@ -55,10 +57,11 @@ def models_of(pod: Obj) -> frozenset[str]:
     uri = notes.get(MODEL)
     if isinstance(uri, str):
         try:
-            verify = notes.get(VERIFY)
-            scope = policy_scope(meta.get("namespace") or None, verify) \
-                if isinstance(verify, str) else ""
-            ref = parse(uri, notes.get(INCLUDE), scope)
+            verify, credentials = notes.get(VERIFY), notes.get(CREDENTIALS)
+            ref = scoped(uri, notes.get(INCLUDE), namespace=meta.get("namespace") or None,
+                         credentials=credentials.strip() if isinstance(credentials, str)
+                         and credentials.strip() else None,
+                         verify=verify.strip() if isinstance(verify, str) else None)
         except ModelcacheError:
             ref = None
         if ref is not None and ref.cached:
@@ -70,6 +73,19 @@ def models_of(pod: Obj) -> frozenset[str]:
             if isinstance(doc, dict) and isinstance(doc.get("key"), str):
                 keys.add(doc["key"])
     return frozenset(keys)
+
+
+def hostpath_keys(pod: Obj) -> frozenset[str]:
+    """Keys of the model directories a pod gets as a hostPath (mode cache, as the webhook
+    recorded in ``modelcache.io/injected``): the agent makes each one before kubelet sets the
+    pod's volumes up (the webhook's hostPath is of type ``Directory``)."""
+    notes = (pod.get("metadata") or {}).get("annotations") or {}
+    with contextlib.suppress(ValueError, TypeError):
+        doc = json.loads(notes.get(INJECTED) or "null")
+        if isinstance(doc, dict) and doc.get("mode") == "cache" \
+                and isinstance(doc.get("key"), str) and _KEY.match(doc["key"]):
+            return frozenset({doc["key"]})
+    return frozenset()
 
 
 def pending(pod: Obj) -> bool:

@@ -32,7 +32,7 @@ from agent.pull.puller import Puller
 from agent.settings import ClusterSettings
 from common import backoff
 from common.errors import ModelcacheError
-from common.reference import Reference, parse, policy_scope
+from common.reference import Reference, credentials_scope, policy_scope, scoped
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -155,11 +155,16 @@ class Warm:
                 continue
             namespace = (obj.get("metadata") or {}).get("namespace", "")
             try:
-                verify = spec.get("verify")
-                field = "spec.verify"
-                scope = policy_scope(namespace or None, verify) if verify else ""
+                verify, secret = spec.get("verify") or None, spec.get("credentialsSecret") or None
+                field = "spec.verify"  # each scope checked alone, to name the field at fault
+                if verify:
+                    policy_scope(namespace or None, verify)
+                field = "spec.credentialsSecret"
+                if secret:
+                    credentials_scope(namespace or None, secret)
                 field = "spec.uri"
-                ref = parse(spec.get("uri", ""), spec.get("include"), scope)
+                ref = scoped(spec.get("uri", ""), spec.get("include"), namespace=namespace or None,
+                             credentials=secret, verify=verify)
             except ModelcacheError as e:
                 self.status.track(cm_key, obj, "")
                 self.status.fail(cm_key, f"{field}: {e}", e.reason)

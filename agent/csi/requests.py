@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent.csi.proto import csi_pb2 as pb
 from common.errors import InvalidInput, InvalidReference
-from common.reference import Reference, check_policy_name, parse, policy_scope
+from common.reference import Reference, check_policy_name, parse, scoped
 
 MODEL = "model"
 INCLUDE = "include"
@@ -71,11 +71,10 @@ class Publish:
     """The signature policy the model must pass (a ConfigMap of the pod's namespace)."""
 
     def reference(self, namespace: str | None) -> Reference:
-        """The model's reference for the pod in ``namespace``: its policy in the key's scope,
-        as the webhook and the init container name it."""
-        if self.verify is None:
-            return self.ref
-        return parse(self.uri, self.ref.include or None, policy_scope(namespace, self.verify))
+        """The model's reference for the pod in ``namespace``: its credentials and its policy
+        in the key's scopes, as the webhook and the init container name it."""
+        return scoped(self.uri, self.ref.include or None, namespace=namespace,
+                      credentials=self.credentials, verify=self.verify)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.sources.base import Credentials
-from common.errors import InvalidInput, NotFound
+from common.errors import InvalidInput, KubeError, NotFound, SourceAuthError
 
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$")
 
@@ -42,7 +42,15 @@ class SecretCredentials:
         if not namespace:
             raise InvalidInput(f"credentials {name!r}: a Secret needs a namespace, and this "
                                "caller has none")
-        return await self.reader.read_secret(namespace, name)
+        try:
+            return await self.reader.read_secret(namespace, name)
+        except NotFound:
+            raise
+        except KubeError as e:  # RBAC: this namespace did not let the agent read its Secrets
+            raise SourceAuthError(
+                f"credentials {name!r}: the agent may not read Secrets of namespace "
+                f"{namespace} ({e}); its admin grants it with a RoleBinding to ClusterRole "
+                "modelcache-agent-secrets (deploy/README.md, Private models)") from e
 
 
 class DirectoryCredentials:

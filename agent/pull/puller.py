@@ -105,20 +105,26 @@ class Puller:
         """Fill the index from the store's manifests (after recovery)."""
         for manifest in self.store.manifests():
             try:
-                ref = parse(manifest.uri, manifest.include, manifest.verify)
+                ref = parse(manifest.uri, manifest.include, manifest.verify,
+                            manifest.credentials or "")
             except ModelcacheError:
                 log.warning("manifest has an unparsable URI", extra={"key": manifest.key})
                 continue
+            # a manifest that records its credentials scope tells who pulled it; an older
+            # one does not, and the model is checked for each namespace (agent/pull/sharing)
             self.index.add(Model(ref, READY, manifest, manifest.size_bytes,
                                  manifest.size_bytes, pinned=manifest.pinned,
-                                 last_used=manifest.last_used or manifest.created))
+                                 last_used=manifest.last_used or manifest.created,
+                                 pulled_with=None if manifest.credentials is None
+                                 else pulled_by(ref)))
 
     async def resume(self, credentials: Any = None) -> list[str]:
         """Start again every pull a crash or a shutdown interrupted."""
         resumed = []
         for key, intent in (await asyncio.to_thread(self.store.intents)).items():
             try:
-                ref = parse(intent["uri"], intent.get("include"), intent.get("verify") or "")
+                ref = parse(intent["uri"], intent.get("include"), intent.get("verify") or "",
+                            intent.get("scope") or "")
             except (ModelcacheError, KeyError):
                 await asyncio.to_thread(self.store.remove_intent, key)
                 continue
@@ -183,7 +189,8 @@ class Puller:
             model.pinned = model.pinned or pin
             self.index.notify(model)
         intent = {"uri": ref.uri, "include": list(ref.include), "verify": ref.verify,
-                  "pin": model.pinned, "credentials": credentials_name, "namespace": namespace,
+                  "scope": ref.credentials, "pin": model.pinned,
+                  "credentials": credentials_name, "namespace": namespace,
                   "started": now, "refs": [], "blobs": [], "requested": count}
         model.intent = intent
         model.pulled_with = (namespace, credentials_name)
@@ -304,7 +311,8 @@ class Puller:
                 key=ref.key, uri=ref.uri, revision=resolved.revision, tree="",
                 files=tuple(entries), include=ref.include, source_uri=resolved.source_uri,
                 created=now, last_used=model.last_used or now, resolved_at=now,
-                pinned=model.pinned, verify=ref.verify, verified=verification)
+                pinned=model.pinned, verify=ref.verify, verified=verification,
+                credentials=ref.credentials)
             model.manifest = await asyncio.to_thread(self.store.publish, manifest)
             model.state, model.error = READY, None
             model.bytes_total = model.bytes_done = model.manifest.size_bytes
@@ -434,7 +442,8 @@ class Puller:
             return
         model.refreshing = True
         model.intent = intent = {"uri": model.ref.uri, "include": list(model.ref.include),
-                                 "verify": model.ref.verify, "pin": model.pinned,
+                                 "verify": model.ref.verify, "scope": model.ref.credentials,
+                                 "pin": model.pinned,
                                  "started": time.time(), "refs": [], "blobs": []}
         model.task = asyncio.create_task(self._pull(model, credentials, intent, refresh=True),
                                          name=f"refresh-{model.key}")
@@ -463,6 +472,15 @@ class Puller:
             time.monotonic() - started)
         if reason:
             self.metrics.pull_failures.labels(reason=reason).inc()
+
+
+def pulled_by(ref: Reference) -> tuple[str | None, str | None]:
+    """Who pulled a model, from its reference's credentials scope: (namespace, Secret), or
+    (None, None) for a pull without credentials."""
+    if not ref.credentials:
+        return None, None
+    namespace, _, name = ref.credentials.rpartition("/")
+    return namespace or None, name
 
 
 def _ignore(n: int) -> None:

@@ -2,6 +2,10 @@
 namespace's credentials is given to another namespace only after a metadata request to its
 source, made with that namespace's own credentials, succeeds.
 
+The credentials scope is part of a model's key now (``common.reference.scoped``): a model
+pulled with a namespace's Secret is a key no other namespace names, so this check is left
+for the models whose manifest does not record the scope (written before it was recorded).
+
 A model pulled without credentials (a public source) needs no check. A model whose pull is
 not known (found in the store at start-up) is checked for every namespace until one check
 tells: a check that passes without credentials marks it public, one that passes with

@@ -19,10 +19,10 @@ import blake3
 
 from agent.egress import Egress
 from agent.sources.base import Credentials, Location, RemoteFile, Resolved
-from agent.store.archive import kind_of
 from agent.store.names import check_unique, safe_relpath
 from common.errors import NotAllowed, SourceError, SourceNotFound, UnsafeName
 from common.reference import Reference
+from common.reference import archive_kind as kind_of
 
 MAX_FILES = 100_000
 

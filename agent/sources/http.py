@@ -17,10 +17,10 @@ from urllib.parse import unquote
 
 from agent.sources.base import Credentials, Location, RemoteFile, Resolved
 from agent.sources.control import Control
-from agent.store.archive import kind_of
 from agent.store.names import safe_relpath
 from common.errors import SourceError
 from common.reference import Reference
+from common.reference import archive_kind as kind_of
 
 
 class HttpSource:

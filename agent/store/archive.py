@@ -43,16 +43,6 @@ _CORRUPT = (tarfile.TarError, EOFError, zlib.error, zipfile.BadZipFile, zstandar
             gzip.BadGzipFile)
 
 
-def kind_of(name: str) -> str | None:
-    """The archive kind a file name announces, if any."""
-    lower = name.lower()
-    for suffix, kind in ((".tar.gz", "tar.gz"), (".tgz", "tar.gz"), (".tar.zst", "tar.zst"),
-                         (".tar", "tar"), (".zip", "zip")):
-        if lower.endswith(suffix):
-            return kind
-    return None
-
-
 def unpack(path: Path, kind: str, root: str, store: Ingester,
            settings: ArchiveSettings) -> list[FileEntry]:
     """Unpack the archive at ``path`` into blobs; return the tree entries.

@@ -200,6 +200,11 @@ class Store:
                 self._note_locked(f.blake3, f.size, f.sha256, f.git_oid)
         return published
 
+    def claim_model_dir(self, key: str) -> None:
+        """Make ``models/<key>`` the agent's own now, before a pod's hostPath is set up
+        (:meth:`Trees.claim`)."""
+        self.trees.claim(key)
+
     def update_manifest(self, manifest: Manifest) -> None:
         """Rewrite a manifest whose tree is unchanged (last use, pin); a model removed
         meanwhile stays removed."""

@@ -13,9 +13,11 @@ from __future__ import annotations
 import calendar
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -29,6 +31,7 @@ from agent.store.blobs import BlobStore, fsync_dir, valid_digest, write_atomic
 from agent.store.names import check_unique, join_inside, safe_relpath
 from common.errors import StoreError, UnsafeName
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _TREE = re.compile(r"^t-[0-9a-f]{16}$")
@@ -127,6 +130,10 @@ class Manifest:
     """The signature policy the model's reference names (part of its key); empty: none."""
     verified: Verification | None = None
     """The passing signature check of the current tree, if a policy asked for one."""
+    credentials: str | None = ""
+    """The credentials scope of the model's reference (part of its key): ``""`` for a pull
+    without credentials, ``NAMESPACE/SECRET`` for one with a namespace's Secret; None in a
+    manifest written before the scope was recorded (who may see it is then unknown)."""
 
     @property
     def size_bytes(self) -> int:
@@ -140,6 +147,7 @@ class Manifest:
         data["last_used"] = iso(self.last_used)
         data["resolved_at"] = iso(self.resolved_at)
         data["verified"] = self.verified.to_json() if self.verified else None
+        data["credentials"] = self.credentials or ""
         return data
 
     @classmethod
@@ -158,6 +166,8 @@ class Manifest:
             pinned=bool(data.get("pinned", False)), previous=tuple(data.get("previous", ())),
             verify=str(data.get("verify") or ""),
             verified=Verification.from_json(data.get("verified")),
+            credentials=str(data["credentials"]) if data.get("credentials") is not None
+            else None,
         )
 
 
@@ -210,6 +220,42 @@ class Trees:
             raise StoreError(f"invalid model key {key!r}")
         return self.root / key
 
+    def claim(self, key: str) -> Path:
+        """``models/<key>``, made now by the agent (0755) if it is missing: a pod's hostPath
+        is bound to this very directory, and only one the agent made can it publish into
+        (docs/store.md, "Who makes models/<key>"). One that someone else made and left empty
+        (kubelet's ``DirectoryOrCreate`` of an older webhook, as root) is replaced by the
+        agent's own; a foreign one with content is an error naming its owner."""
+        model_dir = self.model_dir(key)
+        try:
+            st = os.lstat(model_dir)
+        except FileNotFoundError:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(model_dir)
+                    os.chmod(model_dir, 0o755)  # noqa: S103 - pods of any uid read models
+            except OSError as e:
+                raise StoreError(f"cannot make {model_dir}: {e.strerror}") from e
+            st = os.lstat(model_dir)
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"{model_dir} is not a directory")
+        if st.st_uid == os.geteuid():
+            return model_dir
+        try:
+            os.rmdir(model_dir)
+        except OSError as e:
+            raise StoreError(
+                f"{model_dir} belongs to uid {st.st_uid}, not to the agent (uid "
+                f"{os.geteuid()}), and cannot be replaced ({e.strerror}); the agent's "
+                "store-owner step hands such directories over at its next start") from e
+        os.mkdir(model_dir)
+        os.chmod(model_dir, 0o755)  # noqa: S103 - pods of any uid read models
+        fsync_dir(self.root)
+        log.warning("replaced a model directory the agent did not make", extra={
+            "key": key, "owner": st.st_uid})
+        return model_dir
+
     def keys(self) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.root):
@@ -237,8 +283,7 @@ class Trees:
         files = clean_paths(manifest.files)
         tree = tree_id(files)
         manifest = replace(manifest, tree=tree, files=files)
-        model_dir = self.model_dir(manifest.key)
-        model_dir.mkdir(parents=True, exist_ok=True)
+        model_dir = self.claim(manifest.key)
         target = model_dir / tree
         if not target.is_dir():
             self._build(tree, files, model_dir, target)

@@ -26,11 +26,12 @@ from hypothesis import strategies as st
 
 from agent.settings import ArchiveSettings, GiB, MiB
 from agent.store import writer as writer_module
-from agent.store.archive import kind_of, unpack
+from agent.store.archive import unpack
 from agent.store.local import Store
 from agent.store.names import safe_relpath
 from agent.store.trees import FileEntry
 from common.errors import ArchiveRejected
+from common.reference import archive_kind as kind_of
 
 DEFAULTS = ArchiveSettings()
 rng = random.Random(7)

@@ -94,7 +94,7 @@ def test_cold_node_has_the_agent_pull_and_warms_the_node(
     store = tmp_path / "store"
     key = parse(uri).key
     side = store / "models" / key
-    side.mkdir(parents=True)  # kubelet's DirectoryOrCreate made it, empty, before us
+    side.mkdir(parents=True)  # the agent made it, empty, as the pod was bound
     agent = AgentProcess(store, log_dir=tmp_path).start()
     try:
         mount = tmp_path / "mnt"

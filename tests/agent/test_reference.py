@@ -16,9 +16,11 @@ from common.reference import (
     MAX_URI_LENGTH,
     SCHEMES,
     Reference,
+    credentials_scope,
     key_of,
     parse,
     parse_include,
+    scoped,
     split_host_port,
 )
 
@@ -399,7 +401,9 @@ def _rx(pattern: str) -> st.SearchStrategy[str]:
 
 
 _label = _rx(r"[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?")
-_dns = st.lists(_label, min_size=1, max_size=3).map(".".join)
+# a name whose last label is a number is an address in some number form, or no valid host
+_dns = st.lists(_label, min_size=1, max_size=3).map(".".join).filter(
+    lambda n: not re.fullmatch(r"[0-9]+|0x[0-9a-f]*", n.rsplit(".", 1)[-1]))
 _port = st.one_of(st.just(""), st.integers(1, 65535).map(lambda p: f":{p}"))
 _host = st.one_of(
     st.tuples(_dns, _port).map("".join),
@@ -475,3 +479,41 @@ def test_matches_properties(path: str, globs: list[str]) -> None:
     # adding globs never deselects a file
     if ref.matches(path) and globs:
         assert parse("hf://org/repo", [*globs, "zzz-nothing"]).matches(path)
+
+
+def test_the_credentials_scope_is_part_of_the_key() -> None:
+    """One private URI: a directory per namespace and Secret, one without credentials, and
+    the scope as the webhook, the agent and the init container all compute it."""
+    uri = "hf://org/private@main"
+    public = parse(uri)
+    a = scoped(uri, namespace="team-a", credentials="hf")
+    keys = {public.key, a.key, scoped(uri, namespace="team-b", credentials="hf").key,
+            scoped(uri, namespace="team-a", credentials="other").key,
+            scoped(uri, credentials="hf").key}  # standalone: the name alone
+    assert len(keys) == 5
+    assert a.credentials == "team-a/hf" and public.credentials == ""
+    assert scoped(uri) == public and scoped(uri, namespace="team-a") == public
+    # the scope survives the round trip through a manifest (parse of what it records)
+    assert parse(uri, (), "", a.credentials).key == a.key
+    assert a.with_revision("0" * 40).credentials == a.credentials
+    # the two scopes are lines of their own: no glob, no policy can forge one
+    both = scoped(uri, namespace="team-a", credentials="hf", verify="release")
+    assert both.canonical.split("\n")[1:] == ["\0credentials=team-a/hf",
+                                             "\0verify=team-a/release"]
+    assert both.key != scoped(uri, namespace="team-a", verify="release").key
+
+
+@pytest.mark.parametrize(("namespace", "name", "says"), [
+    ("team-a", "Bad_Name", "not a Secret name"), ("Team_A", "hf", "not a valid namespace"),
+    ("team-a", "", "not a Secret name"),
+])
+def test_a_bad_credentials_scope_is_refused(namespace: str, name: str, says: str) -> None:
+    with pytest.raises(InvalidReference, match=says):
+        credentials_scope(namespace, name)
+
+
+def test_an_archive_url_may_unpack() -> None:
+    assert parse("https://h.example/m.tar.gz").may_unpack
+    assert parse("oci://r.example/m:1").may_unpack  # a modelcar's tar layers
+    assert not parse("https://h.example/m.safetensors?x=a.tar").may_unpack
+    assert not parse("hf://org/m").may_unpack and not parse("s3://bucket/m").may_unpack

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from common.reference import parse
+from common.reference import parse, scoped
 from tests.cluster.conftest import AUDIENCE, AgentFactory, entry, eventually
 from tests.cluster.test_cluster_warm import serve_model
 from tests.kubeapi import FakeKubeApi
@@ -138,44 +138,55 @@ async def private_hub(hf_hub_factory: Callable[..., HubServer]) -> AsyncIterator
     yield hub
 
 
-async def test_a_model_pulled_with_one_namespaces_credentials_is_checked_for_another(
+async def test_each_namespaces_credentials_are_a_directory_of_their_own(
         api: FakeKubeApi, agent_factory: AgentFactory, private_hub: HubServer):
+    """One private URI, three namespaces with their own Secrets: three keys (directories),
+    each published only once a pull with that namespace's own token passed at the hub."""
     uri = "hf://org/private@main"
     c = api.cluster
     for ns, tok in (("team-a", "tok-a"), ("team-b", "tok-wrong"), ("team-c", "tok-c")):
         c.create("namespaces", namespace(ns))
         c.create("secrets", secret("hf", ns, token=tok), ns)
     c.create(CM, cached_model("private", uri, "team-a", credentialsSecret="hf"), "team-a")
+    key = {ns: scoped(uri, namespace=ns, credentials="hf").key
+           for ns in ("team-a", "team-b", "team-c")}
+    public = parse(uri).key
+    assert len({*key.values(), public}) == 4
     async with agent_factory("n1", hf_endpoint=private_hub.base_url) as agent:
         async with asyncio.timeout(10):
             await c.wait_until(lambda: entry(api, "private", "n1", "team-a").get("state")
                                == "ready")
-        sharing = agent.deps.puller.sharing
-        checks = sharing.checks
+        models = agent.store_root / "models"
 
-        # team-b's pods: its own (wrong) credentials, or none: refused, 403
-        b_creds = init_pod(api, "b1", "team-b", uri, **{"modelcache.io/credentials": "hf"})
-        status, reply = await agent.call("POST", MODELS, token=b_creds, body={"uri": uri,
-                                                                   "credentials": "hf"})
-        assert status == 403, reply
-        assert "another namespace's credentials" in reply["error"]
-        assert "tok-" not in reply["error"]
-        b_none = init_pod(api, "b2", "team-b", uri)
-        assert (await agent.call("POST", MODELS, token=b_none, body={"uri": uri}))[0] == 403
-        assert sharing.checks == checks + 2  # each asked the source
+        async def ask(ns: str, name: str, **body: str) -> dict:
+            notes = {"modelcache.io/credentials": body["credentials"]} if body else {}
+            token = init_pod(api, name, ns, uri, **notes)
+            status, reply = await agent.call("POST", MODELS, {"uri": uri, **body}, token=token)
+            assert status == 202, reply
+            status, reply = await agent.call("GET", f"{MODELS}/{reply['key']}?wait=10",
+                                             token=token)
+            return reply
 
-        # team-c's credentials work at the source: served, and the check is remembered
-        c_creds = init_pod(api, "c1", "team-c", uri, **{"modelcache.io/credentials": "hf"})
-        for _ in range(2):
-            status, reply = await agent.call("POST", MODELS, token=c_creds, body={"uri": uri,
-                                                                       "credentials": "hf"})
-            assert (status, reply["state"]) == (202, "ready")
-        assert sharing.checks == checks + 3
-        # team-a pulled it: no check for its own pods
-        a_pod = init_pod(api, "a1", "team-a", uri, **{"modelcache.io/credentials": "hf"})
-        assert (await agent.call("POST", MODELS, {"uri": uri, "credentials": "hf"},
-                                 token=a_pod))[0] == 202
-        assert sharing.checks == checks + 3
+        # team-b's wrong token, or none at all: their own keys, failed, nothing published
+        for reply, k in ((await ask("team-b", "b1", credentials="hf"), key["team-b"]),
+                         (await ask("team-b", "b2"), public)):
+            assert (reply["key"], reply["state"]) == (k, "failed"), reply
+            assert "tok-" not in reply["error"]
+            assert not (models / k / "manifest.json").exists()
+        # team-c's token works at the hub: its own directory, after its own pull
+        reply = await ask("team-c", "c1", credentials="hf")
+        assert (reply["key"], reply["state"]) == (key["team-c"], "ready")
+        trees = {ns: agent.deps.store.trees.read_manifest(key[ns]) for ns in ("team-a", "team-c")}
+        assert {m.credentials for m in trees.values()} == {"team-a/hf", "team-c/hf"}
+        a_file, c_file = (models / key[ns] / trees[ns].tree / "model.safetensors"
+                          for ns in ("team-a", "team-c"))
+        assert a_file.stat().st_ino == c_file.stat().st_ino  # one blob: shared content
+        asked_with = {r.authorization for r in private_hub.log()}
+        assert {"Bearer tok-a", "Bearer tok-c", "Bearer tok-wrong"} <= asked_with
+        # team-a's own pod: its CachedModel's directory, a hit
+        reply = await ask("team-a", "a1", credentials="hf")
+        assert (reply["key"], reply["state"]) == (key["team-a"], "ready")
+        assert agent.deps.puller.sharing.checks == 0  # no model crossed a namespace
 
 
 async def test_a_public_model_needs_no_check(api: FakeKubeApi, agent_factory: AgentFactory,

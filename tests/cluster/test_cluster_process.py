@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.reference import parse
+from common.reference import parse, scoped
 from tests.cluster.conftest import call, entry, node_labels, reasons
 from tests.cluster.test_cluster_auth import init_pod
 from tests.cluster.test_cluster_warm import serve_model
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.fixtures import AGENT_TOKEN
-from tests.kubeapi.objects import cached_model, secret
+from tests.kubeapi.objects import cached_model, secret, secrets_binding
 from tests.kubeapi.server import REPO
 from tests.servers.net import free_port
 from tests.servers.nginx import ServedDir
@@ -34,14 +34,15 @@ TOKEN = "hf_do-not-log-me-7f3a9c"
 async def test_the_agent_process_in_a_cluster(api: FakeKubeApi, tmp_path: Path,
                                               nginx_dir: ServedDir):
     uri, other = serve_model(nginx_dir), serve_model(nginx_dir, "other.bin")
-    ref = parse(uri)
+    ref = scoped(uri, namespace="default", credentials="creds")  # the CachedModel's scope
     c = api.cluster
     c.patch("nodes", "n1", {"metadata": {"labels": {STALE: "ready"}}})  # an earlier run's
     c.create("secrets", secret("creds", token=TOKEN), "default")
     c.create("cachedmodels", cached_model("m", uri, nodeSelector={"pool": "gpu"}, pin=True,
                                           credentialsSecret="creds"), "default")
     kubeconfig = api.write_kubeconfig(tmp_path / "agent.kubeconfig", token=AGENT_TOKEN)
-    api.auth.load_rbac(yaml.safe_load_all((REPO / "deploy/base/rbac-agent.yaml").read_text()))
+    api.auth.load_rbac([*yaml.safe_load_all((REPO / "deploy/base/rbac-agent.yaml").read_text()),
+                        secrets_binding("default")])  # default's admin lets it read "creds"
     api.enforce_rbac = True
     port = free_port()
     url = f"http://127.0.0.1:{port}"

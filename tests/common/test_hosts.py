@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from agent.egress import Egress
 from agent.settings import EgressSettings
-from common.errors import InvalidInput, NotAllowed
+from common.errors import InvalidInput, InvalidReference, NotAllowed
 from common.hosts import AllowedHost, AllowList, address_kind, host_kind, parse_allowed
-from common.reference import parse
+from common.reference import ipv4_literal, parse
 from webhook.hosts import refused_host
 
 
@@ -117,3 +117,30 @@ def test_an_allow_list_reads_each_entry_once() -> None:
     assert not allowed.host_listed("mirror.other", 8080)
     assert allowed.address_listed(ipaddress.ip_address("::ffff:10.2.3.4"))
     assert not allowed.address_listed(ipaddress.ip_address("11.0.0.1"))
+
+
+@pytest.mark.parametrize("written", ["2130706433", "0x7f.1", "127.1", "0177.0.0.1",
+                                     "0x7f000001", "127.0.1", "0x7F.0.0.1.", "017700000001"])
+def test_every_number_form_of_loopback_is_loopback(written: str) -> None:
+    """What curl, browsers and inet_aton read as 127.0.0.1 is 127.0.0.1 to the grammar, so
+    the webhook (which resolves nothing) refuses it, and the key is the address's."""
+    ref = parse(f"http://{written}:8080/m.bin")
+    assert ref.host == "127.0.0.1:8080"
+    assert ref.key == parse("http://127.0.0.1:8080/m.bin").key
+    assert host_kind(written) == "loopback"
+    assert refused_host(ref, ()) is not None
+    assert refused_host(ref, ("127.0.0.1",)) is None  # the admin may still allow it
+    assert refused_host(parse(f"oci://{written}:5000/org/model:1"), ()) is not None
+
+
+@pytest.mark.parametrize("written", ["1.2.3.4.5", "10.0.0.256", "host.123", "0x1g.1",
+                                     "08.0.0.1", "4294967296"])
+def test_a_host_that_ends_in_a_number_but_is_no_address_is_refused(written: str) -> None:
+    with pytest.raises(InvalidReference, match="ends in a number"):
+        parse(f"https://{written}/m.bin")
+
+
+def test_names_are_not_numbers() -> None:
+    assert ipv4_literal("models.example") is None and ipv4_literal("a1.b2c") is None
+    assert parse("https://hub.example/m.bin").host == "hub.example"
+    assert parse_allowed("127.1") == AllowedHost(network=ipaddress.ip_network("127.0.0.1/32"))

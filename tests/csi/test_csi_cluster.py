@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from agent.csi.proto import csi_pb2 as pb
+from common.reference import scoped
 from tests.csi.conftest import csi_args, mounts_under, write_model
 from tests.csi.kubelet import AUDIENCE, Kubelet, Pod, Published, PublishFailed
 from tests.csi.pod import read_as_pod
@@ -130,6 +131,8 @@ async def test_the_pods_token_is_reviewed_before_anything_is_mounted(
 
 async def test_a_private_model_is_handed_only_to_namespaces_its_source_admits(
         cluster: FakeKubeApi, cluster_agent: AgentProcess, kubelet: Kubelet, hub: HubServer):
+    """The credentials scope is in the key: each namespace's Secret is its own model
+    directory, published only after a pull with that Secret (the blobs are shared)."""
     hub.create_repo("org/private", private=True)
     hub.commit("org/private", FILES, lfs=["weights.bin"])
     uri = "hf://org/private@main"
@@ -137,23 +140,44 @@ async def test_a_private_model_is_handed_only_to_namespaces_its_source_admits(
         cluster.cluster.create("namespaces", namespace(ns))
         cluster.cluster.create("secrets", secret("hub", ns, token=hub_token), ns)
 
-    async def publish(ns: str, **attributes: str) -> Published:
-        p = make_pod(cluster, f"server-{len(kubelet.attempts)}-{os.urandom(3).hex()}", ns)
-        return await kubelet.publish(p, "model", {"model": uri, **attributes},
-                                     token=bound_token(cluster, p))
+    async def publish(ns: str, *, once: bool = False, **attributes: str) -> Published | None:
+        p = make_pod(cluster, f"server-{os.urandom(3).hex()}", ns)
+        volume = {"model": uri, **attributes}
+        if once:
+            kubelet.volume_dir(p, "model").mkdir(parents=True, exist_ok=True)
+            await kubelet.publish_once(kubelet.publish_request(
+                p, "model", volume, token=bound_token(cluster, p)))
+            return None
+        return await kubelet.publish(p, "model", volume, token=bound_token(cluster, p))
 
-    owner = await publish("team-a", credentials="hub")  # pulled with team-a's token
+    owner = await publish("team-a", credentials="hub")
+    assert owner is not None
+    # team-b without credentials is the public scope: a pull without any, which the hub
+    # refuses; team-c's Secret is its own scope, refused too. Nothing of team-a's is handed.
     for ns, attributes in (("team-b", {}), ("team-c", {"credentials": "hub"})):
         with pytest.raises(PublishFailed) as refused:
-            await publish(ns, **attributes)
-        assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED, refused.value
-        assert "another namespace's credentials" in refused.value.message
+            await publish(ns, once=True, **attributes)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE, refused.value
+        assert "the pull failed" in refused.value.message
+        assert scoped(uri, namespace=ns, credentials=attributes.get("credentials")).key \
+            in refused.value.message
     assert len(mounts_under(kubelet.root)) == 1
-    # team-b's own token gets it, checked at the source, served from the same tree
+    # team-b's own token: its own directory, published after the hub accepted that token,
+    # with the same blob as team-a's (the LFS sha256 the hub states: nothing downloaded)
+    downloads = len([r for r in hub.log("resolve") if r.method == "GET"])
     admitted = await publish("team-b", credentials="hub")
+    assert admitted is not None
     assert (admitted.target / "weights.bin").read_bytes() == FILES["weights.bin"]
     assert os.stat(admitted.target / "weights.bin").st_ino == \
         os.stat(owner.target / "weights.bin").st_ino
+    assert len([r for r in hub.log("resolve") if r.method == "GET"]) == downloads
+    asked_with = {r.authorization for r in hub.log("tree")}
+    assert {f"Bearer {HUB_TOKENS['team-a']}", f"Bearer {HUB_TOKENS['team-b']}"} <= asked_with
+    a_key = scoped(uri, namespace="team-a", credentials="hub").key
+    b_key = scoped(uri, namespace="team-b", credentials="hub").key
+    assert a_key != b_key
+    store = cluster_agent.store / "models"
+    assert {p.name for p in store.iterdir() if (p / "manifest.json").exists()} == {a_key, b_key}
     for published in (owner, admitted):
         await kubelet.unpublish(published)
     log = (cluster_agent.log_dir / "agent-1.log").read_text()

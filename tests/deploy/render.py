@@ -107,6 +107,9 @@ def pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
             out.append((d["metadata"]["name"], d["spec"]))
         elif d["kind"] in ("Deployment", "DaemonSet", "StatefulSet", "Job", "ReplicaSet"):
             out.append((d["metadata"]["name"], d["spec"]["template"]["spec"]))
+        elif d["kind"] == "CronJob":
+            out.append((d["metadata"]["name"], d["spec"]["jobTemplate"]["spec"]["template"]
+                        ["spec"]))
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from cryptography import x509
 from tests.deploy import render
 from tests.deploy.render import ROOT, expanded_args, find
 from tests.kubeapi import FakeKubeApi
+from webhook import certs
 
 NAMESPACE = "modelcache"
 JOB_SA, JOB_TOKEN = "modelcache-webhook-certs", "certs-job-token"
@@ -45,10 +47,15 @@ async def api(docs: list[dict[str, Any]]) -> AsyncIterator[FakeKubeApi]:
 
 
 async def run_job(docs: list[dict[str, Any]], api: FakeKubeApi, token: str,
-                  tmp_path: Path) -> tuple[int, str]:
-    """``modelcache <the Job's args>`` as a process, as the identity behind ``token``."""
-    job = find(docs, "Job", "modelcache-webhook-certs")
-    (container,) = job["spec"]["template"]["spec"]["containers"]
+                  tmp_path: Path, kind: str = "Job") -> tuple[int, str]:
+    """``modelcache <the Job's args>`` (or the renewal CronJob's) as a process, as the
+    identity behind ``token``."""
+    if kind == "Job":
+        spec = find(docs, "Job", "modelcache-webhook-certs")["spec"]
+    else:
+        spec = find(docs, "CronJob", "modelcache-webhook-certs-renew")["spec"]["jobTemplate"][
+            "spec"]
+    (container,) = spec["template"]["spec"]["containers"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
     env.update(PYTHONPATH=str(ROOT),
                KUBECONFIG=str(api.write_kubeconfig(tmp_path / f"{token}.kubeconfig", token)))
@@ -102,3 +109,43 @@ async def test_the_webhooks_own_identity_cannot_do_it(
     assert not api.cluster.exists("secrets", "modelcache-webhook-tls", NAMESPACE)
     assert "caBundle" not in api.cluster.get("mutatingwebhookconfigurations", "modelcache")[
         "webhooks"][0]["clientConfig"]
+
+
+@pytest.mark.slow
+async def test_the_cronjob_renews_a_pair_before_it_expires(
+    docs: list[dict[str, Any]], api: FakeKubeApi, tmp_path: Path
+) -> None:
+    """Nobody applies the overlay again: the daily CronJob finds the serving certificate 15
+    days from expiry, re-mints it, keeps the old CA trusted beside the new one, and a run the
+    next day writes nothing."""
+    cron = find(docs, "CronJob", "modelcache-webhook-certs-renew")
+    job = find(docs, "Job", "modelcache-webhook-certs")
+    (renew,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    (first,) = job["spec"]["template"]["spec"]["containers"]
+    assert expanded_args(renew)[:6] == expanded_args(first)  # the same command, same names
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"] == \
+        job["spec"]["template"]["spec"]["serviceAccountName"]
+    now = datetime.datetime.now(datetime.UTC)
+    old = certs.mint("modelcache-webhook", NAMESPACE, days=365,
+                     now=now - datetime.timedelta(days=350))
+    api.cluster.create("secrets", {
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "modelcache-webhook-tls", "namespace": NAMESPACE},
+        "data": {k: base64.b64encode(v).decode() for k, v in (
+            ("tls.crt", old.cert_pem), ("tls.key", old.key_pem), ("ca.crt", old.ca_pem))}},
+        NAMESPACE)
+
+    code, err = await run_job(docs, api, JOB_TOKEN, tmp_path, kind="CronJob")
+    assert code == 0, err
+    assert "renewed" in err
+    secret = api.cluster.get("secrets", "modelcache-webhook-tls", NAMESPACE)
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    assert cert.not_valid_after_utc > now + datetime.timedelta(days=300)
+    bundle = base64.b64decode(api.cluster.get("mutatingwebhookconfigurations", "modelcache")[
+        "webhooks"][0]["clientConfig"]["caBundle"])
+    assert old.ca_pem.strip() in bundle  # the old CA stays trusted until it expires
+    before = writes(api)
+    code, err = await run_job(docs, api, JOB_TOKEN, tmp_path, kind="CronJob")
+    assert code == 0 and "kept" in err
+    assert writes(api) == before

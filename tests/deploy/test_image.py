@@ -100,3 +100,17 @@ def test_operator_docs_build_and_push_the_image_the_overlays_pin() -> None:
     assert f"docker build -t {image} ." in section
     assert f"docker push {image}" in section
     assert "--platform linux/amd64,linux/arm64" in section
+
+
+def test_a_mount_path_cannot_hide_the_init_containers_program() -> None:
+    """The webhook refuses mount paths at, under or above where the image keeps what
+    ``modelcache init`` runs: the venv the Dockerfile builds and the base image's Python."""
+    from webhook.annotations import IMAGE_TREES
+
+    text = DOCKERFILE.read_text()
+    venvs = set(re.findall(r"python -m venv (/\S+)", text))
+    runtime = text.split("\nFROM ")[-1]
+    assert "/opt/modelcache" in venvs and "COPY --from=build /opt/modelcache" in runtime
+    assert re.match(r"python:3\.\d+", runtime)  # the official image: Python in /usr/local
+    for tree in ("/opt/modelcache", "/usr/local", "/usr/lib", "/lib"):
+        assert tree in IMAGE_TREES

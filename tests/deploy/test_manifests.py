@@ -197,6 +197,11 @@ def test_webhook_configuration(name: str) -> None:
     assert hook["timeoutSeconds"] <= 5
     assert hook["reinvocationPolicy"] == "IfNeeded"
     assert hook["admissionReviewVersions"] == ["v1"]
+    # the registration docs/webhook.md suggests is the one the manifests make
+    suggested = re.search(r"`admissionReviewVersions: \[([^\]]*)\]`",
+                          (DEPLOY.parent / "docs" / "webhook.md").read_text())
+    assert suggested is not None
+    assert [v.strip() for v in suggested.group(1).split(",")] == hook["admissionReviewVersions"]
     assert hook["objectSelector"] == {"matchLabels": {"modelcache.io/inject": "true"}}
     (expr,) = hook["namespaceSelector"]["matchExpressions"]
     assert expr["key"] == "kubernetes.io/metadata.name" and expr["operator"] == "NotIn"
@@ -248,7 +253,14 @@ def test_agent_daemonset(name: str, tmp_path: Path) -> None:
     assert not sc.get("privileged")
     (init,) = spec["initContainers"]
     assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
-    assert init["command"] == ["chown", "65532:65532", "/var/lib/modelcache"]
+    # the one-shot step hands over the store, models/ and what kubelet made in it
+    step = cli_parser().parse_args(init["args"])
+    assert (step.func.__name__, step.store, step.owner) == (
+        "cmd_prepare_store", "/var/lib/modelcache", f"{sc['runAsUser']}:{sc['runAsGroup']}")
+    # a disk mounted at the store path after the agent started is the agent's store too
+    for container in (agent, init):
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == store["name"]]
+        assert mount["mountPropagation"] == "HostToContainer", container["name"]
     # its config file comes from the ConfigMap
     (cfg,) = [v for v in spec["volumes"] if "configMap" in v]
     config_file = tmp_path / "config.yaml"

@@ -64,4 +64,6 @@ def test_readme_table_matches_the_roles(direction: str) -> None:
 
 def test_identities_are_the_service_accounts() -> None:
     names = {re.sub(r"^(Cluster)?Role ", "", g[0]) for g in rendered_grants()}
-    assert names == {"modelcache-agent", "modelcache-webhook", "modelcache-webhook-certs"}
+    # each role is its identity's, and the one the namespaces bind themselves is named so
+    assert names == {"modelcache-agent", "modelcache-agent-secrets", "modelcache-webhook",
+                     "modelcache-webhook-certs"}

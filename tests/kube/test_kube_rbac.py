@@ -15,12 +15,13 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from common.errors import NotFound
+from agent.pull.credentials import SecretCredentials
+from common.errors import NotFound, SourceAuthError
 from common.kube.client import KubeClient, connect
 from common.kube.lease import LeaderElection, LeaseSettings
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.fixtures import AGENT_TOKEN, AGENT_USER, FAST, Recorder
-from tests.kubeapi.objects import cached_model, node, pod, secret
+from tests.kubeapi.objects import cached_model, namespace, node, pod, secret, secrets_binding
 from tests.kubeapi.server import REPO
 from webhook.counts import Counts
 
@@ -43,7 +44,7 @@ def granted(path: Path = RBAC) -> set[tuple[str, str, str]]:
 
 
 async def test_the_agent_needs_exactly_its_rbac(api: FakeKubeApi, kube: KubeClient):
-    api.auth.load_rbac(rbac_docs())
+    api.auth.load_rbac([*rbac_docs(), secrets_binding("default")])
     api.enforce_rbac = True
     c = api.cluster
     c.create("nodes", node("n1"))
@@ -85,6 +86,7 @@ async def test_the_agent_cannot_do_more(api: FakeKubeApi, tmp_path: Path):
     api.enforce_rbac = True
     api.cluster.create("pods", pod("p", "n1"), "default")
     api.cluster.create("nodes", node("n1"))
+    api.cluster.create("secrets", secret("creds", token="t"), "default")
     cfg = k8s.Configuration()
     await k8s_config.load_kube_config(
         config_file=str(api.write_kubeconfig(tmp_path / "kc", token=AGENT_TOKEN)),
@@ -93,6 +95,7 @@ async def test_the_agent_cannot_do_more(api: FakeKubeApi, tmp_path: Path):
         v1, custom = k8s.CoreV1Api(client), k8s.CustomObjectsApi(client)
         merge = "application/merge-patch+json"
         attempts = [
+            v1.read_namespaced_secret("creds", "default"),  # no namespace granted it
             v1.list_namespaced_secret("default"),
             v1.list_namespaced_config_map("default"),
             v1.delete_namespaced_pod("p", "default"),
@@ -167,3 +170,26 @@ async def test_the_webhook_needs_exactly_its_rbac(api: FakeKubeApi, tmp_path: Pa
             with pytest.raises(ApiException) as e:
                 await attempt
             assert e.value.status == 403
+
+
+async def test_secrets_are_read_only_where_a_namespace_granted_it(api: FakeKubeApi,
+                                                                  kube: KubeClient):
+    """No ClusterRole lets the agent read Secrets: team-a's admin bound the agent's secrets
+    role there, team-b's did not, and the agent's refusal there says what to do."""
+    api.auth.load_rbac([*rbac_docs(), secrets_binding("team-a")])
+    api.enforce_rbac = True
+    for ns in ("team-a", "team-b"):
+        api.cluster.create("namespaces", namespace(ns))
+        api.cluster.create("secrets", secret("hf", ns, token=f"tok-{ns}"), ns)
+    credentials = SecretCredentials(kube)
+    assert await credentials.get("team-a", "hf") == {"token": "tok-team-a"}
+    with pytest.raises(SourceAuthError) as e:
+        await credentials.get("team-b", "hf")
+    assert "namespace team-b" in str(e.value)
+    assert "RoleBinding to ClusterRole modelcache-agent-secrets" in str(e.value)
+    assert "tok-" not in str(e.value)
+    [role] = [d for d in rbac_docs() if d["kind"] == "ClusterRole"
+              and d["metadata"]["name"] == "modelcache-agent"]
+    assert not [r for r in role["rules"] if "secrets" in r["resources"]]
+    assert not [d for d in rbac_docs() if d["kind"] == "ClusterRoleBinding"
+                and d["roleRef"]["name"] == "modelcache-agent-secrets"]

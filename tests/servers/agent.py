@@ -3,6 +3,7 @@ agent --standalone``) or the one in-process harness (:class:`InProcessAgent`).
 
 With ``kubeconfig`` the process runs in cluster mode instead (no ``--standalone``), against
 the cluster that file names (the fake apiserver of ``tests/kubeapi``), as node ``node``.
+With ``user`` it runs as that uid with no capability (``setpriv``), as the DaemonSet runs it.
 
 The process is started on a free loopback port with its store under the test's directory;
 ready when
@@ -42,7 +43,7 @@ class AgentProcess:
                  env: Mapping[str, str] | None = None, log_dir: Path | None = None,
                  name: str = "agent", config: str | None = None,
                  hosts: Mapping[str, str] | None = None, kubeconfig: Path | None = None,
-                 node: str = "n1") -> None:
+                 node: str = "n1", user: int | None = None) -> None:
         self.store = store
         self.allow_hosts = list(allow_hosts)
         self.allow_paths = [Path(p) for p in allow_paths]
@@ -63,6 +64,8 @@ class AgentProcess:
             self.hosts_file = self.log_dir / f"{name}-hosts"
             lines = ["127.0.0.1 localhost", *(f"{a} {n}" for n, a in hosts.items())]
             self.hosts_file.write_text("\n".join(lines) + "\n")
+        #: run as this uid (and gid) with no capability at all, as the DaemonSet runs it
+        self.user = user
         self.port = 0
         self.proc: ManagedProcess | None = None
         self.starts = 0
@@ -89,6 +92,8 @@ class AgentProcess:
         argv += self.extra_args
         if self.hosts_file is not None:
             argv = with_hosts(argv, self.hosts_file)
+        if self.user is not None:
+            argv = [*unprivileged(self.user), *argv]
         self.starts += 1
         self.proc = ManagedProcess(argv, name=f"{self.name}-{self.starts}", log_dir=self.log_dir,
                                    env=self.env, cwd=REPO).start()
@@ -138,6 +143,13 @@ class AgentProcess:
         status, body = self.call("GET", f"/api/v1/models/{key}?wait={timeout}")
         assert status == 200, (status, body)
         return dict(body)
+
+
+def unprivileged(uid: int) -> list[str]:
+    """The prefix that runs a command as ``uid`` (and that gid), no supplementary groups and
+    no capability: how the DaemonSet runs the agent (65532), or a pod's arbitrary uid."""
+    return ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all"]
 
 
 class _Own:

@@ -89,7 +89,8 @@ def test_mutated_pod_is_valid_and_stable(name: str) -> None:
     request = case["review"]["request"]
     mutated = apply(request["object"], response["patch"])
     validate_pod(mutated)
-    again = review(json.dumps(admission_review(mutated)).encode(), context(case))
+    again = review(json.dumps(admission_review(mutated, namespace=request["namespace"])).encode(),
+                   context(case))
     assert again.body["response"] == {"uid": request["uid"], "allowed": True}, "not idempotent"
     spec = mutated["spec"]
     ours = [v["name"] for v in spec["volumes"] if v["name"].startswith("modelcache-")]
@@ -132,8 +133,10 @@ def test_download_mode_restricted_field_by_field() -> None:
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert "ports" not in init
-    assert init["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"},
-                                 "limits": {"memory": "512Mi"}}
+    assert init["resources"] == {
+        # the 988M model's download with its headroom (990Mi), and 64Mi of its own
+        "requests": {"cpu": "100m", "memory": "128Mi", "ephemeral-storage": "1054Mi"},
+        "limits": {"cpu": "1", "memory": "512Mi"}}
     for volume in spec["volumes"]:
         assert set(volume) - {"name"} <= {"emptyDir", "projected", "secret", "configMap",
                                           "downwardAPI", "persistentVolumeClaim", "csi",
