@@ -132,6 +132,21 @@ class Cluster:
 
     # --- types ---------------------------------------------------------------------------
 
+    def install_crd(self, crd: JSON) -> None:
+        """Apply a new release of a CRD already served (an upgrade): its objects stay as
+        stored, and are read, validated and pruned by the new schema from now on (the
+        watches open on it end cleanly)."""
+        new = resource_from_crd(crd)
+        found = [i for i, rt in enumerate(self.types)
+                 if (rt.group, rt.plural, rt.builtin) == (new.group, new.plural, False)]
+        if not found:
+            raise KeyError(f"{new.plural}.{new.group}: no such CRD installed")
+        for i in found:
+            self.types[i] = new
+        # the apiserver serves the new CRD from a new storage and ends the watches of the
+        # old one: informers watch again, and see objects as the new schema reads them
+        self.break_watches(f"{new.group}/{new.plural}", clean=True)
+
     def resource(self, name: str | ResourceType) -> ResourceType:
         """A type by ``plural``, ``plural.group`` or ``group/plural`` (core types first)."""
         if isinstance(name, ResourceType):

@@ -375,10 +375,13 @@ def from_crd(crd: JSON, version: str | None = None) -> ResourceType:
     def validate(obj: JSON, old: JSON | None) -> list[Cause]:
         return schema.errors(obj)
 
+    # what etcd holds is pruned and defaulted by the schema as it is read, as the
+    # apiserver's storage decoder does: fields a newer CRD dropped are not served, and go
+    # from etcd at the object's next write
     return ResourceType(
         spec["group"], served["name"], spec["names"]["plural"], spec["names"]["kind"],
         spec["scope"] == "Namespaced", subresources=subresources, fields=selectable,
-        builtin=False, validate=validate, schema=schema,
+        builtin=False, validate=validate, from_storage=schema.prune_and_default, schema=schema,
     )
 
 
