@@ -110,6 +110,18 @@ async def test_the_agent_cannot_do_more(api: FakeKubeApi, tmp_path: Path):
                                                   _content_type=merge),
             custom.delete_namespaced_custom_object("modelcache.io", "v1alpha1", "default", CM,
                                                    "x"),
+            # what an agent of the former release does until the DaemonSet has rolled: its
+            # entry in status.nodes, its counts, and a re-read after a conflict on them
+            custom.patch_namespaced_custom_object_status(
+                "modelcache.io", "v1alpha1", "default", CM, "x",
+                {"status": {"nodes": {"n1": {"state": "ready"}}, "ready": 1}},
+                _content_type=merge),
+            custom.get_namespaced_custom_object("modelcache.io", "v1alpha1", "default", CM,
+                                                "x"),
+            # the NodeCaches: never listed, watched nor deleted by an agent
+            custom.list_cluster_custom_object("modelcache.io", "v1alpha1", "nodecaches"),
+            custom.delete_cluster_custom_object("modelcache.io", "v1alpha1", "nodecaches",
+                                                "n2"),
         ]
         for attempt in attempts:
             with pytest.raises(ApiException) as e:

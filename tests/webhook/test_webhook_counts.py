@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import signal
 import ssl
@@ -21,6 +22,7 @@ from webhook_testkit import WEBHOOK_TOKEN, CertFiles
 from common.kube.client import KubeClient, connect
 from common.kube.lease import LeaderElection, LeaseSettings
 from tests.kubeapi import FakeKubeApi
+from tests.kubeapi.server import load_crds
 from tests.kubeapi.fixtures import FAST
 from tests.kubeapi.objects import cached_model
 from webhook.counts import Counts
@@ -112,6 +114,53 @@ async def test_counts_are_written_at_most_once_per_interval(kube_api: FakeKubeAp
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert counts.writes == 2
+
+
+def former_release() -> dict[str, Any]:
+    """The CachedModel CRD as the release before NodeCaches had it: every node's entry in
+    ``status.nodes``, beside the counts."""
+    crd = copy.deepcopy(next(d for d in load_crds() if d["spec"]["names"]["plural"] == CM))
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    status["properties"]["nodes"] = {"type": "object", "additionalProperties": {
+        "type": "object", "required": ["state"], "properties": {
+            "state": {"type": "string", "enum": ["pulling", "ready", "failed", "evicted"]},
+            "revision": {"type": "string"}, "message": {"type": "string"}}}}
+    return crd
+
+
+async def test_an_upgrade_from_per_node_status_lists(kube_api: FakeKubeApi, kube: KubeClient):
+    """A CachedModel written by the former release (per-node entries, counts its agents
+    computed): once the new CRD is applied the entries are no longer served, and the counts
+    are the NodeCaches' as soon as the counts controller runs; the entries leave etcd at
+    that first write."""
+    c = kube_api.cluster
+    c.install_crd(former_release())
+    uid = c.create(CM, cached_model("m"), "default")["metadata"]["uid"]
+    c.patch(CM, "m", {"status": {"ready": 2, "pulling": 0, "failed": 1, "nodes": {
+        "n1": {"state": "ready", "revision": "r1"}, "n2": {"state": "ready", "revision": "r1"},
+        "n3": {"state": "failed", "message": "hub said 429"}}}}, "default",
+        subresource="status")
+    assert set(shown(kube_api, "m")["nodes"]) == {"n1", "n2", "n3"}
+    c.install_crd(next(d for d in load_crds() if d["spec"]["names"]["plural"] == CM))
+    assert shown(kube_api, "m") == {"ready": 2, "pulling": 0, "failed": 1}  # pruned on read
+    stored = c.objects[c.resource(CM).key]
+    assert any("nodes" in (o.get("status") or {}) for o in stored.values())  # still in etcd
+    # n1's agent has restarted on the new release; n2's and n3's have not yet
+    report(kube_api, "n1", ("m", uid, "ready"))
+    counts = Counts(kube, interval=0.0)
+    task = asyncio.create_task(counts.run())
+    try:
+        async with asyncio.timeout(10):
+            await c.wait_until(lambda: shown(kube_api, "m") == {
+                "ready": 1, "pulling": 0, "failed": 0})
+            report(kube_api, "n3", ("m", uid, "pulling"))  # n3's agent restarted and retries
+            await c.wait_until(lambda: shown(kube_api, "m") == {
+                "ready": 1, "pulling": 1, "failed": 0})
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert not any("nodes" in (o.get("status") or {}) for o in stored.values())
 
 
 async def test_one_leader_at_a_time_and_a_quick_hand_over(kube_api: FakeKubeApi,
