@@ -77,6 +77,15 @@ async def test_the_agent_process_in_a_cluster(api: FakeKubeApi, tmp_path: Path,
     assert (entry(api, "m", "n1")["key"], cache["status"]["ready"]) == (ref.key, 1)
     assert [r.query.get("resourceVersion") for r in api.requests if r.verb == "list"] == [
         "0", "0", "0"], "every informer listed from the watch cache"
+    # what the agent lists and watches: its own Node and the pods bound to it (by field
+    # selector), and the CachedModels (every namespace: a node cannot select them by its
+    # labels); no NodeCache (its own is read once, then written), no ConfigMap or Secret
+    # (read one by one when a pull names them)
+    assert {(r.verb, r.resource, r.query.get("fieldSelector")) for r in api.requests
+            if r.verb in ("list", "watch")} == {
+        (verb, resource, selector) for verb in ("list", "watch")
+        for resource, selector in (("nodes", "metadata.name=n1"),
+                                   ("pods", "spec.nodeName=n1"), ("cachedmodels", None))}
     log = proc.log_path.read_text()
     assert '"level": "debug"' in log
     for secret_text in (TOKEN, base64.b64encode(TOKEN.encode()).decode(), token):
