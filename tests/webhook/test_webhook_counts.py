@@ -22,9 +22,9 @@ from webhook_testkit import WEBHOOK_TOKEN, CertFiles
 from common.kube.client import KubeClient, connect
 from common.kube.lease import LeaderElection, LeaseSettings
 from tests.kubeapi import FakeKubeApi
-from tests.kubeapi.server import load_crds
 from tests.kubeapi.fixtures import FAST
 from tests.kubeapi.objects import cached_model
+from tests.kubeapi.server import load_crds
 from webhook.counts import Counts
 
 CM = "cachedmodels"
