@@ -89,6 +89,7 @@ def test_public_means_globally_routable_unicast(address: ipaddress.IPv4Address
     assert (address_kind(address) is None) is public
 
 
+@pytest.mark.slow
 @given(address=addresses, port=st.integers(1, 65535),
        entries=st.lists(st.sampled_from([
            "10.0.0.0/8", "127.0.0.1", "[::1]", "::1", "127.0.0.1:9000", "[::1]:9000",

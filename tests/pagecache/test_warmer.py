@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from agent.pagecache.memory import MemoryProbe
 from agent.pagecache.resident import resident_bytes
@@ -200,6 +201,7 @@ async def test_stops_at_the_memory_floor(tmp_path: Path) -> None:
         assert skipped(agent, "memory") == 1
 
 
+@pytest.mark.slow
 async def test_healthz_answers_while_a_model_is_read(tmp_path: Path) -> None:
     src = model_dir(tmp_path / "src" / "m", {"w.bin": 160 * MiB})
     paced = replace(FAST, rate_bytes=64 * MiB)  # ~2.5 s of reading

@@ -167,6 +167,7 @@ NAMESPACE_LABELS = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pod=pods(), labels=NAMESPACE_LABELS, csi=st.booleans())
 def test_any_pod_gets_a_valid_patch_or_a_clear_denial(
@@ -254,6 +255,7 @@ def document_pairs(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
     return before, after
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(pair=document_pairs())
 def test_patch_turns_the_original_into_the_plan(
