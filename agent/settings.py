@@ -241,8 +241,8 @@ class ClusterSettings:
     waits a fixed fraction of it derived from its name, so agents spread out."""
 
     status_interval: float = 30.0
-    """Least seconds between two progress writes of one CachedModel status entry while its
-    model is pulling (state changes are written at once)."""
+    """Least seconds between two progress writes of a CachedModel's entry in this node's
+    NodeCache while its model is pulling (state changes are written at once)."""
 
     access_ttl: float = 300.0
     """Seconds a successful cross-namespace access check (DESIGN.md) is remembered."""

@@ -4,14 +4,17 @@
                        [--store-path DIR] [--agent-url URL] [--image IMAGE]
                        [--namespace NS] [--allow-host HOST ...]
                        [--pod-security-default LEVEL] [--pod-security-exempt NS ...]
-                       [--pod-security-config FILE]
+                       [--pod-security-config FILE] [--counts-interval S]
     modelcache webhook certs --service NAME --namespace NS
                        [--secret NAME] [--out-dir DIR] [--webhook-config NAME]
                        [--days N] [--renew-before-days N]
 
+With cluster access it also watches namespaces and, while it holds the Lease
+``modelcache-counts`` in its namespace, runs the counts controller (``counts.py``).
+
 Shutdown on SIGTERM: not ready -> keep serving for ``--shutdown-delay`` (endpoints drop the
-pod) -> close the listener -> finish in-flight reviews -> stop background work -> close the
-API client.
+pod) -> close the listener -> finish in-flight reviews -> stop background work (the Lease is
+released) -> close the API client.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import os
 import posixpath
 import re
 import signal
+import socket
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,9 +42,11 @@ from common import logs
 from common.errors import InvalidInput, ModelcacheError
 from common.hosts import AllowList
 from common.kube.client import Found, KubeClient, connect, find_config
+from common.kube.lease import LeaderElection
 
 from . import certs
 from .admission import Context
+from .counts import Counts
 from .metrics import WebhookMetrics
 from .namespaces import NamespaceCache, NamespaceWatch
 from .plan import PSA_LEVELS
@@ -120,6 +127,9 @@ def serve_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--shutdown-delay", type=float,
                    default=ServerSettings.shutdown_delay_seconds, metavar="SECONDS")
     p.add_argument("--max-body-bytes", type=int, default=ServerSettings.max_body_bytes)
+    p.add_argument("--counts-interval", type=float, default=ServerSettings.counts_interval,
+                   metavar="SECONDS",
+                   help="least seconds between two writes of one CachedModel's counts")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     return p
@@ -142,6 +152,7 @@ def settings_from(args: argparse.Namespace) -> tuple[ServerSettings, PlanSetting
         host=host, port=port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         cert_poll_seconds=args.cert_poll_seconds, max_body_bytes=args.max_body_bytes,
         namespace=args.namespace, shutdown_delay_seconds=args.shutdown_delay,
+        counts_interval=args.counts_interval,
     )
     planning = PlanSettings(
         csi=args.csi, store_path=store, agent_url=args.agent_url or agent_url_for(args.namespace),
@@ -264,7 +275,8 @@ async def _connect(env: Mapping[str, str], log: logging.Logger) -> KubeClient | 
         log.warning("no cluster access: namespace labels unknown, mode defaults to cache",
                     extra={"why": why})
         return None
-    log.info("watching namespaces", extra={"config": found.source if found else ""})
+    log.info("watching namespaces; counting CachedModels' nodes while holding the lease",
+             extra={"config": found.source if found else ""})
     return kube
 
 
@@ -273,6 +285,13 @@ async def connect_to(found: Found, env: Mapping[str, str]) -> KubeClient:
     is not usable)."""
     kubeconfig = str(found.kubeconfig) if found.kubeconfig else None
     return await connect(kubeconfig, environ=env)
+
+
+def _counts(kube: KubeClient, server: ServerSettings) -> Callable[[], Awaitable[None]]:
+    """The counts controller, run by the replica that holds the Lease."""
+    identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    election = LeaderElection(kube, server.namespace, server.counts_lease, identity)
+    return lambda: election.run(lambda: Counts(kube, server.counts_interval).run())
 
 
 async def serve(
@@ -296,6 +315,7 @@ async def serve(
         watch = NamespaceWatch(kube.watch_namespaces())
         cache = watch.cache
         background.append(watch.run)
+        background.append(_counts(kube, server))
     deps = Deps(
         admission=Context(planning, server.namespace, cache.labels),
         metrics=metrics, log=log, max_body_bytes=server.max_body_bytes,

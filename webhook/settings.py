@@ -112,3 +112,9 @@ class ServerSettings:
 
     shutdown_timeout_seconds: float = 10.0
     """Seconds in-flight requests may take to finish once the listener is closed."""
+
+    counts_interval: float = 5.0
+    """Least seconds between two writes of one CachedModel's counts (``counts.py``)."""
+
+    counts_lease: str = "modelcache-counts"
+    """The Lease in ``namespace`` whose holder runs the counts controller."""

@@ -2,9 +2,10 @@
 
 In: the agent's own Node (its labels), the CachedModels (what to keep warm, ``warm.py``) and
 the pods on this node (what is in use, ``pods.py`` -> ``usage.py``), each through an
-``common.kube`` informer that loses no change. Out: node labels (``nodelabels.py``), the
-CachedModels' ``status.nodes.<node>`` and their Events (``status.py``), and Events on the
-Node (disk pressure, from the evictor's hooks).
+``common.kube`` informer that loses no change (the Node and the pods by field selector:
+nothing of other nodes). Out: node labels (``nodelabels.py``), this node's NodeCache and
+the CachedModels' Events (``status.py``), and Events on the Node (disk pressure, from the
+evictor's hooks).
 
 Start-up: the informers list, in-use is known once the pods are listed, and the first pulls
 wait a delay derived from the node's name (``startup_delay``) so that a thousand agents
@@ -116,6 +117,7 @@ class Controller:
             return
         self.warm.node(event.object)
         self.labels.observe(event.object)
+        self.status.node_seen(event.object)
 
     async def _on_pod(self, event: WatchEvent) -> None:
         pod = event.object

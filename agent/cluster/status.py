@@ -1,23 +1,23 @@
-"""``status.nodes.<node>`` of the CachedModels this node keeps warm, and their Events.
+"""This node's NodeCache: what it holds for each CachedModel that selects it, and Events.
 
-Each tracked CachedModel gets this node's entry: ``state`` (pulling, ready, failed,
-evicted), ``revision``, ``bytes``, ``lastTransitionTime`` and ``message``, written with
-``common.kube``'s merge patch of that one key (agents on other nodes never conflict).
-Writes are throttled: a state change is written at once; while a model is pulling, its
-progress is written at most once per ``interval`` seconds per CachedModel, and less often on
-a CachedModel that many nodes report on. Every status write reaches every agent (each
-watches every CachedModel) carrying the whole object, about 300 bytes per node (its entry
-and its managed fields): N agents writing progress every 30 s would have the apiserver send
-300 * N**3 bytes per 30 s (300 GB at 1000 nodes). So each agent stretches its progress
-interval to the number of nodes in the status divided by :data:`PROGRESS_WRITES_PER_SECOND`,
-which bounds a CachedModel's progress writes across the cluster to about that rate (at 1000
-nodes: one write per node every 1000 s; state changes still go at once). A state change
-also records an Event on the CachedModel: ``Pulled`` (saying who signed it, under a verify
-policy), ``PullFailed``, ``VerificationFailed`` (the signature, or the policy, failed; the
-model is not published) or ``Evicted``.
+The NodeCache (cluster-scoped, named after the node, owned by its Node) is this agent's
+own object: no one else writes it. Its ``status.models`` has one entry per tracked
+CachedModel (``namespace``, ``name``, ``uid``, the model's ``key``, ``state`` (pulling,
+ready, failed, evicted), ``revision``, ``bytes``, ``lastTransitionTime``, ``message``,
+``verified``), beside the node's own counts. The whole status is written at once: created
+on the first report, then a merge patch. A state change is written at once; while a model
+is pulling its progress at most once per ``interval`` seconds. A write reaches only the
+counts controller (the webhook's leader), which sums the NodeCaches into each CachedModel's
+status: what a report costs never grows with the number of nodes (docs/architecture.md,
+"The control plane at 1,000 nodes"). A state change also records an Event on the
+CachedModel: ``Pulled`` (saying who signed it, under a verify policy), ``PullFailed``,
+``VerificationFailed`` (the signature, or the policy, failed; the model is not published)
+or ``Evicted``.
 
-The last entry written starts as what the CachedModel already shows, so a restart rewrites
-nothing that has not changed.
+Nothing is written before ``known`` is set (the warm controller has tracked what the
+CachedModels ask of this node), and the last entries written start as what the NodeCache
+already shows, so a restart rewrites nothing that has not changed and drops the entries of
+CachedModels that went away meanwhile.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from agent.index import FAILED, PULLING, READY, Index, Model
-from common.errors import ModelcacheError, NotFound
-from common.kube.client import KubeClient
+from common.backoff import Backoff
+from common.errors import Conflict, ModelcacheError, NotFound
+from common.kube.client import COUNTED_STATES, KubeClient
 
 log = logging.getLogger(__name__)
 EVICTED = "evicted"
@@ -44,9 +45,7 @@ RETRY_SECONDS = 5.0
 Obj = dict[str, Any]
 Entry = dict[str, Any]
 #: the fields compared to decide whether an entry changed (not the transition time)
-CONTENT = ("state", "revision", "bytes", "message", "verified")
-#: progress writes of one CachedModel per second, all nodes together (state changes aside)
-PROGRESS_WRITES_PER_SECOND = 1.0
+CONTENT = ("uid", "key", "state", "revision", "bytes", "message", "verified")
 #: failure reasons that make a ``VerificationFailed`` Event rather than ``PullFailed``
 VERIFY_REASONS = ("verification", "unsigned", "verify_policy")
 
@@ -96,11 +95,17 @@ class StatusWriter:
         self.interval = interval
         self._clock = clock
         self.targets: dict[str, Target] = {}
+        #: what the NodeCache holds, by CachedModel (as written, or as found at start-up)
         self._written: dict[str, Written] = {}
-        self._clear: dict[str, Obj] = {}
         self._evictions: dict[str, str] = {}
         self._dirty = asyncio.Event()
-        #: status writes sent (for tests)
+        #: set once the warm controller has tracked what the CachedModels ask of this node
+        self.known = asyncio.Event()
+        #: the Node (the NodeCache's owner), once the node informer has seen it
+        self.node_object: Obj | None = None
+        #: whether the NodeCache exists (``None``: not read yet)
+        self._exists: bool | None = None
+        #: NodeCache writes sent (for tests)
         self.writes = 0
         index.on_change(self._changed)
 
@@ -111,22 +116,14 @@ class StatusWriter:
         target = self.targets.get(cm_key)
         if target is None or target.model_key != model_key:
             self.targets[cm_key] = Target(obj, model_key)
-            self._clear.pop(cm_key, None)
-            if cm_key not in self._written:
-                found = ((obj.get("status") or {}).get("nodes") or {}).get(self.node)
-                if isinstance(found, dict) and found.get("state"):
-                    self._written[cm_key] = Written(found, -math.inf)
         else:
             target.obj = obj
         self._dirty.set()
 
-    def untrack(self, cm_key: str, clear: bool) -> None:
-        """The CachedModel no longer wants anything here; ``clear``: remove this node's
-        entry (it still exists but no longer selects this node)."""
-        target = self.targets.pop(cm_key, None)
-        written = self._written.pop(cm_key, None)
-        if clear and target is not None and written is not None:
-            self._clear[cm_key] = target.obj
+    def untrack(self, cm_key: str) -> None:
+        """The CachedModel no longer wants anything here (deleted, or it no longer selects
+        this node): its entry goes."""
+        self.targets.pop(cm_key, None)
         self._dirty.set()
 
     def fail(self, cm_key: str, message: str | None, reason: str | None = None) -> None:
@@ -140,6 +137,10 @@ class StatusWriter:
         """Why a model is about to leave the store (the evictor's hook)."""
         self._evictions[model_key] = reason
 
+    def node_seen(self, node: Obj) -> None:
+        """The Node as the informer last saw it (the owner of the NodeCache)."""
+        self.node_object = node
+
     def _changed(self, model: Model) -> None:
         if self.index.get(model.key) is model:
             self._evictions.pop(model.key, None)  # back in the store: no longer evicted
@@ -149,6 +150,8 @@ class StatusWriter:
     # --- writing ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        await self.known.wait()
+        await self.load()
         while True:
             wake = await self.flush()
             timeout = None if wake is None else max(0.0, wake - self._clock())
@@ -157,45 +160,59 @@ class StatusWriter:
                     await self._dirty.wait()
             self._dirty.clear()
 
+    async def load(self) -> None:
+        """Read the NodeCache as an earlier run left it (retried until the API answers)."""
+        backoff = Backoff(0.5, RETRY_SECONDS)
+        while self._exists is None:
+            try:
+                found = await self.kube.get_node_cache(self.node)
+            except NotFound:
+                self._exists = False
+                return
+            except ModelcacheError as e:
+                log.warning("nodecache not read; retrying", extra={
+                    "node": self.node, "error": str(e)})
+                await backoff.wait(e)
+                continue
+            self._exists = True
+            for item in (found.get("status") or {}).get("models") or []:
+                if isinstance(item, dict) and item.get("state"):
+                    cm_key = f"{item.get('namespace', '')}/{item.get('name', '')}"
+                    self._written[cm_key] = Written(item, -math.inf)
+
     async def flush(self) -> float | None:
-        """Write what is due; return when to look again (``None``: at the next change)."""
+        """Write the NodeCache if anything in it is due; return when to look again
+        (``None``: at the next change)."""
+        now = self._clock()
         wake: float | None = None
-        for cm_key, obj in list(self._clear.items()):
-            if await self._write(cm_key, obj, None):
-                self._clear.pop(cm_key, None)
-            else:
-                wake = _earliest(wake, self._clock() + RETRY_SECONDS)
-        for cm_key, target in list(self.targets.items()):
+        shown: dict[str, Written] = {}
+        changed: list[tuple[Target, Written | None, Entry]] = []
+        for cm_key, target in self.targets.items():
             model = self.index.get(target.model_key)
             last = self._written.get(cm_key)
-            entry = self.entry(target, model, last)
-            now = self._clock()
-            interval = self.progress_interval(target.obj)
-            when = due(last, entry, now, interval)
+            entry = self.entry(cm_key, target, model, last)
             if model is not None and model.state == PULLING:
-                wake = _earliest(wake, (last.at if last else now) + interval)
-            if when is None or entry is None:
+                wake = _earliest(wake, (last.at if last else now) + self.interval)
+            when = due(last, entry, now, self.interval)
+            if entry is not None and when is not None and when <= now:
+                shown[cm_key] = Written(entry, now)
+                changed.append((target, last, entry))
                 continue
-            if when > now:
+            if when is not None:
                 wake = _earliest(wake, when)
-                continue
-            if self.targets.get(cm_key) is not target:
-                continue  # untracked while we were writing another
-            if await self._write(cm_key, target.obj, entry):
-                self._written[cm_key] = Written(entry, self._clock())
-                await self._event(target, last, entry)
-            else:
-                wake = _earliest(wake, self._clock() + RETRY_SECONDS)
+            if last is not None:
+                shown[cm_key] = last
+        if not changed and shown.keys() == self._written.keys():
+            return wake
+        if not await self._write([w.entry for _, w in sorted(shown.items())]):
+            return _earliest(wake, self._clock() + RETRY_SECONDS)
+        self._written = shown
+        for target, last, entry in changed:
+            await self._event(target, last, entry)
         return wake
 
-    def progress_interval(self, obj: Obj) -> float:
-        """Least seconds between two progress writes to ``obj``: the configured interval,
-        stretched on a CachedModel that many nodes report on (see the module's text)."""
-        nodes = (obj.get("status") or {}).get("nodes")
-        count = len(nodes) if isinstance(nodes, dict) else 0
-        return max(self.interval, count / PROGRESS_WRITES_PER_SECOND)
-
-    def entry(self, target: Target, model: Model | None, last: Written | None) -> Entry | None:
+    def entry(self, cm_key: str, target: Target, model: Model | None,
+              last: Written | None) -> Entry | None:
         """This node's entry for ``target`` now (``None``: nothing to report yet)."""
         message: str | None
         verified = None
@@ -219,20 +236,40 @@ class StatusWriter:
         transition = now_iso()
         if last is not None and last.entry.get("state") == state:
             transition = last.entry.get("lastTransitionTime") or transition
-        return {"state": state, "revision": _cut(revision, MAX_REVISION), "bytes": size,
-                "lastTransitionTime": transition, "message": _cut(message, MAX_MESSAGE),
-                "verified": verified}
-
-    async def _write(self, cm_key: str, obj: Obj, entry: Entry | None) -> bool:
         namespace, _, name = cm_key.partition("/")
+        uid = (target.obj.get("metadata") or {}).get("uid")
+        out = {"namespace": namespace, "name": name, "uid": uid,
+               "key": target.model_key or None, "state": state,
+               "revision": _cut(revision, MAX_REVISION), "bytes": size,
+               "lastTransitionTime": transition, "message": _cut(message, MAX_MESSAGE),
+               "verified": verified}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def status(self, entries: list[Entry]) -> Obj:
+        """The NodeCache's whole status for these entries."""
+        states = [e["state"] for e in entries]
+        return {"models": entries, **{s: states.count(s) for s in COUNTED_STATES},
+                "bytes": sum(int(e.get("bytes") or 0) for e in entries)}
+
+    async def _write(self, entries: list[Entry]) -> bool:
+        status = self.status(entries)
+        self.writes += 1
         try:
-            self.writes += 1
-            await self.kube.patch_cached_model_status(namespace, name, self.node, entry)
-        except NotFound:
-            return True  # the CachedModel is gone: nothing to report to
+            if self._exists:
+                try:
+                    await self.kube.patch_node_cache(self.node, status)
+                    return True
+                except NotFound:
+                    self._exists = False  # deleted under us (by an admin): create it again
+            node = self.node_object or {"metadata": {"name": self.node}}
+            try:
+                await self.kube.create_node_cache(node, status)
+            except Conflict:  # created meanwhile: write over it
+                await self.kube.patch_node_cache(self.node, status)
+            self._exists = True
         except ModelcacheError as e:
-            log.warning("status not written; retrying", extra={
-                "cachedmodel": cm_key, "node": self.node, "error": str(e)})
+            log.warning("nodecache not written; retrying", extra={
+                "node": self.node, "error": str(e)})
             return False
         return True
 

@@ -3,8 +3,8 @@
 Each one is ensured once (``spec.uri`` + ``spec.include`` + ``spec.verify``, credentials from
 the Secret ``spec.credentialsSecret`` in its own namespace) and pinned while any matching
 CachedModel says ``spec.pin``. A CachedModel deleted, no longer matching, or no longer pinning
-leaves its model unpinned and evictable; nothing is deleted at once. Its status entry is
-removed when it still exists but no longer selects this node.
+leaves its model unpinned and evictable; nothing is deleted at once. Its entry in this
+node's NodeCache is removed.
 
 A failed pull is tried again after the shared backoff (full jitter over a window from
 ``retry_base`` doubling up to ``retry_max``); an unpinned
@@ -128,7 +128,7 @@ class Warm:
         wanted, invalid = self._matching()
         for cm_key in self._tracked - set(wanted) - invalid:
             self.wants.pop(cm_key, None)
-            self.status.untrack(cm_key, clear=cm_key in self.policy.cms)
+            self.status.untrack(cm_key)
         self._tracked = set(wanted) | invalid
         for cm_key, want in wanted.items():
             known = self.wants.get(cm_key)
@@ -136,6 +136,7 @@ class Warm:
                     want.ref, want.secret, want.pin):
                 self.wants[cm_key] = want
             self.status.track(cm_key, self.policy.cms[cm_key], want.ref.key)
+        self.status.known.set()  # what the CachedModels ask of this node is known now
         await self._pins()
         wake = now + self.settings.resync
         for cm_key in sorted(self.wants):

@@ -16,12 +16,11 @@ apiserver sends them, never client model classes):
 - informers (``watch_cached_models``, ``watch_pods_on_node``, ``watch_node``,
   ``watch_namespaces``): see ``informer.py``;
 - writes that never conflict with other writers: node labels by merge patch on the agent's
-  own ``modelcache.io/m-*`` keys; a CachedModel's ``status.nodes.<node>`` by merge patch on
-  the status subresource. The summary counts (``status.ready/pulling/failed``) are derived
-  from ``status.nodes``: after writing its entry an agent recomputes them from the object it
-  got back and patches them guarded by that object's resourceVersion, re-reading on 409. A
-  guarded patch only succeeds on the current object, so the last write always leaves counts
-  that match the entries;
+  own ``modelcache.io/m-*`` keys; the agent's own NodeCache (named after its node, written
+  by no one else: created once, then merge patches of its ``status``); a CachedModel's
+  summary counts (``status.ready/pulling/failed``) by merge patch on the status
+  subresource, written only by the counts controller that holds the Lease (``lease.py``);
+- Leases (coordination.k8s.io/v1: get, create, and replace at the resourceVersion read);
 - Events (events.k8s.io/v1, best effort), TokenReview, SubjectAccessReview, Secrets (decoded,
   never logged);
 - for ``modelcache webhook certs``: its Secret as stored (get, create, replace at the
@@ -34,7 +33,6 @@ import base64
 import binascii
 import json
 import logging
-import math
 import os
 import re
 import socket
@@ -54,9 +52,7 @@ from kubernetes_asyncio.client.exceptions import OpenApiException
 from kubernetes_asyncio.config import kube_config
 from kubernetes_asyncio.config.config_exception import ConfigException
 
-from common.backoff import Backoff
 from common.errors import (
-    Conflict,
     InvalidInput,
     KubeError,
     ModelcacheError,
@@ -75,13 +71,13 @@ PLURAL = "cachedmodels"
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
-#: the fields of a ``status.nodes.<node>`` entry (see the CRD)
-NODE_ENTRY_FIELDS = ("state", "revision", "bytes", "lastTransitionTime", "message", "verified")
+NODE_CACHES = "nodecaches"
+#: the fields of an entry of a NodeCache's ``status.models`` (see its CRD)
+MODEL_ENTRY_FIELDS = ("namespace", "name", "uid", "key", "state", "revision", "bytes",
+                      "lastTransitionTime", "message", "verified")
 COUNTED_STATES = ("ready", "pulling", "failed")
 _LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _NOTE_BYTES = 1024
-#: first delay before a conflicting status write is read and tried again (doubles each time)
-CONFLICT_BACKOFF = 0.05
 
 
 @dataclass(frozen=True)
@@ -195,6 +191,7 @@ class KubeClient:
         self._authn = k8s.AuthenticationV1Api(api)
         self._authz = k8s.AuthorizationV1Api(api)
         self._admission = k8s.AdmissionregistrationV1Api(api)
+        self._coordination = k8s.CoordinationV1Api(api)
 
     async def close(self) -> None:
         await self._api.close()
@@ -218,6 +215,11 @@ class KubeClient:
             lister = _bind(self._custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
         return Informer(self, "cachedmodels", lister, label_selector=label_selector)
 
+    def watch_node_caches(self) -> Informer:
+        """Every node's NodeCache (the counts controller sums them)."""
+        return Informer(self, NODE_CACHES, _bind(self._custom.list_cluster_custom_object,
+                                                 GROUP, VERSION, NODE_CACHES))
+
     def watch_pods_on_node(self, node: str, label_selector: str | None = None) -> Informer:
         """Pods bound to ``node`` in every namespace (field selector ``spec.nodeName``)."""
         return Informer(self, "pods", self._core.list_pod_for_all_namespaces,
@@ -236,12 +238,6 @@ class KubeClient:
 
     async def get_node(self, name: str) -> Obj:
         return await self.call_json(f"get node {name}", self._core.read_node, name)
-
-    async def get_cached_model(self, namespace: str, name: str) -> Obj:
-        return await self.call_json(
-            f"get cachedmodel {namespace}/{name}", self._custom.get_namespaced_custom_object,
-            GROUP, VERSION, namespace, PLURAL, name,
-        )
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         """A Secret's data, decoded to text. The values are never logged nor put in errors."""
@@ -318,51 +314,64 @@ class KubeClient:
             {"metadata": {"labels": labels}}, _content_type=MERGE_PATCH,
         )
 
-    async def patch_cached_model_status(
-        self, namespace: str, name: str, node: str, entry: Mapping[str, Any] | None
-    ) -> Obj:
-        """Make ``status.nodes.<node>`` exactly ``entry`` (``None``: remove it), then bring
-        the summary counts in line with ``status.nodes``. Returns the object last seen.
+    async def get_node_cache(self, node: str) -> Obj:
+        return await self.call_json(f"get nodecache {node}",
+                                    self._custom.get_cluster_custom_object,
+                                    GROUP, VERSION, NODE_CACHES, node)
 
-        ``entry`` holds ``NODE_ENTRY_FIELDS`` (``state`` required; the caller sets
-        ``lastTransitionTime`` when the state changes). Fields left out are cleared.
-        """
-        if entry is not None:
-            unknown = set(entry) - set(NODE_ENTRY_FIELDS)
-            if unknown or not entry.get("state"):
-                raise InvalidInput(f"invalid status entry for node {node}: fields "
-                                   f"{sorted(entry)}; needs 'state', allows {NODE_ENTRY_FIELDS}")
-            body: Obj | None = {k: entry.get(k) for k in NODE_ENTRY_FIELDS}
-        else:
-            body = None
-        obj = await self._patch_status(namespace, name, {"status": {"nodes": {node: body}}})
-        return await self._reconcile_counts(namespace, name, obj)
+    async def create_node_cache(self, node: Obj, status: Mapping[str, Any]) -> Obj:
+        """Create the NodeCache of ``node`` (the Node object: its owner, so that the garbage
+        collector deletes it with the node) holding ``status``."""
+        meta = node.get("metadata") or {}
+        owner = {"apiVersion": "v1", "kind": "Node", "name": meta.get("name", ""),
+                 "uid": meta.get("uid", "")}
+        metadata: Obj = {"name": owner["name"]}
+        if owner["uid"]:  # (an agent whose Node is not found yet creates it unowned)
+            metadata["ownerReferences"] = [owner]
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NodeCache", "metadata": metadata,
+                "status": _checked_status(owner["name"], status)}
+        return await self.call_json(f"create nodecache {owner['name']}",
+                                    self._custom.create_cluster_custom_object,
+                                    GROUP, VERSION, NODE_CACHES, body)
 
-    async def _reconcile_counts(self, namespace: str, name: str, obj: Obj) -> Obj:
-        conflicts = Backoff(CONFLICT_BACKOFF, math.inf)
-        for _ in range(self.settings.status_retries):
-            counts = summary_counts(obj)
-            status = obj.get("status") or {}
-            if all(status.get(k) == v for k, v in counts.items()):
-                return obj
-            guarded = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
-                       "status": counts}
-            try:
-                return await self._patch_status(namespace, name, guarded)
-            except Conflict:
-                # another agent wrote since: look again (it may have fixed the counts already)
-                await conflicts.wait()
-                obj = await self.get_cached_model(namespace, name)
-        log.warning("summary counts of cachedmodel %s/%s left to the next writer after %d "
-                    "conflicts", namespace, name, self.settings.status_retries)
-        return obj
+    async def patch_node_cache(self, node: str, status: Mapping[str, Any]) -> Obj:
+        """Make the NodeCache's ``status`` exactly ``status`` (a merge patch: its list of
+        models is replaced whole; its only writer is this node's agent)."""
+        body = {"status": {**dict.fromkeys(("models", *COUNTED_STATES, "bytes")),
+                           **_checked_status(node, status)}}
+        return await self.call_json(f"patch nodecache {node}",
+                                    self._custom.patch_cluster_custom_object,
+                                    GROUP, VERSION, NODE_CACHES, node, body,
+                                    _content_type=MERGE_PATCH)
 
-    async def _patch_status(self, namespace: str, name: str, body: Obj) -> Obj:
+    async def patch_cached_model_counts(self, namespace: str, name: str,
+                                        counts: Mapping[str, int]) -> Obj:
+        """Set a CachedModel's summary counts (``status.ready/pulling/failed``)."""
+        unknown = set(counts) - set(COUNTED_STATES)
+        if unknown:
+            raise InvalidInput(f"unknown counts {sorted(unknown)}; allowed {COUNTED_STATES}")
         return await self.call_json(
             f"patch status of cachedmodel {namespace}/{name}",
             self._custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, namespace, PLURAL, name, body, _content_type=MERGE_PATCH,
+            GROUP, VERSION, namespace, PLURAL, name, {"status": dict(counts)},
+            _content_type=MERGE_PATCH,
         )
+
+    async def get_lease(self, namespace: str, name: str) -> Obj:
+        return await self.call_json(f"get lease {namespace}/{name}",
+                                    self._coordination.read_namespaced_lease, name, namespace)
+
+    async def create_lease(self, namespace: str, body: Obj) -> Obj:
+        name = (body.get("metadata") or {}).get("name", "")
+        return await self.call_json(f"create lease {namespace}/{name}",
+                                    self._coordination.create_namespaced_lease, namespace, body)
+
+    async def replace_lease(self, namespace: str, name: str, body: Obj) -> Obj:
+        """PUT the Lease; with the resourceVersion it was read at in ``body``, a Lease
+        changed since (another holder) is not overwritten (``Conflict``)."""
+        return await self.call_json(f"replace lease {namespace}/{name}",
+                                    self._coordination.replace_namespaced_lease, name,
+                                    namespace, body)
 
     async def emit_event(
         self,
@@ -509,11 +518,17 @@ class KubeClient:
         raise api_error(what, resp.status, raw, resp.headers.get("Retry-After"))
 
 
-def summary_counts(obj: Obj) -> dict[str, int]:
-    """``status.ready/pulling/failed`` as ``status.nodes`` implies them."""
-    nodes = ((obj.get("status") or {}).get("nodes") or {}).values()
-    states = [n.get("state") for n in nodes if isinstance(n, dict)]
-    return {s: states.count(s) for s in COUNTED_STATES}
+def _checked_status(node: str, status: Mapping[str, Any]) -> Obj:
+    """A NodeCache's status as the CRD allows it (``InvalidInput`` naming what is not)."""
+    unknown = set(status) - {"models", *COUNTED_STATES, "bytes"}
+    if unknown:
+        raise InvalidInput(f"invalid status of nodecache {node}: unknown fields {sorted(unknown)}")
+    for entry in status.get("models") or []:
+        extra = set(entry) - set(MODEL_ENTRY_FIELDS)
+        if extra or not all(entry.get(k) for k in ("namespace", "name", "state")):
+            raise InvalidInput(f"invalid entry in nodecache {node}: fields {sorted(entry)}; "
+                               f"needs namespace, name and state, allows {MODEL_ENTRY_FIELDS}")
+    return dict(status)
 
 
 def _bind(call: Callable[..., Awaitable[Any]], *args: Any) -> Callable[..., Awaitable[Any]]:

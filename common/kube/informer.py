@@ -61,7 +61,12 @@ class Informer:
     """A list-then-watch view of one kind of object that loses no change.
 
     Iterate ``events()`` (or ``run(handler)``) to drive it: it lists, reports every object as
-    ADDED, then watches from the list's resourceVersion. A stream that ends or breaks is
+    ADDED, then watches from the list's resourceVersion. Lists are served by the apiserver's
+    watch cache, not etcd, as client-go's reflector asks for them: the first with
+    ``resourceVersion=0`` (any version; the cache ignores ``limit`` and answers whole), a
+    relist with the last resourceVersion seen (not older than what this informer already
+    reported) and no ``limit``; only a relist refused with 410 is a consistent read from
+    etcd (``resourceVersion`` unset, in pages). A stream that ends or breaks is
     resumed from the last resourceVersion seen (events and bookmarks move it); one refused
     with ``410 Expired`` (an ERROR event or an HTTP status) is replaced by a new list whose
     difference from ``store`` is reported (ADDED, MODIFIED, and DELETED for objects that
@@ -97,6 +102,8 @@ class Informer:
         self.last_error: ModelcacheError | None = None
         self._failing = False
         self._progress = asyncio.Event()
+        #: the next list must be a consistent read (the cache refused the last one with 410)
+        self._consistent = False
 
     def get(self, name: str, namespace: str = "") -> Obj | None:
         return self.store.get(f"{namespace}/{name}" if namespace else name)
@@ -143,6 +150,7 @@ class Informer:
             except Expired as e:
                 log.info("informer expired; listing again", extra={
                     "resource": self.resource, "error": str(e)})
+                self._consistent = must_list  # the list itself expired: ask etcd
                 must_list = True
             except ModelcacheError as e:
                 self._failed(e)
@@ -154,9 +162,17 @@ class Informer:
         self.lists += 1
         items: dict[str, Obj] = {}
         token: str | None = None
+        first: Obj = dict(self._selectors)
+        if self._consistent:
+            first["limit"] = settings.list_page_size
+        elif self.resource_version:
+            first["resource_version"] = self.resource_version
+        else:
+            first.update(resource_version="0", limit=settings.list_page_size)
         while True:
-            page_args: Obj = {"limit": settings.list_page_size, **self._selectors}
-            if token:
+            page_args: Obj = dict(first)
+            if token:  # a continued list names no resourceVersion (the token holds it)
+                page_args.pop("resource_version", None)
                 page_args["_continue"] = token
             page = await self._client.call_json(f"list {self.resource}", self._lister,
                                                 **page_args)
@@ -179,6 +195,7 @@ class Informer:
         for key in self.store.keys() - items.keys():
             events.append(WatchEvent("DELETED", self.store[key], synthetic=True))
         self.resource_version = str(meta.get("resourceVersion", ""))
+        self._consistent = False
         self._recovered()
         log.info("informer listed", extra={"resource": self.resource, "objects": len(items),
                                            "changes": len(events)})

@@ -31,9 +31,5 @@ class KubeSettings:
     list_page_size: int = 500
     """Objects per page when an informer lists (``limit``/``continue``)."""
 
-    status_retries: int = 8
-    """Attempts at the resourceVersion-guarded patch that keeps a CachedModel's summary
-    counts equal to its ``status.nodes`` (each conflict means another agent wrote)."""
-
     event_controller: str = "modelcache.io/agent"
     """``reportingController`` of the Events the agent emits."""

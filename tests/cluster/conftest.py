@@ -35,6 +35,7 @@ from tests.kubeapi.fixtures import (  # noqa: F401
 )
 from tests.kubeapi.objects import node
 from tests.servers.agent import InProcessAgent
+from webhook.counts import Counts
 
 AUDIENCE = "modelcache"
 
@@ -106,9 +107,32 @@ async def eventually(agent: InProcessAgent, predicate: Callable[[], bool],
 
 def entry(api: FakeKubeApi, name: str, node_name: str, namespace: str = "default"
           ) -> dict[str, Any]:
-    """``status.nodes.<node>`` of a CachedModel (empty if absent)."""
-    obj = api.cluster.get("cachedmodels", name, namespace)
-    return dict(((obj.get("status") or {}).get("nodes") or {}).get(node_name) or {})
+    """The entry of a CachedModel in a node's NodeCache (empty if absent)."""
+    if not api.cluster.exists("nodecaches", node_name):
+        return {}
+    models = (api.cluster.get("nodecaches", node_name).get("status") or {}).get("models") or []
+    return next((dict(m) for m in models
+                 if (m.get("namespace"), m.get("name")) == (namespace, name)), {})
+
+
+def counts(api: FakeKubeApi, name: str, namespace: str = "default") -> tuple[int, ...]:
+    """A CachedModel's (ready, pulling, failed) as its status shows them (-1: not yet)."""
+    status = api.cluster.get("cachedmodels", name, namespace).get("status") or {}
+    return tuple(status.get(s, -1) for s in ("ready", "pulling", "failed"))
+
+
+@pytest.fixture
+async def counts_controller(api: FakeKubeApi, tmp_path: Path) -> AsyncIterator[Counts]:
+    """The webhook's counts controller, summing the NodeCaches into CachedModels' counts
+    (as the replica holding the Lease runs it; written at once, no interval)."""
+    kubeconfig = api.write_kubeconfig(tmp_path / "counts.kubeconfig")
+    async with await connect(str(kubeconfig), FAST, instance="webhook") as kube_client:
+        controller = Counts(kube_client, interval=0.0)
+        task = asyncio.create_task(controller.run())
+        yield controller
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def node_labels(api: FakeKubeApi, name: str) -> dict[str, str]:

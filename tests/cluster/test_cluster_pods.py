@@ -10,12 +10,13 @@ import pytest
 from agent.index import READY
 from common.errors import Conflict
 from common.reference import parse
-from tests.cluster.conftest import AgentFactory, entry, eventually, node_labels
+from tests.cluster.conftest import AgentFactory, counts, entry, eventually, node_labels
 from tests.cluster.test_cluster_warm import serve_model
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.objects import cached_model, pod
 from tests.servers.agent import InProcessAgent
 from tests.servers.nginx import ServedDir
+from webhook.counts import Counts
 
 CM = "cachedmodels"
 
@@ -120,8 +121,9 @@ async def test_broken_watches_and_410_lose_no_change(
     assert agent.controller.cm_informer.lists > lists[1]
 
 
-async def test_two_agents_write_one_cachedmodels_status_together(
-        api: FakeKubeApi, agent_factory: AgentFactory, nginx_dir: ServedDir):
+async def test_two_agents_report_one_cachedmodel_and_its_counts_add_up(
+        api: FakeKubeApi, agent_factory: AgentFactory, nginx_dir: ServedDir,
+        counts_controller: Counts):
     uri = serve_model(nginx_dir, size=300_000)
     label = parse(uri).node_label
     c = api.cluster
@@ -130,9 +132,17 @@ async def test_two_agents_write_one_cachedmodels_status_together(
         async with asyncio.timeout(15):
             await c.wait_until(lambda: entry(api, "shared", "n1").get("state") == "ready"
                                and entry(api, "shared", "n2").get("state") == "ready")
-            await c.wait_until(lambda: c.get(CM, "shared", "default")["status"].get("ready")
-                               == 2)
+            await c.wait_until(lambda: counts(api, "shared") == (2, 0, 0))
     assert node_labels(api, "n1") == node_labels(api, "n2") == {label: "ready"}
-    status = c.get(CM, "shared", "default")["status"]
-    assert set(status["nodes"]) == {"n1", "n2"}
-    assert (status["pulling"], status["failed"]) == (0, 0)
+    uid = c.get(CM, "shared", "default")["metadata"]["uid"]
+    for n in ("n1", "n2"):  # each node's own object, owned by its Node
+        cache = c.get("nodecaches", n)
+        assert cache["metadata"]["ownerReferences"][0]["uid"] == c.get(
+            "nodes", n)["metadata"]["uid"]
+        assert entry(api, "shared", n)["uid"] == uid
+        assert (cache["status"]["ready"], cache["status"]["bytes"]) == (1, 300_000)
+    # the node goes: the garbage collector takes its NodeCache, and the counts follow
+    c.delete("nodes", "n2")
+    assert not c.exists("nodecaches", "n2")
+    async with asyncio.timeout(10):
+        await c.wait_until(lambda: counts(api, "shared") == (1, 0, 0))

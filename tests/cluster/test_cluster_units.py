@@ -18,7 +18,7 @@ from agent.eviction.usage import Usage
 from agent.index import FAILED, PULLING, READY, Index, Model
 from agent.pull.sharing import SharedAccess
 from agent.store.trees import FileEntry, Manifest
-from common.errors import Forbidden, SourceAuthError
+from common.errors import Forbidden, NotFound, SourceAuthError
 from common.reference import parse
 
 URI = "hf://org/model@main"
@@ -88,15 +88,31 @@ def test_due_writes_state_changes_at_once_and_progress_at_most_every_interval():
 
 
 class RecordingKube:
-    """What StatusWriter needs of common.kube, recorded."""
+    """What StatusWriter needs of common.kube, recorded: the NodeCache it finds, then every
+    status it writes."""
 
-    def __init__(self) -> None:
-        self.writes: list[tuple[str, str, dict[str, Any] | None]] = []
+    def __init__(self, found: dict[str, Any] | None = None) -> None:
+        self.found = found
+        self.writes: list[dict[str, Any]] = []
         self.events: list[str] = []
+        self.created: dict[str, Any] | None = None
 
-    async def patch_cached_model_status(self, namespace: str, name: str, node: str,
-                                        entry: dict[str, Any] | None) -> dict[str, Any]:
-        self.writes.append((f"{namespace}/{name}", node, entry))
+    async def get_node_cache(self, node: str) -> dict[str, Any]:
+        if self.found is None:
+            raise NotFound(f"nodecache {node}")
+        return self.found
+
+    async def create_node_cache(self, node: dict[str, Any], status: dict[str, Any]
+                                ) -> dict[str, Any]:
+        assert not self.writes, "created once"
+        self.created = node
+        self.writes.append(status)
+        return {}
+
+    async def patch_node_cache(self, node: str, status: dict[str, Any]) -> dict[str, Any]:
+        if self.found is None and not self.writes:
+            raise NotFound(f"nodecache {node}")  # deleted under the agent
+        self.writes.append(status)
         return {}
 
     async def emit_event(self, involved: dict[str, Any], reason: str, message: str,
@@ -104,9 +120,17 @@ class RecordingKube:
         self.events.append(reason)
         return True
 
+    def entries(self, n: int = -1) -> list[dict[str, Any]]:
+        return list(self.writes[n]["models"])
+
 
 def manifest(key: str, size: int) -> Manifest:
     return Manifest(key, URI, "rev1", "tree", (FileEntry("f", size, "0" * 64),))
+
+
+def cached(name: str) -> dict[str, Any]:
+    return {"apiVersion": "modelcache.io/v1alpha1", "kind": "CachedModel",
+            "metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}"}}
 
 
 async def test_status_writer_throttles_progress_and_writes_transitions():
@@ -114,27 +138,30 @@ async def test_status_writer_throttles_progress_and_writes_transitions():
     index, kube = Index(), RecordingKube()
     writer = StatusWriter(kube, "n1", index, interval=30.0,  # type: ignore[arg-type]
                           clock=lambda: clock[0])
+    await writer.load()
     ref = parse(URI)
-    cm = {"apiVersion": "modelcache.io/v1alpha1", "kind": "CachedModel",
-          "metadata": {"name": "m", "namespace": "default"}}
-    writer.track("default/m", cm, ref.key)
+    writer.track("default/m", cached("m"), ref.key)
     assert await writer.flush() is None and kube.writes == []  # nothing to say yet
 
     model = index.add(Model(ref, PULLING, bytes_total=1000))
     assert await writer.flush() == 1030.0  # look again when progress may be written
-    assert [w[2]["state"] for w in kube.writes] == ["pulling"]
+    [first] = kube.entries()
+    assert (first["state"], first["uid"], first["key"]) == ("pulling", "uid-m", ref.key)
+    assert (first["namespace"], first["name"]) == ("default", "m")
     for t, done in ((1001, 100), (1010, 200), (1029, 300)):
         clock[0], model.bytes_done = t, done
         await writer.flush()
     assert len(kube.writes) == 1  # throttled
     clock[0] = 1030.0
     await writer.flush()
-    assert [w[2]["bytes"] for w in kube.writes] == [0, 300]
+    assert [w["models"][0]["bytes"] for w in kube.writes] == [0, 300]
     clock[0], model.bytes_done = 1031.0, 400
     model.state, model.manifest = READY, manifest(ref.key, 1000)
     await writer.flush()
-    assert [(w[2]["state"], w[2]["bytes"]) for w in kube.writes][-1] == ("ready", 1000)
-    assert kube.writes[-1][2]["revision"] == "rev1"
+    [ready] = kube.entries()
+    assert (ready["state"], ready["bytes"], ready["revision"]) == ("ready", 1000, "rev1")
+    assert kube.writes[-1] | {"models": []} == {"models": [], "ready": 1, "pulling": 0,
+                                                 "failed": 0, "bytes": 1000}
     assert kube.events == ["Pulled"]
     await writer.flush()
     assert len(kube.writes) == 3  # nothing changed
@@ -142,58 +169,78 @@ async def test_status_writer_throttles_progress_and_writes_transitions():
     writer.evicted(ref.key, "disk pressure: least recently used")
     index.remove(ref.key)
     await writer.flush()
-    assert kube.writes[-1][2]["state"] == "evicted"
-    assert "disk pressure" in kube.writes[-1][2]["message"]
+    assert kube.entries()[0]["state"] == "evicted"
+    assert "disk pressure" in kube.entries()[0]["message"]
     assert kube.events == ["Pulled", "Evicted"]
 
     failed = index.add(Model(ref, FAILED, error="source said no"))
     await writer.flush()
-    assert kube.writes[-1][2]["state"] == "failed"
+    assert kube.entries()[0]["state"] == "failed" and kube.writes[-1]["failed"] == 1
     assert kube.events[-1] == "PullFailed" and failed.error == "source said no"
-    writer.untrack("default/m", clear=True)
+    writer.untrack("default/m")
     await writer.flush()
-    assert kube.writes[-1] == ("default/m", "n1", None)  # its entry removed
+    assert kube.entries() == []  # its entry removed
 
 
-async def test_progress_writes_thin_out_on_a_cachedmodel_of_many_nodes():
-    """Every status write reaches every agent: with 500 nodes in the status, this node
-    writes its progress every 500 s (the cluster about once a second), its states at once."""
+async def test_one_write_carries_every_entry_and_progress_never_stretches():
+    """Each node writes only its own object: a second CachedModel's entry rides along, and
+    progress is written every interval however many nodes there are."""
     clock = [1000.0]
     index, kube = Index(), RecordingKube()
     writer = StatusWriter(kube, "n1", index, interval=30.0,  # type: ignore[arg-type]
                           clock=lambda: clock[0])
-    others = {f"gpu-{i}": {"state": "pulling", "bytes": 0} for i in range(499)}
-    cm = {"metadata": {"name": "m", "namespace": "default"}, "status": {"nodes": others}}
-    assert writer.progress_interval(cm) == 499.0
-    ref = parse(URI)
-    writer.track("default/m", cm, ref.key)
-    model = index.add(Model(ref, PULLING, bytes_total=1000))
+    await writer.load()
+    a, b = parse(URI), parse("hf://org/other@main")
+    writer.track("default/a", cached("a"), a.key)
+    writer.track("default/b", cached("b"), b.key)
+    index.add(Model(a, READY, manifest(a.key, 10)))
+    index.add(Model(b, PULLING, bytes_total=1000))
     await writer.flush()
-    cm = {**cm, "status": {"nodes": {**others, "n1": kube.writes[-1][2]}}}
-    writer.track("default/m", cm, ref.key)  # the watch brings this node's own entry back
-    assert writer.progress_interval(cm) == 500.0
-    clock[0], model.bytes_done = 1100.0, 500
-    assert await writer.flush() == 1500.0 and len(kube.writes) == 1  # not at 30 s
-    clock[0] = 1500.0
+    assert [(e["name"], e["state"]) for e in kube.entries()] == [("a", "ready"),
+                                                                ("b", "pulling")]
+    assert len(kube.writes) == 1
+    index.get(b.key).bytes_done = 500
+    clock[0] = 1030.0
     await writer.flush()
-    assert [w[2]["bytes"] for w in kube.writes] == [0, 500]
-    clock[0], model.state, model.manifest = 1501.0, READY, manifest(ref.key, 1000)
-    await writer.flush()
-    assert kube.writes[-1][2]["state"] == "ready", "a state change is written at once"
-    few = {"metadata": cm["metadata"], "status": {"nodes": {"n1": {}, "n2": {}}}}
-    assert writer.progress_interval(few) == 30.0
+    assert [e.get("bytes") for e in kube.entries()] == [10, 500] and len(kube.writes) == 2
 
 
 async def test_status_writer_rewrites_nothing_a_restart_finds_unchanged():
-    index, kube = Index(), RecordingKube()
-    writer = StatusWriter(kube, "n1", index, interval=30.0)  # type: ignore[arg-type]
+    index = Index()
     ref = parse(URI)
     model = index.add(Model(ref, READY, manifest(ref.key, 1000)))
-    shown = {"state": "ready", "revision": "rev1", "bytes": 1000, "lastTransitionTime": "t"}
-    writer.track("default/m", {"metadata": {"name": "m", "namespace": "default"},
-                               "status": {"nodes": {"n1": shown}}}, model.key)
+    shown = {"namespace": "default", "name": "m", "uid": "uid-m", "key": model.key,
+             "state": "ready", "revision": "rev1", "bytes": 1000, "lastTransitionTime": "t"}
+    kube = RecordingKube({"status": {"models": [shown]}})
+    writer = StatusWriter(kube, "n1", index, interval=30.0)  # type: ignore[arg-type]
+    await writer.load()
+    writer.track("default/m", cached("m"), model.key)
     await writer.flush()
     assert kube.writes == [] and kube.events == []
+    # a CachedModel deleted while the agent was away: its entry goes at the first write
+    gone = {**shown, "name": "gone", "uid": "uid-gone"}
+    kube = RecordingKube({"status": {"models": [shown, gone]}})
+    writer = StatusWriter(kube, "n1", index, interval=30.0)  # type: ignore[arg-type]
+    await writer.load()
+    writer.track("default/m", cached("m"), model.key)
+    await writer.flush()
+    assert [e["name"] for e in kube.entries()] == ["m"] and kube.events == []
+    assert kube.entries()[0]["lastTransitionTime"] == "t"
+
+
+async def test_a_node_cache_deleted_under_the_agent_is_created_again():
+    index = Index()
+    ref = parse(URI)
+    index.add(Model(ref, READY, manifest(ref.key, 1000)))
+    kube = RecordingKube({"status": {"models": []}})  # found at start-up...
+    writer = StatusWriter(kube, "n1", index, interval=30.0)  # type: ignore[arg-type]
+    await writer.load()
+    kube.found = None  # ...then deleted by an admin
+    owner = {"metadata": {"name": "n1", "uid": "uid-n1"}}
+    writer.node_seen(owner)
+    writer.track("default/m", cached("m"), ref.key)
+    await writer.flush()
+    assert kube.created == owner and [e["state"] for e in kube.entries()] == ["ready"]
 
 
 # --- usage ---------------------------------------------------------------------------------

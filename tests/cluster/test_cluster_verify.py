@@ -1,6 +1,6 @@
 """CachedModels with ``spec.verify``: the policy is the ConfigMap of that name in the
 CachedModel's namespace (read through the fake apiserver by the real client); a model that
-passes is reported with its signer in ``status.nodes.<node>.verified`` (the CRD's schema
+passes is reported with its signer in its NodeCache entry's ``verified`` (the CRD's schema
 checks it) and a ``Pulled`` Event saying who signed; one that fails, or a policy that is
 missing, is ``failed`` with a ``VerificationFailed`` Event, and nothing is published."""
 

@@ -1,5 +1,6 @@
 """CachedModels drive what a node keeps warm: pulled from a real nginx, labelled, reported in
-``status.nodes.<node>`` with Events, pinned or not, and let go when they stop applying."""
+the node's NodeCache with Events (and counted in the CachedModel's status by the counts
+controller), pinned or not, and let go when they stop applying."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import asyncio
 from agent.index import READY
 from agent.settings import WarmModel
 from common.reference import parse
-from tests.cluster.conftest import entry, eventually, node_labels, reasons
+from tests.cluster.conftest import counts, entry, eventually, node_labels, reasons
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.objects import cached_model
 from tests.servers.agent import InProcessAgent
 from tests.servers.nginx import ServedDir
+from webhook.counts import Counts
 
 CM = "cachedmodels"
 
@@ -23,7 +25,8 @@ def serve_model(served: ServedDir, name: str = "model.bin", size: int = 10_000) 
 
 
 async def test_cachedmodel_is_pulled_labelled_and_reported(
-        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir,
+        counts_controller: Counts):
     uri = serve_model(nginx_dir)
     ref = parse(uri)
     c = api.cluster
@@ -31,8 +34,8 @@ async def test_cachedmodel_is_pulled_labelled_and_reported(
     async with asyncio.timeout(10):
         await c.wait_until(lambda: entry(api, "m", "n1").get("state") == "ready")
         await c.wait_until(lambda: ref.node_label in node_labels(api, "n1"))
-        # the summary counts follow the entry in a second (guarded) write
-        await c.wait_until(lambda: c.get(CM, "m", "default")["status"].get("ready") == 1)
+        # the counts controller sums the NodeCaches into the CachedModel's status
+        await c.wait_until(lambda: counts(api, "m") == (1, 0, 0))
 
     model = agent.index.get(ref.key)
     assert model.state == READY and model.pinned
@@ -40,8 +43,8 @@ async def test_cachedmodel_is_pulled_labelled_and_reported(
     assert got["bytes"] == 10_000
     assert got["revision"] == model.manifest.revision
     assert got["lastTransitionTime"].endswith("Z") and "message" not in got
-    status = c.get(CM, "m", "default")["status"]
-    assert (status["ready"], status["pulling"], status["failed"]) == (1, 0, 0)
+    assert (got["key"], got["uid"]) == (ref.key, c.get(CM, "m", "default")["metadata"]["uid"])
+    assert set(c.get(CM, "m", "default")["status"]) == {"ready", "pulling", "failed"}
     assert node_labels(api, "n1") == {ref.node_label: "ready"}
     assert node_labels(api, "n2") == {}  # only this agent's own node
     assert c.get("nodes", "n1")["metadata"]["labels"]["pool"] == "gpu"  # others untouched
@@ -126,7 +129,8 @@ async def test_pins_of_an_earlier_run_go_but_the_config_files_stay(
 
 
 async def test_invalid_uri_and_missing_secret_are_reported_failed(
-        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir):
+        api: FakeKubeApi, agent: InProcessAgent, nginx_dir: ServedDir,
+        counts_controller: Counts):
     uri = serve_model(nginx_dir)
     c = api.cluster
     c.create(CM, cached_model("bad", "hf://not a repo"), "default")
@@ -137,7 +141,8 @@ async def test_invalid_uri_and_missing_secret_are_reported_failed(
     assert "spec.uri" in entry(api, "bad", "n1")["message"]
     assert "absent" in entry(api, "nosecret", "n1")["message"]
     await c.wait_until(lambda: "PullFailed" in reasons(api, "nosecret"))
-    assert c.get(CM, "nosecret", "default")["status"]["failed"] == 1
+    async with asyncio.timeout(10):
+        await c.wait_until(lambda: counts(api, "nosecret") == (0, 0, 1))
 
 
 async def test_labels_follow_readiness_and_stale_ones_go_at_start(

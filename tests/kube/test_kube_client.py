@@ -4,7 +4,6 @@ plugins), and errors translated at the boundary."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import shutil
@@ -16,8 +15,8 @@ import pytest
 import trustme
 import yaml
 
-from common.errors import InvalidInput, KubeError, NotFound, TransientError
-from common.kube.client import Found, KubeClient, connect, find_config, summary_counts
+from common.errors import Conflict, InvalidInput, KubeError, NotFound, TransientError
+from common.kube.client import Found, KubeClient, connect, find_config
 from common.kube.settings import KubeSettings
 from tests.kubeapi import FakeKubeApi
 from tests.kubeapi.fixtures import (
@@ -221,17 +220,47 @@ async def test_pods_on_node_informer(api: FakeKubeApi, kube: KubeClient):
     assert watch.query["allowWatchBookmarks"] in ("true", "True")  # Go's ParseBool takes both
 
 
-async def test_informer_lists_in_pages(api: FakeKubeApi, tmp_path: Path):
+async def test_informers_list_from_the_watch_cache(api: FakeKubeApi, tmp_path: Path):
+    """The first list asks for resourceVersion=0 (the watch cache answers it whole, whatever
+    the limit); a relist after a 410 asks for the last resourceVersion seen (the cache
+    again); only a relist the cache refused with 410 reads etcd, in pages."""
+    c = api.cluster
     for i in range(5):
-        api.cluster.create(CM, cached_model(f"m{i}"), "default")
+        c.create(CM, cached_model(f"m{i}"), "default")
     kubeconfig = api.write_kubeconfig(tmp_path / "kc", token=AGENT_TOKEN)
-    async with await connect(str(kubeconfig), KubeSettings(list_page_size=2)) as kube:
+    async with await connect(str(kubeconfig), KubeSettings(list_page_size=2, backoff_base=0.01,
+                                                           backoff_max=0.05)) as kube:
         informer = kube.watch_cached_models()
         async with Recorder(informer) as rec:
             assert [n for _, n, _ in await rec.take(5)] == [f"m{i}" for i in range(5)]
             await api.wait_for_watch(CM)
-    assert api.count("list", CM) == 3 and informer.lists == 1
-    assert informer.resource_version == str(api.cluster.rv)
+            [first] = [r for r in api.requests if r.verb == "list"]
+            assert (first.query["resourceVersion"], first.query["limit"]) == ("0", "2")
+            assert first.served_from == "cache"
+
+            c.create(CM, cached_model("m5"), "default")
+            assert await rec.take(1) == [("ADDED", "m5", False)]
+            seen = informer.resource_version
+            c.break_watches(CM)
+            c.create(CM, cached_model("m6"), "default")
+            c.compact()  # the watch resumes from a compacted version: 410
+            assert await rec.take(1) == [("ADDED", "m6", True)]
+            relist = [r for r in api.requests if r.verb == "list"][1]
+            assert relist.query["resourceVersion"] == seen
+            assert "limit" not in relist.query and relist.served_from == "cache"
+
+            api.fail_next("list", CM, code=410, message="too old resource version")
+            c.break_watches(CM)
+            c.create(CM, cached_model("m7"), "default")
+            c.compact()
+            assert await rec.take(1) == [("ADDED", "m7", True)]
+    lists = [r for r in api.requests if r.verb == "list"]
+    consistent = lists[3:]
+    assert [r.status for r in lists[2:]] == [410, 200, 200, 200, 200]
+    assert all("resourceVersion" not in r.query and r.served_from == "etcd"
+               for r in consistent)
+    assert [r.query.get("limit") for r in consistent] == ["2", "2", "2", "2"]
+    assert informer.lists == 4 and informer.resource_version == str(c.rv)
 
 
 async def test_broken_stream_resumes_without_losing_changes(api: FakeKubeApi, kube: KubeClient):
@@ -365,61 +394,59 @@ async def test_node_labels_touch_only_model_labels(api: FakeKubeApi, kube: KubeC
         await kube.patch_node_labels("ghost", {"modelcache.io/m-a": "ready"})
 
 
-async def test_status_entry_and_summary_counts(api: FakeKubeApi, kube: KubeClient):
-    api.cluster.create(CM, cached_model("m"), "default")
-    out = await kube.patch_cached_model_status("default", "m", "n1", {
-        "state": "failed", "message": "boom", "lastTransitionTime": "2025-01-01T00:00:00Z"})
-    assert out["status"]["nodes"]["n1"]["message"] == "boom"
-    assert (out["status"]["ready"], out["status"]["pulling"], out["status"]["failed"]) == (0, 0, 1)
-    out = await kube.patch_cached_model_status("default", "m", "n1", {
-        "state": "ready", "revision": "abc", "bytes": 5 * 2**40})
-    assert out["status"]["nodes"]["n1"] == {"state": "ready", "revision": "abc",
-                                            "bytes": 5 * 2**40}  # message cleared
-    await kube.patch_cached_model_status("default", "m", "n2", {"state": "pulling"})
-    out = await kube.patch_cached_model_status("default", "m", "n1", None)
-    assert set(out["status"]["nodes"]) == {"n2"}
-    assert summary_counts(out) == {"ready": 0, "pulling": 1, "failed": 0}
-    assert out == api.cluster.get(CM, "m", "default")
+async def test_node_cache_created_owned_by_its_node_then_patched(
+        api: FakeKubeApi, kube: KubeClient):
+    c = api.cluster
+    n1 = c.create("nodes", node("n1"))
+    entry = {"namespace": "default", "name": "m", "uid": "u1", "key": "k" * 24,
+             "state": "failed", "message": "boom", "lastTransitionTime": "2025-01-01T00:00:00Z"}
+    out = await kube.create_node_cache(n1, {"models": [entry], "ready": 0, "pulling": 0,
+                                            "failed": 1, "bytes": 0})
+    assert out["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": n1["metadata"]["uid"]}]
+    assert out["status"]["models"] == [entry]
+    ready = {**entry, "state": "ready", "revision": "abc", "bytes": 5 * 2**40}
+    del ready["message"]
+    out = await kube.patch_node_cache("n1", {"models": [ready], "ready": 1})
+    assert out["status"] == {"models": [ready], "ready": 1}  # the rest cleared
+    assert out == c.get("nodecaches", "n1") == await kube.get_node_cache("n1")
+    with pytest.raises(Conflict):
+        await kube.create_node_cache(n1, {"models": []})
     with pytest.raises(InvalidInput):
-        await kube.patch_cached_model_status("default", "m", "n1", {"stat": "ready"})
+        await kube.patch_node_cache("n1", {"models": [{"state": "ready"}]})  # no name
+    with pytest.raises(InvalidInput):
+        await kube.patch_node_cache("n1", {"nodes": {}})
     with pytest.raises(NotFound):
-        await kube.patch_cached_model_status("default", "gone", "n1", {"state": "ready"})
+        await kube.patch_node_cache("ghost", {"models": []})
+    # the garbage collector deletes it with its node
+    c.delete("nodes", "n1")
+    assert not c.exists("nodecaches", "n1")
 
 
-async def test_agents_of_many_nodes_write_one_model_concurrently(
-    api: FakeKubeApi, tmp_path: Path
-):
+async def test_cached_model_counts(api: FakeKubeApi, kube: KubeClient):
     api.cluster.create(CM, cached_model("m"), "default")
-    nodes = [f"node-{i}" for i in range(8)]
-    clients = []
-    for n in nodes:
-        api.auth.add_service_account_token(f"token-{n}", AGENT_NAMESPACE, AGENT_SA)
-        kc = api.write_kubeconfig(tmp_path / f"{n}.kubeconfig", token=f"token-{n}")
-        clients.append(await connect(str(kc), FAST, instance=n))
-    try:
-        states = ["ready", "pulling", "failed", "ready"] * 2
-        await asyncio.gather(*(
-            c.patch_cached_model_status("default", "m", n, {"state": s})
-            for c, n, s in zip(clients, nodes, states, strict=True)))
-    finally:
-        for c in clients:
-            await c.close()
-    final = api.cluster.get(CM, "m", "default")["status"]
-    assert {n: e["state"] for n, e in final["nodes"].items()} == dict(
-        zip(nodes, states, strict=True))
-    assert (final["ready"], final["pulling"], final["failed"]) == (4, 2, 2)
+    out = await kube.patch_cached_model_counts("default", "m",
+                                               {"ready": 3, "pulling": 1, "failed": 0})
+    assert out["status"] == {"ready": 3, "pulling": 1, "failed": 0}
+    assert api.requests[-1].resource == f"{CM}/status"
+    with pytest.raises(InvalidInput):
+        await kube.patch_cached_model_counts("default", "m", {"nodes": 3})
+    with pytest.raises(NotFound):
+        await kube.patch_cached_model_counts("default", "gone", {"ready": 1})
 
 
-async def test_summary_counts_retried_after_a_conflict(api: FakeKubeApi, kube: KubeClient):
-    api.cluster.create(CM, cached_model("m"), "default")
-    # the entry patch goes through, the guarded counts patch meets a concurrent writer
-    api.fail_next("patch", f"{CM}/status", code=409, skip=1)
-    out = await kube.patch_cached_model_status("default", "m", "n1", {"state": "ready"})
-    assert out["status"]["ready"] == 1
-    assert [(r.verb, r.status) for r in api.requests] == [
-        ("patch", 200), ("patch", 409), ("get", 200), ("patch", 200)]
-    guarded = api.requests[-1]
-    assert guarded.resource == f"{CM}/status"
+async def test_leases(api: FakeKubeApi, kube: KubeClient):
+    body = {"metadata": {"name": "l"}, "spec": {"holderIdentity": "a",
+                                                "leaseDurationSeconds": 15}}
+    made = await kube.create_lease(AGENT_NAMESPACE, body)
+    got = await kube.get_lease(AGENT_NAMESPACE, "l")
+    assert got == made and got["kind"] == "Lease"
+    taken = await kube.replace_lease(AGENT_NAMESPACE, "l", {
+        **got, "spec": {**got["spec"], "holderIdentity": "b"}})
+    with pytest.raises(Conflict):  # written since it was read
+        await kube.replace_lease(AGENT_NAMESPACE, "l", {
+            **got, "spec": {**got["spec"], "holderIdentity": "c"}})
+    assert taken["spec"]["holderIdentity"] == "b"
 
 
 async def test_events(api: FakeKubeApi, kube: KubeClient):

@@ -1,9 +1,12 @@
-"""deploy/base/rbac-agent.yaml is exactly what common/kube/client.py needs: the fake apiserver
-enforces it, every call the agent makes succeeds, every verb it grants is used, and
-anything beyond it is refused."""
+"""deploy/base/rbac-agent.yaml and rbac-webhook.yaml are exactly what the agent and the
+webhook (its counts controller and Lease included) need: the fake apiserver enforces them,
+every call each makes succeeds, every verb granted is used, and anything beyond is
+refused."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -13,36 +16,31 @@ from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from agent.pull.credentials import SecretCredentials
-from common.errors import SourceAuthError
-from common.kube.client import KubeClient
+from common.errors import NotFound, SourceAuthError
+from common.kube.client import KubeClient, connect
+from common.kube.lease import LeaderElection, LeaseSettings
 from tests.kubeapi import FakeKubeApi
-from tests.kubeapi.fixtures import AGENT_TOKEN, AGENT_USER, Recorder
-from tests.kubeapi.objects import cached_model, namespace, node, pod, secret
+from tests.kubeapi.fixtures import AGENT_TOKEN, AGENT_USER, FAST, Recorder
+from tests.kubeapi.objects import cached_model, namespace, node, pod, secret, secrets_binding
 from tests.kubeapi.server import REPO
+from webhook.counts import Counts
 
 RBAC = REPO / "deploy" / "base" / "rbac-agent.yaml"
+WEBHOOK_RBAC = REPO / "deploy" / "base" / "rbac-webhook.yaml"
 CM = "cachedmodels"
+WEBHOOK_TOKEN = "webhook-sa-token"
+WEBHOOK_USER = "system:serviceaccount:modelcache:modelcache-webhook"
 
 
-def rbac_docs() -> list[dict]:
-    return [d for d in yaml.safe_load_all(RBAC.read_text()) if d]
+def rbac_docs(path: Path = RBAC) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-def granted() -> set[tuple[str, str, str]]:
-    return {(group, resource, verb) for role in rbac_docs() if role["kind"] == "ClusterRole"
-            for rule in role["rules"] for group in rule["apiGroups"]
-            for resource in rule["resources"] for verb in rule["verbs"]}
-
-
-def secrets_binding(namespace: str) -> dict:
-    """What a namespace's admin applies to let the agent read its Secrets (deploy/README.md,
-    "Private models")."""
-    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": {"name": "modelcache-agent-secrets", "namespace": namespace},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": "modelcache-agent-secrets"},
-            "subjects": [{"kind": "ServiceAccount", "name": "modelcache-agent",
-                          "namespace": "modelcache"}]}
+def granted(path: Path = RBAC) -> set[tuple[str, str, str]]:
+    roles = [d for d in rbac_docs(path) if d["kind"] in ("ClusterRole", "Role")]
+    return {(group, resource, verb) for role in roles for rule in role["rules"]
+            for group in rule["apiGroups"] for resource in rule["resources"]
+            for verb in rule["verbs"]}
 
 
 async def test_the_agent_needs_exactly_its_rbac(api: FakeKubeApi, kube: KubeClient):
@@ -60,10 +58,14 @@ async def test_the_agent_needs_exactly_its_rbac(api: FakeKubeApi, kube: KubeClie
         async with Recorder(informer) as rec:
             await rec.take(1)
             await api.wait_for_watch(informer.resource)
-    await kube.get_node("n1")
+    n1 = await kube.get_node("n1")
     await kube.patch_node_labels("n1", {"modelcache.io/m-0123456789abcdef": "ready"})
-    await kube.patch_cached_model_status("default", "m", "n1", {"state": "ready"})
-    await kube.get_cached_model("default", "m")
+    with pytest.raises(NotFound):
+        await kube.get_node_cache("n1")
+    entry = {"namespace": "default", "name": "m", "state": "ready"}
+    await kube.create_node_cache(n1, {"models": [entry], "ready": 1})
+    await kube.patch_node_cache("n1", {"models": [{**entry, "state": "pulling"}], "pulling": 1})
+    await kube.get_node_cache("n1")
     assert await kube.emit_event(model, "Pulled", "ok")
     assert (await kube.token_review("caller", ["modelcache"])).authenticated
     await kube.subject_access_review("x", [], "get", CM, "default", group="modelcache.io")
@@ -73,7 +75,7 @@ async def test_the_agent_needs_exactly_its_rbac(api: FakeKubeApi, kube: KubeClie
     assert await kube.read_config_map("default", "signed") == {"publicKey": "PEM"}
 
     mine = [r for r in api.requests if r.user == AGENT_USER]
-    assert [r for r in mine if r.status == 403] == []
+    assert [(r.verb, r.resource) for r in mine if r.status == 403] == []
     used = {(r.group, r.resource, r.verb) for r in mine}
     assert granted() - used == set(), "granted but never used: drop it from the role"
     assert used - granted() == set()
@@ -108,8 +110,75 @@ async def test_the_agent_cannot_do_more(api: FakeKubeApi, tmp_path: Path):
                                                   _content_type=merge),
             custom.delete_namespaced_custom_object("modelcache.io", "v1alpha1", "default", CM,
                                                    "x"),
+            # what an agent of the former release does until the DaemonSet has rolled: its
+            # entry in status.nodes, its counts, and a re-read after a conflict on them
+            custom.patch_namespaced_custom_object_status(
+                "modelcache.io", "v1alpha1", "default", CM, "x",
+                {"status": {"nodes": {"n1": {"state": "ready"}}, "ready": 1}},
+                _content_type=merge),
+            custom.get_namespaced_custom_object("modelcache.io", "v1alpha1", "default", CM,
+                                                "x"),
+            # the NodeCaches: never listed, watched nor deleted by an agent
+            custom.list_cluster_custom_object("modelcache.io", "v1alpha1", "nodecaches"),
+            custom.delete_cluster_custom_object("modelcache.io", "v1alpha1", "nodecaches",
+                                                "n2"),
         ]
         for attempt in attempts:
+            with pytest.raises(ApiException) as e:
+                await attempt
+            assert e.value.status == 403
+
+
+async def test_the_webhook_needs_exactly_its_rbac(api: FakeKubeApi, tmp_path: Path):
+    """Its namespace informer, its counts controller (informers and a counts write) and its
+    Lease (created, renewed, released) under exactly rbac-webhook.yaml."""
+    api.auth.load_rbac(rbac_docs(WEBHOOK_RBAC))
+    api.auth.add_service_account_token(WEBHOOK_TOKEN, "modelcache", "modelcache-webhook")
+    api.enforce_rbac = True
+    c = api.cluster
+    model = c.create(CM, cached_model("m"), "default")
+    c.create("nodecaches", {"metadata": {"name": "n1"}, "status": {"models": [
+        {"namespace": "default", "name": "m", "uid": model["metadata"]["uid"],
+         "state": "ready"}]}})
+    kubeconfig = api.write_kubeconfig(tmp_path / "webhook.kc", token=WEBHOOK_TOKEN)
+    async with await connect(str(kubeconfig), FAST) as kube:
+        async with Recorder(kube.watch_namespaces()) as rec:
+            await rec.take(1)
+            await api.wait_for_watch("namespaces")
+        election = LeaderElection(kube, "modelcache", "modelcache-counts", "replica-1",
+                                  LeaseSettings(duration=2, renew_deadline=1, retry=0.05))
+        task = asyncio.create_task(election.run(Counts(kube, interval=0).run))
+        try:
+            async with asyncio.timeout(10):
+                await c.wait_until(lambda: (c.get(CM, "m", "default").get("status") or {})
+                                   .get("ready") == 1)
+                renewals = api.count("update", "leases")
+                await c.wait_until(lambda: api.count("update", "leases") > renewals)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert not c.get("leases", "modelcache-counts", "modelcache")["spec"].get("holderIdentity")
+    mine = [r for r in api.requests if r.user == WEBHOOK_USER]
+    assert [(r.verb, r.resource) for r in mine if r.status == 403] == []
+    used = {(r.group, r.resource, r.verb) for r in mine}
+    assert granted(WEBHOOK_RBAC) - used == set(), "granted but never used: drop it"
+    assert used - granted(WEBHOOK_RBAC) == set()
+    cfg = k8s.Configuration()
+    await k8s_config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg,
+                                      persist_config=False)
+    async with k8s.ApiClient(cfg) as client:
+        custom, coordination = k8s.CustomObjectsApi(client), k8s.CoordinationV1Api(client)
+        merge = "application/merge-patch+json"
+        for attempt in [
+            custom.patch_namespaced_custom_object("modelcache.io", "v1alpha1", "default", CM,
+                                                  "m", {"spec": {"pin": True}},
+                                                  _content_type=merge),
+            custom.patch_cluster_custom_object("modelcache.io", "v1alpha1", "nodecaches",
+                                               "n1", {"status": {}}, _content_type=merge),
+            coordination.read_namespaced_lease("other", "modelcache"),
+            coordination.list_namespaced_lease("default"),
+        ]:
             with pytest.raises(ApiException) as e:
                 await attempt
             assert e.value.status == 403

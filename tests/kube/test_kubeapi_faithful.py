@@ -462,25 +462,24 @@ async def test_custom_resource_patches_and_status_subresource(
     merge = "application/merge-patch+json"
     # the status subresource changes status and nothing else
     out = await custom.patch_namespaced_custom_object_status(
-        G, V, "default", P, "m",
-        {"spec": {"pin": True}, "status": {"nodes": {"n1": {"state": "pulling"}}}},
+        G, V, "default", P, "m", {"spec": {"pin": True}, "status": {"pulling": 1}},
         _content_type=merge)
-    assert out["spec"]["pin"] is False and out["status"]["nodes"]["n1"]["state"] == "pulling"
+    assert out["spec"]["pin"] is False and out["status"] == {"pulling": 1}
     assert out["metadata"]["generation"] == 1
     out = await custom.patch_namespaced_custom_object_status(
-        G, V, "default", P, "m", {"status": {"nodes": {"n2": {"state": "ready"}}}},
+        G, V, "default", P, "m", {"status": {"ready": 2, "nodes": {"n1": {}}}},
         _content_type=merge)
-    assert set(out["status"]["nodes"]) == {"n1", "n2"}  # merged, not replaced
+    assert out["status"] == {"pulling": 1, "ready": 2}  # merged; unknown fields pruned
     # the main resource changes spec, not status; a spec change bumps generation
     out = await custom.patch_namespaced_custom_object(
-        G, V, "default", P, "m", {"spec": {"pin": True}, "status": {"nodes": None}},
+        G, V, "default", P, "m", {"spec": {"pin": True}, "status": {"ready": None}},
         _content_type=merge)
-    assert out["spec"]["pin"] is True and set(out["status"]["nodes"]) == {"n1", "n2"}
+    assert out["spec"]["pin"] is True and out["status"] == {"pulling": 1, "ready": 2}
     assert out["metadata"]["generation"] == 2
     # JSON patch works on custom resources too
     out = await custom.patch_namespaced_custom_object_status(
-        G, V, "default", P, "m", [{"op": "remove", "path": "/status/nodes/n1"}])
-    assert set(out["status"]["nodes"]) == {"n2"}
+        G, V, "default", P, "m", [{"op": "remove", "path": "/status/pulling"}])
+    assert out["status"] == {"ready": 2}
     # strategic merge patch does not: 415
     with pytest.raises(ApiException) as e:
         await custom.patch_namespaced_custom_object(
@@ -513,7 +512,7 @@ async def test_custom_resource_validated_against_crd_schema(api: FakeKubeApi, ra
     assert "unknownField" not in created["spec"]  # pruned, as structural schemas do
     with pytest.raises(ApiException) as e:
         await custom.patch_namespaced_custom_object_status(
-            G, V, "default", P, "m", {"status": {"nodes": {"n1": {"state": "warm"}}}},
+            G, V, "default", P, "m", {"status": {"ready": -1}},
             _content_type="application/merge-patch+json")
     assert e.value.status == 422
 
@@ -667,3 +666,88 @@ async def test_fault_injection_and_request_counts(api: FakeKubeApi, raw: k8s.Api
     await v1.list_node()
     assert api.count("list", "nodes") == 2
     assert api.by_path[("list", "/api/v1/nodes")] == 2
+
+
+# --- the watch cache, traffic, garbage collection, leases ----------------------------------
+
+
+async def test_lists_from_the_watch_cache_ignore_limit(api: FakeKubeApi, raw: k8s.ApiClient):
+    """As kube-apiserver's cacher (without the 1.31+ consistent reads from cache): a list
+    at resourceVersion 0 is the cache's whole list whatever the limit; a list without a
+    resourceVersion reads etcd and pages; one at a resourceVersion without limit is the
+    cache's, not older than asked."""
+    for i in range(3):
+        api.cluster.create("nodes", node(f"n{i}"))
+    v1 = k8s.CoreV1Api(raw)
+    cached = await v1.list_node(resource_version="0", limit=1)
+    assert len(cached.items) == 3 and not cached.metadata._continue
+    paged = await v1.list_node(limit=1)
+    assert len(paged.items) == 1 and paged.metadata._continue
+    fresh = await v1.list_node(resource_version=cached.metadata.resource_version)
+    assert len(fresh.items) == 3
+    assert [r.served_from for r in api.requests] == ["cache", "etcd", "cache"]
+    with pytest.raises(ApiException) as e:  # newer than the cache: it waits, then gives up
+        await v1.list_node(resource_version=str(api.cluster.rv + 5))
+    assert e.value.status == 504
+
+
+async def test_traffic_counts_the_bytes_on_the_wire(api: FakeKubeApi, raw: k8s.ApiClient):
+    custom = k8s.CustomObjectsApi(raw)
+    body = cached_model("m")
+    await custom.create_namespaced_custom_object(G, V, "default", P, body)
+    assert api.requests[-1].bytes_in == len(json.dumps(body).encode())
+    resp = await custom.list_namespaced_custom_object(
+        G, V, "default", P, watch=True, resource_version="0", timeout_seconds=1,
+        _preload_content=False)
+    raw_stream = await resp.read()
+    watch = api.requests[-1]
+    assert watch.bytes_out == len(raw_stream) and watch.events_out == 1
+    traffic = api.traffic(P)
+    assert (traffic.writes, traffic.written) == (1, api.requests[0].bytes_in)
+    assert (traffic.watch_events, traffic.watched) == (1, len(raw_stream))
+    assert (api.traffic(P) - traffic).requests == 0
+
+
+async def test_dependents_go_with_their_owner(api: FakeKubeApi, raw: k8s.ApiClient):
+    """kube-controller-manager's garbage collector: a dependent whose owners are all gone
+    is deleted (background); one with another owner left loses the reference; Orphan keeps
+    dependents."""
+    v1, custom = k8s.CoreV1Api(raw), k8s.CustomObjectsApi(raw)
+    owners = [await v1.create_node(node(name)) for name in ("a", "b", "c")]
+
+    def owned_by(*nodes: k8s.V1Node) -> list[dict]:
+        return [{"apiVersion": "v1", "kind": "Node", "name": n.metadata.name,
+                 "uid": n.metadata.uid} for n in nodes]
+
+    for name, refs in (("only-a", owned_by(owners[0])), ("a-and-b", owned_by(*owners[:2])),
+                       ("only-c", owned_by(owners[2]))):
+        await custom.create_cluster_custom_object(G, V, "nodecaches", {
+            "apiVersion": f"{G}/{V}", "kind": "NodeCache",
+            "metadata": {"name": name, "ownerReferences": refs}})
+    await v1.delete_node("a")
+    left = await custom.list_cluster_custom_object(G, V, "nodecaches")
+    assert [i["metadata"]["name"] for i in left["items"]] == ["a-and-b", "only-c"]
+    assert [r["name"] for r in left["items"][0]["metadata"]["ownerReferences"]] == ["b"]
+    await v1.delete_node("c", propagation_policy="Orphan")
+    kept = await custom.get_cluster_custom_object(G, V, "nodecaches", "only-c")
+    assert "ownerReferences" not in kept["metadata"]
+
+
+async def test_leases_are_taken_at_a_resource_version(api: FakeKubeApi, raw: k8s.ApiClient):
+    leases = k8s.CoordinationV1Api(raw)
+    made = await leases.create_namespaced_lease("default", {
+        "metadata": {"name": "l"}, "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15,
+                                            "renewTime": "2025-01-01T00:00:00.000000Z"}})
+    assert made.spec.renew_time.year == 2025 and made.spec.holder_identity == "a"
+    made.spec.holder_identity = "b"
+    taken = await leases.replace_namespaced_lease("l", "default", made)
+    made.spec.holder_identity = "c"
+    with pytest.raises(ApiException) as e:
+        await leases.replace_namespaced_lease("l", "default", made)
+    assert e.value.status == 409
+    assert (await leases.read_namespaced_lease("l", "default")).spec.holder_identity == "b"
+    assert taken.metadata.resource_version != made.metadata.resource_version
+    with pytest.raises(ApiException) as e:
+        await leases.create_namespaced_lease("default", {
+            "metadata": {"name": "bad"}, "spec": {"leaseDurationSeconds": 0}})
+    assert e.value.status == 422

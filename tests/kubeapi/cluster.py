@@ -132,6 +132,21 @@ class Cluster:
 
     # --- types ---------------------------------------------------------------------------
 
+    def install_crd(self, crd: JSON) -> None:
+        """Apply a new release of a CRD already served (an upgrade): its objects stay as
+        stored, and are read, validated and pruned by the new schema from now on (the
+        watches open on it end cleanly)."""
+        new = resource_from_crd(crd)
+        found = [i for i, rt in enumerate(self.types)
+                 if (rt.group, rt.plural, rt.builtin) == (new.group, new.plural, False)]
+        if not found:
+            raise KeyError(f"{new.plural}.{new.group}: no such CRD installed")
+        for i in found:
+            self.types[i] = new
+        # the apiserver serves the new CRD from a new storage and ends the watches of the
+        # old one: informers watch again, and see objects as the new schema reads them
+        self.break_watches(f"{new.group}/{new.plural}", clean=True)
+
     def resource(self, name: str | ResourceType) -> ResourceType:
         """A type by ``plural``, ``plural.group`` or ``group/plural`` (core types first)."""
         if isinstance(name, ResourceType):
@@ -465,6 +480,9 @@ class Cluster:
         if dry_run:
             return self.render(rt, old)
         grace = self._grace_period(rt, old, options)
+        if options.get("propagationPolicy") == "Orphan":
+            self._collect_garbage(meta["uid"], orphan=True)
+            old = self.objects[rt.key][self._key(rt, namespace, name)]
         if grace == 0 and not meta.get("finalizers"):
             return self._remove(rt, old)
         if meta.get("deletionTimestamp") and grace >= meta.get("deletionGracePeriodSeconds", 0):
@@ -519,6 +537,7 @@ class Cluster:
         # the last finalizer, watchers still see the finalizers, as on a real server
         old = self.objects[rt.key][_obj_key(obj)]
         self._write(rt, "DELETED", old, copy.deepcopy(old))
+        self._collect_garbage(meta["uid"])
         if rt.returns_deleted or rt.key == "namespaces":
             return self.render(rt, obj)
         details: JSON = {"name": meta["name"], "kind": rt.plural, "uid": meta["uid"]}
@@ -526,6 +545,29 @@ class Cluster:
             details["group"] = rt.group
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                 "details": details}
+
+    def _collect_garbage(self, owner_uid: str, orphan: bool = False) -> None:
+        """What kube-controller-manager's garbage collector does once an owner is gone
+        (background propagation): a dependent none of whose owners exists any more is
+        deleted; one that still has an owner loses the reference to the gone one; with
+        ``orphan`` (``propagationPolicy: Orphan``) dependents only lose the reference."""
+        alive = {o["metadata"]["uid"] for bucket in self.objects.values() for o in bucket.values()}
+        for rt in self.types:
+            for stored in list(self.objects[rt.key].values()):
+                refs = stored["metadata"].get("ownerReferences") or []
+                if not any(r.get("uid") == owner_uid for r in refs):
+                    continue
+                meta = stored["metadata"]
+                if rt.key == "events" and rt.group:
+                    continue  # one bucket, two types: handled with the core type
+                left = [r for r in refs if r.get("uid") in alive]
+                if left or orphan:
+                    kept = [r for r in refs if r.get("uid") != owner_uid]
+                    self.patch(rt, meta["name"], {"metadata": {"ownerReferences": kept or None}},
+                               meta.get("namespace", ""))
+                elif self._key(rt, meta.get("namespace", ""), meta["name"]) in \
+                        self.objects[rt.key]:
+                    self.delete(rt, meta["name"], meta.get("namespace", ""))
 
     def _write(self, rt: ResourceType, kind: str, old: JSON | None, new: JSON) -> None:
         self.rv += 1

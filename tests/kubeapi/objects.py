@@ -40,3 +40,14 @@ def cached_model(name: str, uri: str = "hf://org/model@main", namespace: str = "
 def secret(name: str, namespace: str = "default", **data: str) -> JSON:
     return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name,
             "namespace": namespace}, "stringData": data}
+
+
+def secrets_binding(namespace: str) -> JSON:
+    """What a namespace's admin applies to let the agent read its Secrets (deploy/README.md,
+    "Private models")."""
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "modelcache-agent-secrets", "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "modelcache-agent-secrets"},
+            "subjects": [{"kind": "ServiceAccount", "name": "modelcache-agent",
+                          "namespace": "modelcache"}]}

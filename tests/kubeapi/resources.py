@@ -1,8 +1,8 @@
 """The resource types the fake serves: where they live, what they accept, how they differ.
 
 Built-in types (namespaces, nodes, pods, secrets, configmaps, core and events.k8s.io events,
-mutating webhook configurations) carry the per-type behaviour of their registry strategies that a
-client can observe; custom resources come from a CRD manifest (``crd.py``).
+leases, mutating webhook configurations) carry the per-type behaviour of their registry
+strategies that a client can observe; custom resources come from a CRD manifest (``crd.py``).
 """
 
 from __future__ import annotations
@@ -305,6 +305,18 @@ def _validate_events_v1(obj: JSON, old: JSON | None) -> list[Cause]:
     return causes
 
 
+def _validate_lease(obj: JSON, old: JSON | None) -> list[Cause]:
+    """ValidateLeaseSpec: durations positive, transitions not negative."""
+    spec = obj.get("spec") or {}
+    causes: list[Cause] = []
+    for name, least in (("leaseDurationSeconds", 1), ("leaseTransitions", 0)):
+        value = spec.get(name)
+        if value is not None and (not isinstance(value, int) or value < least):
+            causes.append((f"spec.{name}", "FieldValueInvalid",
+                           f"Invalid value: {value}: must be greater than or equal to {least}"))
+    return causes
+
+
 _EVENT_FIELD_LABELS = (
     "involvedObject.kind", "involvedObject.namespace", "involvedObject.name",
     "involvedObject.uid", "involvedObject.apiVersion", "involvedObject.resourceVersion",
@@ -340,6 +352,7 @@ BUILTINS: tuple[ResourceType, ...] = (
                  ),
                  validate=_validate_events_v1, to_storage=_event_to_core,
                  from_storage=_event_from_core),
+    ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True, validate=_validate_lease),
     ResourceType("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations",
                  "MutatingWebhookConfiguration", False, to_storage=_webhook_config_to_storage),
     ResourceType("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False,
@@ -362,10 +375,13 @@ def from_crd(crd: JSON, version: str | None = None) -> ResourceType:
     def validate(obj: JSON, old: JSON | None) -> list[Cause]:
         return schema.errors(obj)
 
+    # what etcd holds is pruned and defaulted by the schema as it is read, as the
+    # apiserver's storage decoder does: fields a newer CRD dropped are not served, and go
+    # from etcd at the object's next write
     return ResourceType(
         spec["group"], served["name"], spec["names"]["plural"], spec["names"]["kind"],
         spec["scope"] == "Namespaced", subresources=subresources, fields=selectable,
-        builtin=False, validate=validate, schema=schema,
+        builtin=False, validate=validate, from_storage=schema.prune_and_default, schema=schema,
     )
 
 

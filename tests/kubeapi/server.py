@@ -15,7 +15,7 @@ import ssl
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,10 @@ from tests.kubeapi.resources import ResourceType
 
 JSON = dict[str, Any]
 REPO = Path(__file__).resolve().parents[2]
-CRD_FILES = (REPO / "deploy" / "base" / "crd-cachedmodel.yaml",)
+CRD_FILES = (REPO / "deploy" / "base" / "crd-cachedmodel.yaml",
+             REPO / "deploy" / "base" / "crd-nodecache.yaml")
+#: verbs whose request body is an object written to storage (counted in ``bytes_in``)
+WRITES = ("create", "update", "patch")
 _REASONS = {
     400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
     410: "Expired", 422: "Invalid", 429: "TooManyRequests", 500: "InternalError",
@@ -69,9 +72,35 @@ class Request:
     user: str
     content_type: str
     status: int = 0
+    #: bytes of the request's body (what a client wrote)
+    bytes_in: int = 0
+    #: bytes of the reply's body; for a watch, every event sent on its stream so far
+    bytes_out: int = 0
+    #: events sent on a watch's stream so far (bookmarks included)
+    events_out: int = 0
+    #: for a list: ``cache`` (the watch cache answered) or ``etcd`` (a consistent read)
+    served_from: str = ""
 
 
 RECORD = web.RequestKey("record", Request)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What crossed the wire for some requests (see :meth:`FakeKubeApi.traffic`)."""
+
+    requests: int
+    writes: int
+    #: request bodies of creates, updates and patches
+    written: int
+    #: events sent on watch streams, and their bytes
+    watch_events: int
+    watched: int
+    #: list replies
+    listed: int
+
+    def __sub__(self, other: Traffic) -> Traffic:
+        return Traffic(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 @dataclass
@@ -238,6 +267,20 @@ class FakeKubeApi:
         return [r for r in self.requests if r.verb == "watch" and r.resource == rt.plural
                 and r.group == rt.group][nth - 1]
 
+    def traffic(self, resource: str | None = None, verb: str | None = None) -> Traffic:
+        """Bytes clients wrote and the server sent so far, on ``resource`` as counted
+        (``nodecaches``, ``cachedmodels/status``; ``None``: every resource)."""
+        seen = [r for r in self.requests if resource in (None, r.resource)
+                and verb in (None, r.verb)]
+        return Traffic(
+            requests=len(seen),
+            written=sum(r.bytes_in for r in seen if r.verb in WRITES),
+            writes=sum(1 for r in seen if r.verb in WRITES),
+            watched=sum(r.bytes_out for r in seen if r.verb == "watch"),
+            watch_events=sum(r.events_out for r in seen if r.verb == "watch"),
+            listed=sum(r.bytes_out for r in seen if r.verb == "list"),
+        )
+
     @property
     def by_path(self) -> Counter[tuple[str, str]]:
         """Requests per (verb, path)."""
@@ -250,8 +293,11 @@ class FakeKubeApi:
             resp = await self._serve(request)
         except ApiError as e:
             resp = _status_response(e)
-        if request.get(RECORD) is not None:
-            request[RECORD].status = resp.status
+        record = request.get(RECORD)
+        if record is not None:
+            record.status = resp.status
+            if isinstance(resp, web.Response) and resp.body is not None:
+                record.bytes_out = len(resp.body)  # type: ignore[arg-type]
         return resp
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
@@ -350,9 +396,13 @@ class FakeKubeApi:
         if t.verb == "get":
             return _json(c.get(t.rt, t.name, t.namespace))
         if t.verb == "list":
+            limit = _int(q.get("limit"), "limit")
+            cached = from_watch_cache(q.get("resourceVersion"), limit, q.get("continue"),
+                                      q.get("resourceVersionMatch"))
+            request[RECORD].served_from = "cache" if cached else "etcd"
             return _json(c.list(
                 t.rt, t.namespace, q.get("labelSelector"), q.get("fieldSelector"),
-                limit=_int(q.get("limit"), "limit"), continue_=q.get("continue") or None,
+                limit=0 if cached else limit, continue_=q.get("continue") or None,
                 resource_version=q.get("resourceVersion"),
                 resource_version_match=q.get("resourceVersionMatch"),
             ))
@@ -373,6 +423,8 @@ class FakeKubeApi:
             options = await _body(request) if request.can_read_body else {}
             if "gracePeriodSeconds" in q:
                 options["gracePeriodSeconds"] = _int(q["gracePeriodSeconds"], "gracePeriodSeconds")
+            if "propagationPolicy" in q:
+                options["propagationPolicy"] = q["propagationPolicy"]
             return _json(c.delete(t.rt, t.name, t.namespace, options, dry_run))
         if t.verb == "deletecollection":
             options = await _body(request) if request.can_read_body else {}
@@ -433,8 +485,14 @@ class FakeKubeApi:
         deadline = loop.time() + timeout
         next_bookmark = loop.time() + self.bookmark_interval
 
+        record = request.get(RECORD)
+
         async def send(event: JSON) -> None:
-            await resp.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+            line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+            if record is not None:
+                record.bytes_out += len(line)
+                record.events_out += 1
+            await resp.write(line)
 
         while True:
             wake = min(deadline, next_bookmark) if w.bookmarks else deadline
@@ -516,8 +574,25 @@ def _status_response(e: ApiError) -> web.Response:
     return resp
 
 
+def from_watch_cache(resource_version: str | None, limit: int, continue_: str | None,
+                     match: str | None) -> bool:
+    """Whether kube-apiserver answers a list from its watch cache rather than from etcd
+    (the cacher's ``shouldDelegateList``, without the consistent-list-from-cache of 1.31+):
+    any resourceVersion but none, no continue token, no limit unless the resourceVersion is
+    ``0`` (the cache then ignores ``limit`` and answers with the whole list), and no
+    ``Exact`` match."""
+    if resource_version in (None, "") or continue_:
+        return False
+    if limit and resource_version != "0":
+        return False
+    return match in (None, "", "NotOlderThan")
+
+
 async def _body(request: web.Request) -> Any:
     raw = await request.read()
+    record = request.get(RECORD)
+    if record is not None:
+        record.bytes_in = len(raw)
     try:
         return json.loads(raw) if raw else {}
     except ValueError as e:
